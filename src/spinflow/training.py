@@ -1,0 +1,304 @@
+"""Training: one loop shared by SFT and SPIN, built on accelerate.
+
+The same code runs in one CPU process here and in several GPU processes elsewhere (DDP, FSDP or
+DeepSpeed through ``accelerate launch --config_file``). SPIN never holds a second model: the
+opponent's (θk's) log-probabilities of every training pair are computed once, before training,
+by the policy itself while it still equals θk.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import resource
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from spinflow.chat import Encoded, collate, encode_example
+from spinflow.config import OptimParams, PromptParams
+from spinflow.errors import TrainingError
+from spinflow.losses import masked_nll, sequence_logps, spin_loss
+
+LossFn = Callable[[torch.nn.Module, dict], tuple[torch.Tensor, dict[str, float]]]
+
+
+@dataclass
+class TrainResult:
+    steps: int = 0
+    examples_seen: int = 0
+    tokens_seen: int = 0
+    seconds: float = 0.0
+    history: list[dict[str, float]] = field(default_factory=list)
+
+    def summary(self) -> dict[str, float]:
+        last = self.history[-1] if self.history else {}
+        return {
+            "optimizer_steps": self.steps,
+            "examples_seen": self.examples_seen,
+            "train_seconds": round(self.seconds, 3),
+            "examples_per_second": round(self.examples_seen / self.seconds, 4) if self.seconds else 0.0,
+            "tokens_per_second": round(self.tokens_seen / self.seconds, 2) if self.seconds else 0.0,
+            "peak_memory_mb": round(peak_memory_mb(), 1),
+            **{f"final_{k}": v for k, v in last.items() if k not in ("step", "epoch")},
+        }
+
+
+def peak_memory_mb() -> float:
+    """Peak memory of this process: GPU allocations on CUDA, resident set size otherwise."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
+
+
+def make_accelerator(optim: OptimParams):
+    from accelerate import Accelerator
+
+    return Accelerator(
+        mixed_precision="bf16" if optim.bf16 else "no",
+        gradient_accumulation_steps=optim.gradient_accumulation_steps,
+        cpu=not torch.cuda.is_available(),
+    )
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
+def build_optimizer(model: torch.nn.Module, optim: OptimParams) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if optim.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=optim.learning_rate, weight_decay=optim.weight_decay)
+    if optim.optimizer == "rmsprop":
+        return torch.optim.RMSprop(params, lr=optim.learning_rate, weight_decay=optim.weight_decay)
+    return torch.optim.SGD(params, lr=optim.learning_rate, weight_decay=optim.weight_decay)
+
+
+def apply_lora(model, optim: OptimParams):
+    if not optim.lora.enabled:
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=optim.lora.r, lora_alpha=optim.lora.alpha, lora_dropout=optim.lora.dropout,
+                        target_modules=list(optim.lora.target_modules), task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+def merge_lora(model):
+    """A plain model again: LoRA adapters are merged so every θk is an ordinary checkpoint."""
+    return model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+
+
+def save_checkpoint(accelerator, model, tokenizer, out_dir: Path) -> None:
+    """Save a plain checkpoint atomically (main process only)."""
+    from spinflow.io import atomic_path
+
+    accelerator.wait_for_everyone()
+    state_dict = accelerator.get_state_dict(model)
+    if accelerator.is_main_process:
+        plain = merge_lora(accelerator.unwrap_model(model))
+        if plain is not accelerator.unwrap_model(model):
+            state_dict = None  # merged weights live in the module now
+        with atomic_path(out_dir, directory=True) as tmp:
+            plain.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+    accelerator.wait_for_everyone()
+
+
+# ---------------------------------------------------------------------------------------------
+# Examples and batches
+
+
+@dataclass(frozen=True)
+class SftExample:
+    encoded: Encoded
+
+
+@dataclass(frozen=True)
+class PairExample:
+    index: int
+    real: Encoded
+    generated: Encoded
+    reference_real_logps: float = 0.0
+    reference_generated_logps: float = 0.0
+
+
+def encode_sft(tokenizer, records: Sequence[dict], prompt: PromptParams) -> list[SftExample]:
+    return [SftExample(encode_example(tokenizer, r["prompt"], r["answer"], system_prompt=prompt.system_prompt,
+                                      max_prompt_length=prompt.max_prompt_length,
+                                      max_length=prompt.max_length)) for r in records]
+
+
+def encode_pairs(tokenizer, pairs: Sequence[dict], prompt: PromptParams) -> list[PairExample]:
+    def enc(text: str, record: dict) -> Encoded:
+        return encode_example(tokenizer, record["prompt"], text, system_prompt=prompt.system_prompt,
+                              max_prompt_length=prompt.max_prompt_length, max_length=prompt.max_length)
+
+    return [PairExample(i, enc(p["real"], p), enc(p["generated"], p)) for i, p in enumerate(pairs)]
+
+
+def sft_collate(pad_token_id: int):
+    def fn(examples: list[SftExample]) -> dict:
+        return collate([e.encoded for e in examples], pad_token_id)
+
+    return fn
+
+
+def pair_collate(pad_token_id: int):
+    """Real answers first, generated ones second, in one padded batch (one forward pass)."""
+
+    def fn(examples: list[PairExample]) -> dict:
+        batch = collate([e.real for e in examples] + [e.generated for e in examples], pad_token_id)
+        batch["index"] = torch.tensor([e.index for e in examples])
+        batch["reference_real_logps"] = torch.tensor([e.reference_real_logps for e in examples])
+        batch["reference_generated_logps"] = torch.tensor([e.reference_generated_logps for e in examples])
+        return batch
+
+    return fn
+
+
+def forward_logps(model, batch: dict) -> torch.Tensor:
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+    return sequence_logps(out.logits, batch["input_ids"], batch["loss_mask"])
+
+
+def sft_loss_fn(model, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+    loss = masked_nll(out.logits, batch["input_ids"], batch["loss_mask"])
+    return loss, {"loss": loss.item()}
+
+
+def spin_loss_fn(beta: float, kind: str) -> LossFn:
+    def fn(model, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+        logps = forward_logps(model, batch)
+        pairs = batch["index"].numel()
+        real, generated = logps[:pairs], logps[pairs:]
+        out = spin_loss(real, generated, batch["reference_real_logps"].to(real.device),
+                        batch["reference_generated_logps"].to(real.device), beta=beta, kind=kind)
+        return out.loss, {
+            "loss": out.loss.item(),
+            "rewards_real": out.real_rewards.mean().item(),
+            "rewards_generated": out.generated_rewards.mean().item(),
+            "reward_margin": out.margins.mean().item(),
+            "reward_accuracy": out.accuracy.mean().item(),
+            "logps_real": real.detach().mean().item(),
+            "logps_generated": generated.detach().mean().item(),
+        }
+
+    return fn
+
+
+@torch.no_grad()
+def reference_logps(accelerator, model, examples: list[PairExample], batch_size: int,
+                    pad_token_id: int) -> list[PairExample]:
+    """Attach θk's summed log-probs of both answers to every pair.
+
+    Runs once, before training, while the policy still equals θk; each process scores its own
+    share of the pairs and the results are gathered.
+    """
+    model.to(accelerator.device).eval()
+    mine = examples[accelerator.process_index::accelerator.num_processes]
+    loader = DataLoader(mine, batch_size=batch_size, shuffle=False, collate_fn=pair_collate(pad_token_id))
+    scored: list[tuple[int, float, float]] = []
+    for batch in tqdm(loader, desc="reference log-probs", disable=not accelerator.is_local_main_process,
+                      dynamic_ncols=True):
+        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+        with accelerator.autocast():
+            logps = forward_logps(model, batch).float().cpu()
+        pairs = batch["index"].numel()
+        scored.extend(zip(batch["index"].tolist(), logps[:pairs].tolist(), logps[pairs:].tolist(), strict=True))
+    if accelerator.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        scored = gather_object(scored)
+    by_index = {index: (real, generated) for index, real, generated in scored}
+    return [PairExample(e.index, e.real, e.generated, *by_index[e.index]) for e in examples]
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+
+
+def train_loop(accelerator, model, examples: Sequence, collate_fn, loss_fn: LossFn, optim: OptimParams, *,
+               seed: int, desc: str, max_steps: int | None = None,
+               on_step: Callable[[dict[str, float]], None] | None = None) -> TrainResult:
+    """Optimise ``model`` on ``examples``; ``max_steps`` (if set) replaces ``optim.epochs``.
+
+    Each logged row averages the micro-batches of one optimizer step. A non-finite loss stops
+    training with a TrainingError.
+    """
+    from transformers import get_scheduler
+
+    generator = torch.Generator().manual_seed(seed)
+    loader = DataLoader(list(examples), batch_size=optim.batch_size, shuffle=True, generator=generator,
+                        collate_fn=collate_fn, drop_last=False)
+    micro_per_epoch = len(loader)
+    if micro_per_epoch == 0:
+        raise TrainingError(f"{desc}: no training examples")
+    steps_per_epoch = math.ceil(micro_per_epoch / optim.gradient_accumulation_steps)
+    total_steps = max_steps if max_steps is not None else steps_per_epoch * optim.epochs
+    if optim.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    optimizer = build_optimizer(model, optim)
+    scheduler = get_scheduler(optim.scheduler, optimizer,
+                              num_warmup_steps=int(round(optim.warmup_ratio * total_steps)),
+                              num_training_steps=total_steps)
+    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+    model.train()
+
+    result = TrainResult()
+    window: list[dict[str, float]] = []
+    started = time.perf_counter()
+    bar = tqdm(total=total_steps, desc=desc, unit="step", dynamic_ncols=True,
+               disable=not accelerator.is_local_main_process)
+    epoch = 0
+    while result.steps < total_steps:
+        for micro, batch in enumerate(loader):
+            with accelerator.accumulate(model):
+                loss, metrics = loss_fn(model, batch)
+                if not torch.isfinite(loss):
+                    raise TrainingError(
+                        f"{desc}: loss is {loss.item()} at optimizer step {result.steps + 1} "
+                        f"(epoch {epoch + 1}); lower the learning rate or check the data"
+                    )
+                accelerator.backward(loss)
+                grad_norm = None
+                if accelerator.sync_gradients and optim.max_grad_norm is not None:
+                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), optim.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+            window.append(metrics)
+            rows = batch["index"].numel() if "index" in batch else batch["input_ids"].size(0)
+            result.examples_seen += rows * accelerator.num_processes
+            result.tokens_seen += int(batch["attention_mask"].sum()) * accelerator.num_processes
+            last_micro = micro + 1 == micro_per_epoch
+            if accelerator.sync_gradients or last_micro:
+                result.steps += 1
+                row = {key: sum(m[key] for m in window) / len(window) for key in window[0]}
+                row.update(step=result.steps, epoch=epoch + (micro + 1) / micro_per_epoch,
+                           learning_rate=scheduler.get_last_lr()[0])
+                if grad_norm is not None:
+                    row["grad_norm"] = float(grad_norm)
+                result.history.append(row)
+                window = []
+                if on_step is not None:
+                    on_step(row)
+                bar.update(1)
+                bar.set_postfix(loss=f"{row['loss']:.4f}")
+                if result.steps >= total_steps:
+                    break
+        epoch += 1
+    bar.close()
+    result.seconds = time.perf_counter() - started
+    return result
