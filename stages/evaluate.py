@@ -5,7 +5,9 @@ from spinflow.steps import evaluate
 
 
 def _arguments(parser):
-    parser.add_argument("--model", dest="name", required=True, help='"sft", "iter_<k>" or "sft_extra"')
+    parser.add_argument(
+        "--model", dest="name", required=True, help='"sft", "iter_<k>" or "sft_extra"'
+    )
 
 
 if __name__ == "__main__":

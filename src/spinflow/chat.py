@@ -20,9 +20,13 @@ def render_prompt(tokenizer, prompt: str, system_prompt: str | None = None) -> s
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
-def prompt_ids(tokenizer, prompt: str, system_prompt: str | None, max_prompt_length: int) -> list[int]:
+def prompt_ids(
+    tokenizer, prompt: str, system_prompt: str | None, max_prompt_length: int
+) -> list[int]:
     """Token ids of the rendered prompt, truncated keeping its end (as the paper does)."""
-    ids = tokenizer(render_prompt(tokenizer, prompt, system_prompt), add_special_tokens=False)["input_ids"]
+    ids = tokenizer(render_prompt(tokenizer, prompt, system_prompt), add_special_tokens=False)[
+        "input_ids"
+    ]
     return ids[-max_prompt_length:]
 
 
@@ -38,8 +42,15 @@ class Encoded:
     prompt_length: int
 
 
-def encode_example(tokenizer, prompt: str, answer: str, *, system_prompt: str | None,
-                   max_prompt_length: int, max_length: int) -> Encoded:
+def encode_example(
+    tokenizer,
+    prompt: str,
+    answer: str,
+    *,
+    system_prompt: str | None,
+    max_prompt_length: int,
+    max_length: int,
+) -> Encoded:
     p = prompt_ids(tokenizer, prompt, system_prompt, max_prompt_length)
     a = answer_ids(tokenizer, answer, max_length - len(p))
     return Encoded(p + a, len(p))
@@ -56,5 +67,5 @@ def collate(encoded: list[Encoded], pad_token_id: int) -> dict[str, torch.Tensor
         n = len(e.input_ids)
         input_ids[row, :n] = torch.tensor(e.input_ids)
         attention_mask[row, :n] = 1
-        loss_mask[row, e.prompt_length:n] = 1
+        loss_mask[row, e.prompt_length : n] = 1
     return {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask}

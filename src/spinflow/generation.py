@@ -67,8 +67,14 @@ def _next_tokens(logits: torch.Tensor, sampling: SamplingParams, generators: lis
 
 
 @torch.inference_mode()
-def generate_batch(model, prompt_token_ids: Sequence[list[int]], sampling: SamplingParams,
-                   generators: list[torch.Generator], eos_token_id: int, pad_token_id: int) -> list[list[int]]:
+def generate_batch(
+    model,
+    prompt_token_ids: Sequence[list[int]],
+    sampling: SamplingParams,
+    generators: list[torch.Generator],
+    eos_token_id: int,
+    pad_token_id: int,
+) -> list[list[int]]:
     """Answer token ids (without the end token) for a batch of prompts, left-padded."""
     device = next(model.parameters()).device
     width = max(len(p) for p in prompt_token_ids)
@@ -76,8 +82,8 @@ def generate_batch(model, prompt_token_ids: Sequence[list[int]], sampling: Sampl
     input_ids = torch.full((batch, width), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((batch, width), dtype=torch.long)
     for row, ids in enumerate(prompt_token_ids):
-        input_ids[row, width - len(ids):] = torch.tensor(ids)
-        attention_mask[row, width - len(ids):] = 1
+        input_ids[row, width - len(ids) :] = torch.tensor(ids)
+        attention_mask[row, width - len(ids) :] = 1
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
 
@@ -86,8 +92,13 @@ def generate_batch(model, prompt_token_ids: Sequence[list[int]], sampling: Sampl
     past = None
     step_ids = input_ids
     for _ in range(sampling.max_new_tokens):
-        out = model(input_ids=step_ids, attention_mask=attention_mask, position_ids=position_ids,
-                    past_key_values=past, use_cache=True)
+        out = model(
+            input_ids=step_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past,
+            use_cache=True,
+        )
         past = out.past_key_values
         tokens = _next_tokens(out.logits[:, -1, :].cpu(), sampling, generators)
         for row in range(batch):
@@ -101,32 +112,54 @@ def generate_batch(model, prompt_token_ids: Sequence[list[int]], sampling: Sampl
         if bool(finished.all()):
             break
         step_ids = tokens.unsqueeze(-1).to(device)
-        attention_mask = torch.cat([attention_mask, torch.ones((batch, 1), dtype=attention_mask.dtype,
-                                                               device=device)], dim=-1)
+        attention_mask = torch.cat(
+            [attention_mask, torch.ones((batch, 1), dtype=attention_mask.dtype, device=device)],
+            dim=-1,
+        )
         position_ids = position_ids[:, -1:] + 1
     return answers
 
 
-def generate_answers(model, tokenizer, records: Sequence[dict], *, sampling: SamplingParams, seed: int,
-                     batch_size: int, system_prompt: str | None, max_prompt_length: int,
-                     desc: str = "generate", stats: GenerationStats | None = None) -> list[str]:
+def generate_answers(
+    model,
+    tokenizer,
+    records: Sequence[dict],
+    *,
+    sampling: SamplingParams,
+    seed: int,
+    batch_size: int,
+    system_prompt: str | None,
+    max_prompt_length: int,
+    desc: str = "generate",
+    stats: GenerationStats | None = None,
+) -> list[str]:
     """Answer every record's prompt; returns answers in the order of ``records``.
 
     Prompts are sorted by length so batches carry little padding; each prompt's sampling noise
     comes from ``prompt_seed(seed, record["id"])``.
     """
     model.eval()
-    encoded = [prompt_ids(tokenizer, r["prompt"], system_prompt, max_prompt_length) for r in records]
+    encoded = [
+        prompt_ids(tokenizer, r["prompt"], system_prompt, max_prompt_length) for r in records
+    ]
     order = sorted(range(len(records)), key=lambda i: (len(encoded[i]), records[i]["id"]))
     answers: list[str | None] = [None] * len(records)
     started = time.perf_counter()
     new_tokens = 0
     with tqdm(total=len(records), desc=desc, unit="prompt", dynamic_ncols=True) as bar:
         for start in range(0, len(order), batch_size):
-            chunk = order[start:start + batch_size]
-            generators = [torch.Generator().manual_seed(prompt_seed(seed, records[i]["id"])) for i in chunk]
-            token_lists = generate_batch(model, [encoded[i] for i in chunk], sampling, generators,
-                                         tokenizer.eos_token_id, tokenizer.pad_token_id)
+            chunk = order[start : start + batch_size]
+            generators = [
+                torch.Generator().manual_seed(prompt_seed(seed, records[i]["id"])) for i in chunk
+            ]
+            token_lists = generate_batch(
+                model,
+                [encoded[i] for i in chunk],
+                sampling,
+                generators,
+                tokenizer.eos_token_id,
+                tokenizer.pad_token_id,
+            )
             for i, tokens in zip(chunk, token_lists, strict=True):
                 answers[i] = tokenizer.decode(tokens, skip_special_tokens=True).strip()
                 new_tokens += len(tokens)

@@ -61,7 +61,9 @@ def spin_loss(
     )
 
 
-def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+def sequence_logps(
+    logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor
+) -> torch.Tensor:
     """Summed log-probability of the masked tokens of each sequence.
 
     ``logits`` [batch, length, vocab] come from a forward pass over ``labels`` [batch, length];

@@ -31,7 +31,9 @@ class _Dumper(yaml.SafeDumper):
 
 
 def _cmd(script: str, *args: str, accelerate_config: str | None = None) -> str:
-    launcher = f"accelerate launch --config_file {accelerate_config}" if accelerate_config else "python"
+    launcher = (
+        f"accelerate launch --config_file {accelerate_config}" if accelerate_config else "python"
+    )
     return " ".join([launcher, f"stages/{script}.py", *args])
 
 
@@ -60,16 +62,27 @@ def render(params: Params) -> dict[str, Any]:
     if sft_on:
         stages["sft"] = {
             "cmd": _cmd("sft", accelerate_config=params.spin.accelerate_config),
-            "deps": ["stages/sft.py", *_code("training", "chat"), str(layout.BASE_MODEL), str(layout.DATA_DIR)],
+            "deps": [
+                "stages/sft.py",
+                *_code("training", "chat"),
+                str(layout.BASE_MODEL),
+                str(layout.DATA_DIR),
+            ],
             "params": ["sft", *prompt_keys],
             "outs": [str(layout.SFT_MODEL)],
             "metrics": [{f"{layout.METRICS_DIR}/sft.json": {"cache": False}}],
             "plots": [{str(layout.train_steps("sft")): {"x": "step", "y": "loss", "cache": False}}],
         }
 
-    def eval_stage(name: str, model_dir: Path, opponent: str | None, extra_params: list[str]) -> dict[str, Any]:
-        deps = ["stages/evaluate.py", *_code("evaluation", "generation", "verifiers"), str(model_dir),
-                str(layout.DATA_DIR)]
+    def eval_stage(
+        name: str, model_dir: Path, opponent: str | None, extra_params: list[str]
+    ) -> dict[str, Any]:
+        deps = [
+            "stages/evaluate.py",
+            *_code("evaluation", "generation", "verifiers"),
+            str(model_dir),
+            str(layout.DATA_DIR),
+        ]
         if opponent is not None:
             deps.append(str(layout.eval_generations(opponent).parent))
         return {
@@ -87,53 +100,96 @@ def render(params: Params) -> dict[str, Any]:
         theta_next = layout.theta(k + 1, sft_enabled=sft_on)
         stages[f"generate_iter_{k}"] = {
             "cmd": _cmd("generate", "--iteration", str(k)),
-            "deps": ["stages/generate.py", *_code("generation", "chat"), theta_k, str(layout.DATA_DIR)],
+            "deps": [
+                "stages/generate.py",
+                *_code("generation", "chat"),
+                theta_k,
+                str(layout.DATA_DIR),
+            ],
             "params": ["generate", "prompt.system_prompt", "prompt.max_prompt_length", "seed"],
             "outs": [str(layout.generated_dir(k))],
         }
-        train_params: list[str] = ["spin.train", "spin.beta", "spin.loss", "spin.mix_previous", *prompt_keys]
+        train_params: list[str] = [
+            "spin.train",
+            "spin.beta",
+            "spin.loss",
+            "spin.mix_previous",
+            *prompt_keys,
+        ]
         if f"iter_{k}" in params.spin.per_iteration:
             train_params.append(f"spin.per_iteration.iter_{k}")
-        pair_dirs = [str(layout.generated_dir(j)) for j in range(max(0, k - params.spin.mix_previous), k + 1)]
+        pair_dirs = [
+            str(layout.generated_dir(j)) for j in range(max(0, k - params.spin.mix_previous), k + 1)
+        ]
         stages[f"train_iter_{k}"] = {
-            "cmd": _cmd("train", "--iteration", str(k), accelerate_config=params.spin.accelerate_config),
+            "cmd": _cmd(
+                "train", "--iteration", str(k), accelerate_config=params.spin.accelerate_config
+            ),
             "deps": ["stages/train.py", *_code("training", "losses", "chat"), theta_k, *pair_dirs],
             "params": train_params,
             "outs": [str(theta_next), {str(layout.spin_steps(k)): {"cache": False}}],
             "metrics": [{str(layout.train_metrics(k)): {"cache": False}}],
-            "plots": [{str(layout.train_steps(f"train_iter_{k}")): {"x": "step", "y": "loss", "cache": False}}],
+            "plots": [
+                {
+                    str(layout.train_steps(f"train_iter_{k}")): {
+                        "x": "step",
+                        "y": "loss",
+                        "cache": False,
+                    }
+                }
+            ],
         }
-        beta_key = [f"spin.per_iteration.iter_{k}"] if f"iter_{k}" in params.spin.per_iteration else []
-        stages[f"eval_iter_{k}"] = eval_stage(f"iter_{k}", theta_next, "sft" if k == 0 else f"iter_{k - 1}",
-                                              ["spin.beta", *beta_key])
+        beta_key = (
+            [f"spin.per_iteration.iter_{k}"] if f"iter_{k}" in params.spin.per_iteration else []
+        )
+        stages[f"eval_iter_{k}"] = eval_stage(
+            f"iter_{k}", theta_next, "sft" if k == 0 else f"iter_{k - 1}", ["spin.beta", *beta_key]
+        )
 
     report_deps = ["stages/report.py", *_code("report"), str(layout.eval_metrics("sft"))]
     report_deps += [str(layout.eval_metrics(f"iter_{k}")) for k in range(params.spin.iterations)]
     if params.sft_extra.enabled:
         stages["sft_extra"] = {
             "cmd": _cmd("sft_extra", accelerate_config=params.spin.accelerate_config),
-            "deps": ["stages/sft_extra.py", *_code("training", "chat"), str(layout.theta(0, sft_enabled=sft_on)),
-                     str(layout.DATA_DIR), *[str(layout.spin_steps(k)) for k in range(params.spin.iterations)]],
+            "deps": [
+                "stages/sft_extra.py",
+                *_code("training", "chat"),
+                str(layout.theta(0, sft_enabled=sft_on)),
+                str(layout.DATA_DIR),
+                *[str(layout.spin_steps(k)) for k in range(params.spin.iterations)],
+            ],
             "params": ["sft", *prompt_keys],
             "outs": [str(layout.SFT_EXTRA_MODEL)],
             "metrics": [{f"{layout.METRICS_DIR}/sft_extra.json": {"cache": False}}],
         }
-        stages["eval_sft_extra"] = eval_stage("sft_extra", layout.SFT_EXTRA_MODEL, "sft", ["spin.beta"])
+        stages["eval_sft_extra"] = eval_stage(
+            "sft_extra", layout.SFT_EXTRA_MODEL, "sft", ["spin.beta"]
+        )
         report_deps.append(str(layout.eval_metrics("sft_extra")))
     stages["report"] = {
         "cmd": _cmd("report"),
         "deps": report_deps,
         "params": ["spin.iterations"],
-        "outs": [{str(layout.REPORT_DIR / "results.md"): {"cache": False}},
-                 {str(layout.REPORT_DIR / "metrics.png"): {"cache": False}}],
-        "plots": [{str(layout.REPORT_DIR / "by_iteration.csv"): {"x": "iteration", "cache": False}}],
+        "outs": [
+            {str(layout.REPORT_DIR / "results.md"): {"cache": False}},
+            {str(layout.REPORT_DIR / "metrics.png"): {"cache": False}},
+        ],
+        "plots": [
+            {str(layout.REPORT_DIR / "by_iteration.csv"): {"x": "iteration", "cache": False}}
+        ],
     }
-    steps_files = {str(layout.train_steps(f"train_iter_{k}")): list(STEP_PLOT_Y)
-                   for k in range(params.spin.iterations)}
+    steps_files = {
+        str(layout.train_steps(f"train_iter_{k}")): list(STEP_PLOT_Y)
+        for k in range(params.spin.iterations)
+    }
     plots = [
         {"SPIN training per step": {"x": "step", "y": steps_files}},
-        {"Held-out metrics by iteration": {"x": "iteration", "y": {
-            str(layout.REPORT_DIR / "by_iteration.csv"): list(REPORT_PLOT_Y)}}},
+        {
+            "Held-out metrics by iteration": {
+                "x": "iteration",
+                "y": {str(layout.REPORT_DIR / "by_iteration.csv"): list(REPORT_PLOT_Y)},
+            }
+        },
     ]
     return {"stages": stages, "plots": plots}
 

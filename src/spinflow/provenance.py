@@ -38,14 +38,18 @@ def tree_hash(path: str | os.PathLike) -> str:
     return digest.hexdigest()[:16]
 
 
-def provenance(stage: str, params: dict[str, Any], inputs: dict[str, str | os.PathLike]) -> dict[str, Any]:
+def provenance(
+    stage: str, params: dict[str, Any], inputs: dict[str, str | os.PathLike]
+) -> dict[str, Any]:
     """Stage name, the params it read, hashes of its inputs, library versions and the device kind."""
     import torch
 
     return {
         "stage": stage,
         "params": params,
-        "inputs": {name: {"path": str(path), "sha256_16": tree_hash(path)} for name, path in inputs.items()},
+        "inputs": {
+            name: {"path": str(path), "sha256_16": tree_hash(path)} for name, path in inputs.items()
+        },
         "libraries": library_versions(),
         "python": platform.python_version(),
         "device": "cuda" if torch.cuda.is_available() else "cpu",

@@ -23,14 +23,29 @@ CHART_METRICS = ["verifier_pass_rate", "exact_match", "answer_logprob_per_token"
 
 def collect(params: Params) -> list[dict[str, Any]]:
     """One row per evaluated model: θ0, θ1 … θN, then the SFT-extra baseline (if enabled)."""
-    rows = [{"label": "θ0 (SFT)" if params.sft.enabled else "θ0 (base)", "iteration": 0,
-             **read_json(layout.eval_metrics("sft"))}]
+    rows = [
+        {
+            "label": "θ0 (SFT)" if params.sft.enabled else "θ0 (base)",
+            "iteration": 0,
+            **read_json(layout.eval_metrics("sft")),
+        }
+    ]
     for k in range(params.spin.iterations):
-        rows.append({"label": f"θ{k + 1} (SPIN iter {k})", "iteration": k + 1,
-                     **read_json(layout.eval_metrics(f"iter_{k}"))})
+        rows.append(
+            {
+                "label": f"θ{k + 1} (SPIN iter {k})",
+                "iteration": k + 1,
+                **read_json(layout.eval_metrics(f"iter_{k}")),
+            }
+        )
     if params.sft_extra.enabled:
-        rows.append({"label": "SFT-extra (same steps)", "iteration": None,
-                     **read_json(layout.eval_metrics("sft_extra"))})
+        rows.append(
+            {
+                "label": "SFT-extra (same steps)",
+                "iteration": None,
+                **read_json(layout.eval_metrics("sft_extra")),
+            }
+        )
     return rows
 
 
@@ -42,8 +57,10 @@ def _cell(row: dict[str, Any], key: str, fmt: str) -> str:
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     header = "| model | " + " | ".join(title for _, title, _ in COLUMNS) + " |"
     rule = "|---|" + "---:|" * len(COLUMNS)
-    body = ["| " + row["label"] + " | " + " | ".join(_cell(row, k, f) for k, _, f in COLUMNS) + " |"
-            for row in rows]
+    body = [
+        "| " + row["label"] + " | " + " | ".join(_cell(row, k, f) for k, _, f in COLUMNS) + " |"
+        for row in rows
+    ]
     return "\n".join([header, rule, *body])
 
 
@@ -53,8 +70,14 @@ def per_task_table(rows: list[dict[str, Any]]) -> str:
         return ""
     header = "| task | " + " | ".join(row["label"] for row in rows) + " |"
     rule = "|---|" + "---:|" * len(rows)
-    body = ["| " + t + " | " + " | ".join(_cell(row.get("per_task_pass_rate") or {}, t, "{:.2f}")
-                                           for row in rows) + " |" for t in tasks]
+    body = [
+        "| "
+        + t
+        + " | "
+        + " | ".join(_cell(row.get("per_task_pass_rate") or {}, t, "{:.2f}") for row in rows)
+        + " |"
+        for t in tasks
+    ]
     return "\n".join([header, rule, *body])
 
 
@@ -87,15 +110,25 @@ def write_chart(rows: list[dict[str, Any]], path: Path) -> None:
 def write_report(params: Params) -> dict[str, Any]:
     rows = collect(params)
     layout.REPORT_DIR.mkdir(parents=True, exist_ok=True)
-    with atomic_path(layout.REPORT_DIR / "by_iteration.csv") as tmp, open(tmp, "w", newline="") as f:
+    with (
+        atomic_path(layout.REPORT_DIR / "by_iteration.csv") as tmp,
+        open(tmp, "w", newline="") as f,
+    ):
         writer = csv.writer(f)
         writer.writerow(["iteration", *[k for k, _, _ in COLUMNS]])
         for row in rows:
             if row["iteration"] is not None:
                 writer.writerow([row["iteration"], *[row.get(k) for k, _, _ in COLUMNS]])
-    text = ["# SPIN results", "", "Held-out test split; θ0 is the SFT model, θk+1 the result of SPIN "
-            "iteration k. SFT-extra keeps training θ0 with plain SFT for as many optimizer steps as all "
-            "SPIN iterations together.", "", markdown_table(rows), ""]
+    text = [
+        "# SPIN results",
+        "",
+        "Held-out test split; θ0 is the SFT model, θk+1 the result of SPIN "
+        "iteration k. SFT-extra keeps training θ0 with plain SFT for as many optimizer steps as all "
+        "SPIN iterations together.",
+        "",
+        markdown_table(rows),
+        "",
+    ]
     tasks = per_task_table(rows)
     if tasks:
         text += ["## Verifier pass rate per task", "", tasks, ""]

@@ -27,7 +27,9 @@ def _write_steps_csv(path: Path, history: list[dict[str, float]]) -> None:
         writer = csv.DictWriter(f, fieldnames=keys)
         writer.writeheader()
         for row in history:
-            writer.writerow({k: (round(v, 6) if isinstance(v, float) else v) for k, v in row.items()})
+            writer.writerow(
+                {k: (round(v, 6) if isinstance(v, float) else v) for k, v in row.items()}
+            )
 
 
 def _stage_seed(params: Params, stage: str) -> int:
@@ -38,7 +40,9 @@ def _stage_seed(params: Params, stage: str) -> int:
 
 def _require(path: Path, stage: str) -> Path:
     if not path.exists():
-        raise SpinflowError(f"{path}: missing; it is made by stage '{stage}' (run `dvc repro {stage}`)")
+        raise SpinflowError(
+            f"{path}: missing; it is made by stage '{stage}' (run `dvc repro {stage}`)"
+        )
     return path
 
 
@@ -49,10 +53,18 @@ def _require(path: Path, stage: str) -> Path:
 def prepare_model(params: Params) -> dict[str, Any]:
     from spinflow.models import prepare_base_model
 
-    info = prepare_base_model(params.model.source, layout.BASE_MODEL, gguf_file=params.model.gguf_file,
-                              revision=params.model.revision, dtype=params.model.dtype, seed=params.seed)
-    write_json(layout.BASE_MODEL / PROVENANCE_FILE,
-               {**provenance("prepare_model", params.model.model_dump(), {}), "model": info})
+    info = prepare_base_model(
+        params.model.source,
+        layout.BASE_MODEL,
+        gguf_file=params.model.gguf_file,
+        revision=params.model.revision,
+        dtype=params.model.dtype,
+        seed=params.seed,
+    )
+    write_json(
+        layout.BASE_MODEL / PROVENANCE_FILE,
+        {**provenance("prepare_model", params.model.model_dump(), {}), "model": info},
+    )
     return info
 
 
@@ -66,8 +78,16 @@ def prepare_data(params: Params) -> dict[str, Any]:
 # sft and sft_extra: plain supervised fine-tuning
 
 
-def _supervised(params: Params, *, stage: str, source: Path, records: list[dict], out_dir: Path,
-                max_steps: int | None, extra_inputs: dict[str, Path]) -> dict[str, Any]:
+def _supervised(
+    params: Params,
+    *,
+    stage: str,
+    source: Path,
+    records: list[dict],
+    out_dir: Path,
+    max_steps: int | None,
+    extra_inputs: dict[str, Path],
+) -> dict[str, Any]:
     from spinflow.models import load_model, load_tokenizer
     from spinflow.training import (
         apply_lora,
@@ -87,14 +107,33 @@ def _supervised(params: Params, *, stage: str, source: Path, records: list[dict]
     tokenizer = load_tokenizer(source)
     model = apply_lora(load_model(source), optim)
     examples = encode_sft(tokenizer, records, params.prompt)
-    result = train_loop(accelerator, model, examples, sft_collate(tokenizer.pad_token_id), sft_loss_fn,
-                        optim, seed=seed, desc=stage, max_steps=max_steps)
+    result = train_loop(
+        accelerator,
+        model,
+        examples,
+        sft_collate(tokenizer.pad_token_id),
+        sft_loss_fn,
+        optim,
+        seed=seed,
+        desc=stage,
+        max_steps=max_steps,
+    )
     save_checkpoint(accelerator, model, tokenizer, out_dir)
     summary = {"examples": len(examples), **result.summary()}
     if accelerator.is_main_process:
-        write_json(out_dir / PROVENANCE_FILE, provenance(stage, {"sft": optim.model_dump(), "prompt": params.prompt.model_dump(),
-                                                                  "max_steps": max_steps, "seed": params.seed},
-                                                         {"model": source, **extra_inputs}))
+        write_json(
+            out_dir / PROVENANCE_FILE,
+            provenance(
+                stage,
+                {
+                    "sft": optim.model_dump(),
+                    "prompt": params.prompt.model_dump(),
+                    "max_steps": max_steps,
+                    "seed": params.seed,
+                },
+                {"model": source, **extra_inputs},
+            ),
+        )
         write_json(layout.METRICS_DIR / f"{stage}.json", summary)
         _write_steps_csv(layout.train_steps(stage), result.history)
     return summary
@@ -106,10 +145,18 @@ def sft(params: Params) -> dict[str, Any]:
 
     records = load_split(layout.DATA_DIR, "sft")
     if not records:
-        raise SpinflowError("data/prepared/sft.jsonl is empty: raise data.num_sft or set sft.enabled: false")
-    return _supervised(params, stage="sft", source=layout.BASE_MODEL, records=records,
-                       out_dir=layout.SFT_MODEL, max_steps=None,
-                       extra_inputs={"data": layout.DATA_DIR / "sft.jsonl"})
+        raise SpinflowError(
+            "data/prepared/sft.jsonl is empty: raise data.num_sft or set sft.enabled: false"
+        )
+    return _supervised(
+        params,
+        stage="sft",
+        source=layout.BASE_MODEL,
+        records=records,
+        out_dir=layout.SFT_MODEL,
+        max_steps=None,
+        extra_inputs={"data": layout.DATA_DIR / "sft.jsonl"},
+    )
 
 
 def spin_optimizer_steps(params: Params) -> int:
@@ -127,9 +174,15 @@ def sft_extra(params: Params) -> dict[str, Any]:
     from spinflow.data import load_split
 
     theta0 = layout.theta(0, sft_enabled=params.sft.enabled)
-    return _supervised(params, stage="sft_extra", source=theta0, records=load_split(layout.DATA_DIR, "pool"),
-                       out_dir=layout.SFT_EXTRA_MODEL, max_steps=spin_optimizer_steps(params),
-                       extra_inputs={"data": layout.DATA_DIR / "pool.jsonl"})
+    return _supervised(
+        params,
+        stage="sft_extra",
+        source=theta0,
+        records=load_split(layout.DATA_DIR, "pool"),
+        out_dir=layout.SFT_EXTRA_MODEL,
+        max_steps=spin_optimizer_steps(params),
+        extra_inputs={"data": layout.DATA_DIR / "pool.jsonl"},
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -142,30 +195,59 @@ def generate(params: Params, k: int) -> dict[str, Any]:
     from spinflow.generation import GenerationStats, SamplingParams, generate_answers
     from spinflow.models import load_model, load_tokenizer
 
-    source = _require(layout.theta(k, sft_enabled=params.sft.enabled), "sft" if k == 0 else f"train_iter_{k - 1}")
+    source = _require(
+        layout.theta(k, sft_enabled=params.sft.enabled), "sft" if k == 0 else f"train_iter_{k - 1}"
+    )
     pool = load_split(layout.DATA_DIR, "pool")
     tokenizer = load_tokenizer(source)
     model = load_model(source)
     g = params.generate
     stats = GenerationStats()
-    answers = generate_answers(model, tokenizer, pool,
-                               sampling=SamplingParams(g.temperature, g.top_p, g.max_new_tokens),
-                               seed=_stage_seed(params, f"generate_iter_{k}"), batch_size=g.batch_size,
-                               system_prompt=params.prompt.system_prompt,
-                               max_prompt_length=params.prompt.max_prompt_length,
-                               desc=f"generate_iter_{k}", stats=stats)
-    pairs = [{"id": r["id"], "iteration": k, "task": r["task"], "prompt": r["prompt"], "real": r["answer"],
-              "generated": a} for r, a in zip(pool, answers, strict=True)]
+    answers = generate_answers(
+        model,
+        tokenizer,
+        pool,
+        sampling=SamplingParams(g.temperature, g.top_p, g.max_new_tokens),
+        seed=_stage_seed(params, f"generate_iter_{k}"),
+        batch_size=g.batch_size,
+        system_prompt=params.prompt.system_prompt,
+        max_prompt_length=params.prompt.max_prompt_length,
+        desc=f"generate_iter_{k}",
+        stats=stats,
+    )
+    pairs = [
+        {
+            "id": r["id"],
+            "iteration": k,
+            "task": r["task"],
+            "prompt": r["prompt"],
+            "real": r["answer"],
+            "generated": a,
+        }
+        for r, a in zip(pool, answers, strict=True)
+    ]
     out = layout.generated_dir(k)
     with atomic_path(out, directory=True) as tmp:
         write_jsonl(tmp / "pairs.jsonl", pairs)
-        write_json(tmp / PROVENANCE_FILE,
-                   provenance(f"generate_iter_{k}", {"generate": g.model_dump(), "prompt": params.prompt.model_dump(),
-                                                    "seed": params.seed},
-                              {"model": source, "pool": layout.DATA_DIR / "pool.jsonl"}))
-    summary = {"prompts": stats.prompts, "answer_tokens": stats.new_tokens,
-               "seconds": round(stats.seconds, 3), "tokens_per_second": round(stats.tokens_per_second, 2),
-               "identical_to_real": sum(p["generated"].strip() == p["real"].strip() for p in pairs)}
+        write_json(
+            tmp / PROVENANCE_FILE,
+            provenance(
+                f"generate_iter_{k}",
+                {
+                    "generate": g.model_dump(),
+                    "prompt": params.prompt.model_dump(),
+                    "seed": params.seed,
+                },
+                {"model": source, "pool": layout.DATA_DIR / "pool.jsonl"},
+            ),
+        )
+    summary = {
+        "prompts": stats.prompts,
+        "answer_tokens": stats.new_tokens,
+        "seconds": round(stats.seconds, 3),
+        "tokens_per_second": round(stats.tokens_per_second, 2),
+        "identical_to_real": sum(p["generated"].strip() == p["real"].strip() for p in pairs),
+    }
     log.info("generate_iter_%d: %s", k, summary)
     return summary
 
@@ -199,7 +281,9 @@ def train(params: Params, k: int) -> dict[str, Any]:
     )
 
     optim, beta = params.train_for(k)
-    source = _require(layout.theta(k, sft_enabled=params.sft.enabled), "sft" if k == 0 else f"train_iter_{k - 1}")
+    source = _require(
+        layout.theta(k, sft_enabled=params.sft.enabled), "sft" if k == 0 else f"train_iter_{k - 1}"
+    )
     pairs = training_pairs(params, k)
     seed = _stage_seed(params, f"train_iter_{k}")
     seed_everything(seed)
@@ -208,23 +292,48 @@ def train(params: Params, k: int) -> dict[str, Any]:
     model = load_model(source)
     examples = encode_pairs(tokenizer, pairs, params.prompt)
     # θk's log-probs, computed by the policy before its first update (it equals θk then)
-    examples = reference_logps(accelerator, model, examples, optim.batch_size, tokenizer.pad_token_id)
+    examples = reference_logps(
+        accelerator, model, examples, optim.batch_size, tokenizer.pad_token_id
+    )
     model = apply_lora(model, optim)
-    result = train_loop(accelerator, model, examples, pair_collate(tokenizer.pad_token_id),
-                        spin_loss_fn(beta, params.spin.loss), optim, seed=seed, desc=f"train_iter_{k}")
+    result = train_loop(
+        accelerator,
+        model,
+        examples,
+        pair_collate(tokenizer.pad_token_id),
+        spin_loss_fn(beta, params.spin.loss),
+        optim,
+        seed=seed,
+        desc=f"train_iter_{k}",
+    )
     out_dir = layout.theta(k + 1, sft_enabled=params.sft.enabled)
     save_checkpoint(accelerator, model, tokenizer, out_dir)
-    summary = {"iteration": k, "pairs": len(examples), "beta": beta, "learning_rate": optim.learning_rate,
-               **result.summary()}
+    summary = {
+        "iteration": k,
+        "pairs": len(examples),
+        "beta": beta,
+        "learning_rate": optim.learning_rate,
+        **result.summary(),
+    }
     if accelerator.is_main_process:
         inputs: dict[str, Path] = {"model": source}
         for j in range(max(0, k - params.spin.mix_previous), k + 1):
             inputs[f"pairs_iter_{j}"] = layout.generated_dir(j) / "pairs.jsonl"
-        write_json(out_dir / PROVENANCE_FILE,
-                   provenance(f"train_iter_{k}", {"train": optim.model_dump(), "beta": beta, "loss": params.spin.loss,
-                                                 "mix_previous": params.spin.mix_previous,
-                                                 "prompt": params.prompt.model_dump(), "seed": params.seed},
-                              inputs))
+        write_json(
+            out_dir / PROVENANCE_FILE,
+            provenance(
+                f"train_iter_{k}",
+                {
+                    "train": optim.model_dump(),
+                    "beta": beta,
+                    "loss": params.spin.loss,
+                    "mix_previous": params.spin.mix_previous,
+                    "prompt": params.prompt.model_dump(),
+                    "seed": params.seed,
+                },
+                inputs,
+            ),
+        )
         write_json(layout.train_metrics(k), summary)
         write_json(layout.spin_steps(k), {"optimizer_steps": result.steps})
         _write_steps_csv(layout.train_steps(f"train_iter_{k}"), result.history)
@@ -263,12 +372,28 @@ def evaluate(params: Params, name: str) -> dict[str, Any]:
     source = _require(eval_model_dir(params, name), name)
     records = load_split(layout.DATA_DIR, "test")
     opponent = eval_opponent(name)
-    reference = read_jsonl(_require(layout.eval_generations(opponent), f"eval_{opponent}")) if opponent else None
-    beta = params.train_for(int(name.removeprefix("iter_")))[1] if name.startswith("iter_") else params.spin.beta
+    reference = (
+        read_jsonl(_require(layout.eval_generations(opponent), f"eval_{opponent}"))
+        if opponent
+        else None
+    )
+    beta = (
+        params.train_for(int(name.removeprefix("iter_")))[1]
+        if name.startswith("iter_")
+        else params.spin.beta
+    )
     tokenizer = load_tokenizer(source)
     model = load_model(source)
-    metrics, rows = run_eval(model, tokenizer, records, prompt=params.prompt, params=params.eval,
-                             seed=params.seed, reference=reference, beta=beta)
+    metrics, rows = run_eval(
+        model,
+        tokenizer,
+        records,
+        prompt=params.prompt,
+        params=params.eval,
+        seed=params.seed,
+        reference=reference,
+        beta=beta,
+    )
     metrics = {"model": name, **metrics}
     with atomic_path(layout.eval_generations(name).parent, directory=True) as tmp:
         write_jsonl(tmp / "generations.jsonl", rows)

@@ -43,7 +43,9 @@ class TrainResult:
             "optimizer_steps": self.steps,
             "examples_seen": self.examples_seen,
             "train_seconds": round(self.seconds, 3),
-            "examples_per_second": round(self.examples_seen / self.seconds, 4) if self.seconds else 0.0,
+            "examples_per_second": round(self.examples_seen / self.seconds, 4)
+            if self.seconds
+            else 0.0,
             "tokens_per_second": round(self.tokens_seen / self.seconds, 2) if self.seconds else 0.0,
             "peak_memory_mb": round(peak_memory_mb(), 1),
             **{f"final_{k}": v for k, v in last.items() if k not in ("step", "epoch")},
@@ -89,8 +91,13 @@ def apply_lora(model, optim: OptimParams):
         return model
     from peft import LoraConfig, get_peft_model
 
-    config = LoraConfig(r=optim.lora.r, lora_alpha=optim.lora.alpha, lora_dropout=optim.lora.dropout,
-                        target_modules=list(optim.lora.target_modules), task_type="CAUSAL_LM")
+    config = LoraConfig(
+        r=optim.lora.r,
+        lora_alpha=optim.lora.alpha,
+        lora_dropout=optim.lora.dropout,
+        target_modules=list(optim.lora.target_modules),
+        task_type="CAUSAL_LM",
+    )
     return get_peft_model(model, config)
 
 
@@ -134,15 +141,31 @@ class PairExample:
 
 
 def encode_sft(tokenizer, records: Sequence[dict], prompt: PromptParams) -> list[SftExample]:
-    return [SftExample(encode_example(tokenizer, r["prompt"], r["answer"], system_prompt=prompt.system_prompt,
-                                      max_prompt_length=prompt.max_prompt_length,
-                                      max_length=prompt.max_length)) for r in records]
+    return [
+        SftExample(
+            encode_example(
+                tokenizer,
+                r["prompt"],
+                r["answer"],
+                system_prompt=prompt.system_prompt,
+                max_prompt_length=prompt.max_prompt_length,
+                max_length=prompt.max_length,
+            )
+        )
+        for r in records
+    ]
 
 
 def encode_pairs(tokenizer, pairs: Sequence[dict], prompt: PromptParams) -> list[PairExample]:
     def enc(text: str, record: dict) -> Encoded:
-        return encode_example(tokenizer, record["prompt"], text, system_prompt=prompt.system_prompt,
-                              max_prompt_length=prompt.max_prompt_length, max_length=prompt.max_length)
+        return encode_example(
+            tokenizer,
+            record["prompt"],
+            text,
+            system_prompt=prompt.system_prompt,
+            max_prompt_length=prompt.max_prompt_length,
+            max_length=prompt.max_length,
+        )
 
     return [PairExample(i, enc(p["real"], p), enc(p["generated"], p)) for i, p in enumerate(pairs)]
 
@@ -161,19 +184,25 @@ def pair_collate(pad_token_id: int):
         batch = collate([e.real for e in examples] + [e.generated for e in examples], pad_token_id)
         batch["index"] = torch.tensor([e.index for e in examples])
         batch["reference_real_logps"] = torch.tensor([e.reference_real_logps for e in examples])
-        batch["reference_generated_logps"] = torch.tensor([e.reference_generated_logps for e in examples])
+        batch["reference_generated_logps"] = torch.tensor(
+            [e.reference_generated_logps for e in examples]
+        )
         return batch
 
     return fn
 
 
 def forward_logps(model, batch: dict) -> torch.Tensor:
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+    out = model(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+    )
     return sequence_logps(out.logits, batch["input_ids"], batch["loss_mask"])
 
 
 def sft_loss_fn(model, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+    out = model(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+    )
     loss = masked_nll(out.logits, batch["input_ids"], batch["loss_mask"])
     return loss, {"loss": loss.item()}
 
@@ -183,8 +212,14 @@ def spin_loss_fn(beta: float, kind: str) -> LossFn:
         logps = forward_logps(model, batch)
         pairs = batch["index"].numel()
         real, generated = logps[:pairs], logps[pairs:]
-        out = spin_loss(real, generated, batch["reference_real_logps"].to(real.device),
-                        batch["reference_generated_logps"].to(real.device), beta=beta, kind=kind)
+        out = spin_loss(
+            real,
+            generated,
+            batch["reference_real_logps"].to(real.device),
+            batch["reference_generated_logps"].to(real.device),
+            beta=beta,
+            kind=kind,
+        )
         return out.loss, {
             "loss": out.loss.item(),
             "rewards_real": out.real_rewards.mean().item(),
@@ -199,24 +234,35 @@ def spin_loss_fn(beta: float, kind: str) -> LossFn:
 
 
 @torch.no_grad()
-def reference_logps(accelerator, model, examples: list[PairExample], batch_size: int,
-                    pad_token_id: int) -> list[PairExample]:
+def reference_logps(
+    accelerator, model, examples: list[PairExample], batch_size: int, pad_token_id: int
+) -> list[PairExample]:
     """Attach θk's summed log-probs of both answers to every pair.
 
     Runs once, before training, while the policy still equals θk; each process scores its own
     share of the pairs and the results are gathered.
     """
     model.to(accelerator.device).eval()
-    mine = examples[accelerator.process_index::accelerator.num_processes]
-    loader = DataLoader(mine, batch_size=batch_size, shuffle=False, collate_fn=pair_collate(pad_token_id))
+    mine = examples[accelerator.process_index :: accelerator.num_processes]
+    loader = DataLoader(
+        mine, batch_size=batch_size, shuffle=False, collate_fn=pair_collate(pad_token_id)
+    )
     scored: list[tuple[int, float, float]] = []
-    for batch in tqdm(loader, desc="reference log-probs", disable=not accelerator.is_local_main_process,
-                      dynamic_ncols=True):
+    for batch in tqdm(
+        loader,
+        desc="reference log-probs",
+        disable=not accelerator.is_local_main_process,
+        dynamic_ncols=True,
+    ):
         batch = {k: v.to(accelerator.device) for k, v in batch.items()}
         with accelerator.autocast():
             logps = forward_logps(model, batch).float().cpu()
         pairs = batch["index"].numel()
-        scored.extend(zip(batch["index"].tolist(), logps[:pairs].tolist(), logps[pairs:].tolist(), strict=True))
+        scored.extend(
+            zip(
+                batch["index"].tolist(), logps[:pairs].tolist(), logps[pairs:].tolist(), strict=True
+            )
+        )
     if accelerator.num_processes > 1:
         from accelerate.utils import gather_object
 
@@ -229,9 +275,19 @@ def reference_logps(accelerator, model, examples: list[PairExample], batch_size:
 # The loop
 
 
-def train_loop(accelerator, model, examples: Sequence, collate_fn, loss_fn: LossFn, optim: OptimParams, *,
-               seed: int, desc: str, max_steps: int | None = None,
-               on_step: Callable[[dict[str, float]], None] | None = None) -> TrainResult:
+def train_loop(
+    accelerator,
+    model,
+    examples: Sequence,
+    collate_fn,
+    loss_fn: LossFn,
+    optim: OptimParams,
+    *,
+    seed: int,
+    desc: str,
+    max_steps: int | None = None,
+    on_step: Callable[[dict[str, float]], None] | None = None,
+) -> TrainResult:
     """Optimise ``model`` on ``examples``; ``max_steps`` (if set) replaces ``optim.epochs``.
 
     Each logged row averages the micro-batches of one optimizer step. A non-finite loss stops
@@ -240,8 +296,14 @@ def train_loop(accelerator, model, examples: Sequence, collate_fn, loss_fn: Loss
     from transformers import get_scheduler
 
     generator = torch.Generator().manual_seed(seed)
-    loader = DataLoader(list(examples), batch_size=optim.batch_size, shuffle=True, generator=generator,
-                        collate_fn=collate_fn, drop_last=False)
+    loader = DataLoader(
+        list(examples),
+        batch_size=optim.batch_size,
+        shuffle=True,
+        generator=generator,
+        collate_fn=collate_fn,
+        drop_last=False,
+    )
     micro_per_epoch = len(loader)
     if micro_per_epoch == 0:
         raise TrainingError(f"{desc}: no training examples")
@@ -250,17 +312,25 @@ def train_loop(accelerator, model, examples: Sequence, collate_fn, loss_fn: Loss
     if optim.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     optimizer = build_optimizer(model, optim)
-    scheduler = get_scheduler(optim.scheduler, optimizer,
-                              num_warmup_steps=int(round(optim.warmup_ratio * total_steps)),
-                              num_training_steps=total_steps)
+    scheduler = get_scheduler(
+        optim.scheduler,
+        optimizer,
+        num_warmup_steps=int(round(optim.warmup_ratio * total_steps)),
+        num_training_steps=total_steps,
+    )
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
     model.train()
 
     result = TrainResult()
     window: list[dict[str, float]] = []
     started = time.perf_counter()
-    bar = tqdm(total=total_steps, desc=desc, unit="step", dynamic_ncols=True,
-               disable=not accelerator.is_local_main_process)
+    bar = tqdm(
+        total=total_steps,
+        desc=desc,
+        unit="step",
+        dynamic_ncols=True,
+        disable=not accelerator.is_local_main_process,
+    )
     epoch = 0
     while result.steps < total_steps:
         for micro, batch in enumerate(loader):
@@ -286,8 +356,11 @@ def train_loop(accelerator, model, examples: Sequence, collate_fn, loss_fn: Loss
             if accelerator.sync_gradients or last_micro:
                 result.steps += 1
                 row = {key: sum(m[key] for m in window) / len(window) for key in window[0]}
-                row.update(step=result.steps, epoch=epoch + (micro + 1) / micro_per_epoch,
-                           learning_rate=scheduler.get_last_lr()[0])
+                row.update(
+                    step=result.steps,
+                    epoch=epoch + (micro + 1) / micro_per_epoch,
+                    learning_rate=scheduler.get_last_lr()[0],
+                )
                 if grad_norm is not None:
                     row["grad_norm"] = float(grad_norm)
                 result.history.append(row)
