@@ -486,3 +486,12 @@ def test_model_fingerprint(tmp_path, tiny_checkpoint):
     assert model_fingerprint(tiny_checkpoint) != first
     with pytest.raises(ModelError, match="does not exist"):
         model_fingerprint(tmp_path / "nope")
+
+
+def test_corrupt_gguf_is_a_model_error(tmp_path):
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"not a gguf file")
+    with pytest.raises(ModelError) as err:
+        prepare_base_model(bad, tmp_path / "out")
+    assert str(bad) in _one_line(err)
+    assert not (tmp_path / "out").exists()

@@ -252,6 +252,11 @@ def build_tiny_model(
 # Resolving sources
 
 
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
 def _looks_like_hub_id(source: str) -> bool:
     return bool(_HUB_ID.match(source)) and not source.startswith((".", "~"))
 
@@ -311,9 +316,8 @@ def _load_source(
 
 def _plain(model: Any, dtype: str) -> Any:
     """The model as an ordinary float model: no quantization config, all params trainable."""
-    for attr in ("quantization_config",):
-        if hasattr(model.config, attr):
-            delattr(model.config, attr)
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
     for attr in ("hf_quantizer", "quantization_method"):
         if getattr(model, attr, None) is not None:
             setattr(model, attr, None)
@@ -400,10 +404,10 @@ def prepare_base_model(
             if kind == "hub":
                 raise ModelError(
                     f"could not download model {source!r} from the Hugging Face hub "
-                    f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); "
+                    f"({_first_line(exc)}); "
                     f"local checkpoint directories, .gguf files and '{EMBEDDED}' work offline"
                 ) from exc
-            raise ModelError(f"could not load model source {shown}: {exc}") from exc
+            raise ModelError(f"could not load model source {shown}: {_first_line(exc)}") from exc
 
         _finish_tokenizer(tokenizer, model, source)
         model = _plain(model, dtype)
@@ -467,7 +471,7 @@ def load_model(path: str | os.PathLike, *, dtype: str = "float32"):
     try:
         return AutoModelForCausalLM.from_pretrained(str(p), dtype=torch_dtype)
     except (OSError, ValueError) as exc:
-        raise ModelError(f"could not load the model in {p}: {exc}") from exc
+        raise ModelError(f"could not load the model in {p}: {_first_line(exc)}") from exc
 
 
 def load_tokenizer(path: str | os.PathLike):
@@ -484,7 +488,7 @@ def load_tokenizer(path: str | os.PathLike):
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(p))
     except (OSError, ValueError) as exc:
-        raise ModelError(f"could not load the tokenizer in {p}: {exc}") from exc
+        raise ModelError(f"could not load the tokenizer in {p}: {_first_line(exc)}") from exc
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
