@@ -148,7 +148,7 @@ def sft(params: Params) -> dict[str, Any]:
         raise SpinflowError(
             "data/prepared/sft.jsonl is empty: raise data.num_sft or set sft.enabled: false"
         )
-    return _supervised(
+    summary = _supervised(
         params,
         stage="sft",
         source=layout.BASE_MODEL,
@@ -157,6 +157,10 @@ def sft(params: Params) -> dict[str, Any]:
         max_steps=None,
         extra_inputs={"data": layout.DATA_DIR / "sft.jsonl"},
     )
+    from spinflow import tracking
+
+    tracking.log_sft(params)
+    return summary
 
 
 def spin_optimizer_steps(params: Params) -> int:
@@ -174,7 +178,7 @@ def sft_extra(params: Params) -> dict[str, Any]:
     from spinflow.data import load_split
 
     theta0 = layout.theta(0, sft_enabled=params.sft.enabled)
-    return _supervised(
+    summary = _supervised(
         params,
         stage="sft_extra",
         source=theta0,
@@ -183,6 +187,10 @@ def sft_extra(params: Params) -> dict[str, Any]:
         max_steps=spin_optimizer_steps(params),
         extra_inputs={"data": layout.DATA_DIR / "pool.jsonl"},
     )
+    from spinflow import tracking
+
+    tracking.log_sft_extra(params)
+    return summary
 
 
 # ---------------------------------------------------------------------------------------------
@@ -337,6 +345,9 @@ def train(params: Params, k: int) -> dict[str, Any]:
         write_json(layout.train_metrics(k), summary)
         write_json(layout.spin_steps(k), {"optimizer_steps": result.steps})
         _write_steps_csv(layout.train_steps(f"train_iter_{k}"), result.history)
+    from spinflow import tracking
+
+    tracking.log_train(params, k, result.history)
     return summary
 
 
@@ -398,10 +409,17 @@ def evaluate(params: Params, name: str) -> dict[str, Any]:
     with atomic_path(layout.eval_generations(name).parent, directory=True) as tmp:
         write_jsonl(tmp / "generations.jsonl", rows)
     write_json(layout.eval_metrics(name), metrics)
+    from spinflow import tracking
+
+    tracking.log_eval(params, name)
     return metrics
 
 
 def report(params: Params) -> dict[str, Any]:
     from spinflow.report import write_report
 
-    return write_report(params)
+    summary = write_report(params)
+    from spinflow import tracking
+
+    tracking.log_report(params)
+    return summary

@@ -1,0 +1,368 @@
+"""Tests for spinflow.config (the params schema) and the `spinflow validate` command."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+from spinflow import cli
+from spinflow.config import (
+    Params,
+    default_params_dict,
+    describe_schema,
+    load_params,
+    validate_params,
+)
+from spinflow.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+REPO_PARAMS = REPO / "params.yaml"
+
+
+def _with(path: str, value) -> dict:
+    """The defaults with one dotted key set to ``value``."""
+    raw = default_params_dict()
+    *parents, last = path.split(".")
+    node = raw
+    for part in parents:
+        node = node.setdefault(part, {})
+    node[last] = value
+    return raw
+
+
+def _nested(path: str, value) -> dict:
+    """A params mapping holding only ``value`` at the dotted ``path``."""
+    raw: dict = {}
+    *parents, last = path.split(".")
+    node = raw
+    for part in parents:
+        node = node.setdefault(part, {})
+    node[last] = value
+    return raw
+
+
+def _error(raw) -> str:
+    with pytest.raises(ConfigError) as info:
+        validate_params(raw)
+    message = str(info.value)
+    assert "\n" not in message, message
+    assert message.startswith("params.yaml: "), message
+    return message
+
+
+def _leaf_paths(node: dict, prefix: str = "") -> set[str]:
+    paths = set()
+    for key, value in node.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict) and path != "spin.per_iteration":
+            paths |= _leaf_paths(value, f"{path}.")
+        else:
+            paths.add(path)
+    return paths
+
+
+# ---------------------------------------------------------------------------------------------
+# The repository's params.yaml and the defaults
+
+
+def test_repo_params_validate():
+    params = load_params(REPO_PARAMS)
+    assert isinstance(params, Params)
+    assert params.spin.iterations >= 1
+    assert params.spin.loss in ("sigmoid", "hinge")
+    assert params.prompt.max_prompt_length < params.prompt.max_length
+
+
+def test_repo_params_list_every_schema_key():
+    # DVC reads params.yaml itself: a key that a stage lists but the file omits stops `dvc repro`
+    raw = yaml.safe_load(REPO_PARAMS.read_text(encoding="utf-8"))
+    schema_keys = {key for key, _, _ in describe_schema()}
+    assert _leaf_paths(raw) == schema_keys
+
+
+def test_defaults_round_trip_through_yaml(tmp_path):
+    defaults = default_params_dict()
+    assert validate_params(defaults) == Params()
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(defaults, sort_keys=False), encoding="utf-8")
+    loaded = load_params(path)
+    assert loaded == Params()
+    assert loaded.model_dump(mode="json") == defaults
+
+
+def test_empty_file_means_defaults(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("", encoding="utf-8")
+    assert load_params(path) == Params()
+
+
+def test_documented_defaults():
+    params = Params()
+    assert params.spin.beta == 0.1
+    assert params.spin.loss == "sigmoid"
+    assert params.spin.mix_previous == 1
+    assert params.spin.train.optimizer == "rmsprop"
+    assert params.spin.train.epochs == 2
+    assert params.spin.per_iteration == {}
+    assert params.sft.optimizer == "adamw"
+
+
+def test_every_schema_key_is_described():
+    rows = describe_schema()
+    assert len(rows) == len({key for key, _, _ in rows})
+    assert [key for key, _, description in rows if not description] == []
+    assert ("spin.train.learning_rate", 5e-06) in [(k, d) for k, d, _ in rows]
+
+
+def test_partial_top_level_sections_keep_their_other_defaults():
+    params = validate_params({"spin": {"iterations": 2}, "generate": {"top_p": 0.9}})
+    assert params.spin.iterations == 2
+    assert params.spin.beta == 0.1
+    assert params.spin.train == Params().spin.train
+    assert params.generate.top_p == 0.9
+    assert params.generate.max_new_tokens == 48
+
+
+@pytest.mark.xfail(
+    reason="spin.train and sft take their defaults from default_factory lambdas; a partial "
+    "mapping is built from OptimParams' class defaults instead (epochs 1, lr 5e-6, rmsprop)",
+    strict=True,
+)
+@pytest.mark.parametrize("section", ["spin.train", "sft"])
+def test_partial_nested_sections_keep_the_documented_defaults(section):
+    params = validate_params(_nested(section, {"batch_size": 4}))
+    expected = Params().spin.train if section == "spin.train" else Params().sft
+    got = params.spin.train if section == "spin.train" else params.sft
+    assert got.batch_size == 4
+    assert got.model_copy(update={"batch_size": expected.batch_size}) == expected
+
+
+# ---------------------------------------------------------------------------------------------
+# One-line errors that name the key path, the value and what is allowed
+
+
+def test_unknown_key():
+    message = _error(_with("spin.train.lr", 1e-5))
+    assert "unknown key 'spin.train.lr'" in message
+    assert "learning_rate" in message and "batch_size" in message
+
+
+def test_unknown_top_level_section():
+    message = _error({"trainig": {}})
+    assert "unknown key 'trainig'" in message
+    for section in ("data", "eval", "generate", "model", "prompt", "sft", "spin"):
+        assert section in message
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "allowed"),
+    [
+        ("spin.train.learning_rate", "fast", "valid number"),
+        ("spin.train.epochs", 1.5, "valid integer"),
+        ("spin.iterations", "three", "valid integer"),
+        ("seed", [1], "valid integer"),
+        ("spin.train.optimizer", "adam", "'adamw', 'rmsprop' or 'sgd'"),
+        ("spin.loss", "ipo", "'sigmoid' or 'hinge'"),
+        ("model.dtype", "int8", "'float32', 'bfloat16' or 'float16'"),
+    ],
+)
+def test_wrong_type(path, value, allowed):
+    message = _error(_with(path, value))
+    assert f"'{path}' = {value!r}" in message
+    assert allowed in message
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "allowed"),
+    [
+        ("spin.train.learning_rate", -1e-5, "greater than 0"),
+        ("spin.train.learning_rate", 0.0, "greater than 0"),
+        ("spin.iterations", 0, "greater than 0"),
+        ("generate.top_p", 1.5, "less than or equal to 1"),
+        ("generate.temperature", -0.5, "greater than or equal to 0"),
+        ("sft.lora.dropout", 2, "less than or equal to 1"),
+        ("spin.train.warmup_ratio", 1.1, "less than or equal to 1"),
+        ("data.num_pool", 0, "greater than 0"),
+    ],
+)
+def test_out_of_range(path, value, allowed):
+    message = _error(_with(path, value))
+    assert f"'{path}' = {value!r}" in message
+    assert allowed in message
+
+
+@pytest.mark.xfail(
+    reason="config.py validates in pydantic's lax mode: YAML true/false pass as 1/0 for integers",
+    strict=True,
+)
+def test_boolean_is_not_an_integer():
+    message = _error(_with("spin.iterations", True))
+    assert "'spin.iterations' = True" in message
+
+
+def test_bad_per_iteration_key():
+    message = _error(_with("spin.per_iteration", {"iter_x": {"learning_rate": 1e-6}}))
+    assert "'spin.per_iteration'" in message
+    assert "'iter_x'" in message
+    assert "iter_<k>" in message
+
+
+def test_per_iteration_beyond_the_last_iteration():
+    raw = _with("spin.per_iteration", {"iter_3": {"learning_rate": 1e-6}})
+    raw["spin"]["iterations"] = 3
+    message = _error(raw)
+    assert "per_iteration.iter_3" in message
+    assert "spin.iterations is 3" in message
+    assert "0..2" in message
+
+
+def test_bad_per_iteration_value():
+    message = _error(_with("spin.per_iteration", {"iter_1": {"learning_rate": 0}}))
+    assert "'spin.per_iteration.iter_1.learning_rate' = 0" in message
+    assert "greater than 0" in message
+
+
+@pytest.mark.xfail(
+    reason="_describe_error does not look inside dict[str, TrainOverride], so an unknown "
+    "per-iteration key says 'allowed here: see the schema' instead of listing them",
+    strict=True,
+)
+def test_unknown_per_iteration_key_lists_the_allowed_ones():
+    message = _error(_with("spin.per_iteration", {"iter_1": {"lr": 1e-6}}))
+    assert "unknown key 'spin.per_iteration.iter_1.lr'" in message
+    assert "beta, epochs, learning_rate" in message
+
+
+def test_prompt_must_fit_in_max_length():
+    message = _error(_with("prompt.max_prompt_length", 300))
+    assert "prompt.max_prompt_length (300)" in message
+    assert "prompt.max_length (256)" in message
+
+
+def test_several_errors_stay_on_one_line():
+    raw = _with("spin.train.learning_rate", -1)
+    raw["generate"]["top_p"] = 2
+    message = _error(raw)
+    assert "and 1 more" in message
+    assert "spin.train.learning_rate" in message and "generate.top_p" in message
+
+
+def test_top_level_must_be_a_mapping(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("- a\n- b\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match="top level must be a mapping.*got list"):
+        load_params(path)
+
+
+def test_missing_file_names_it(tmp_path):
+    with pytest.raises(ConfigError, match=r"missing\.yaml: file not found"):
+        load_params(tmp_path / "missing.yaml")
+
+
+def test_invalid_yaml_names_the_line(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("seed: 1\nspin:\n  beta: [1, 2\n  loss: sigmoid\n", encoding="utf-8")
+    with pytest.raises(ConfigError) as info:
+        load_params(path)
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith(f"{path}: line 4, column 7: invalid YAML")
+
+
+def test_bad_indentation_names_the_line(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("seed: 1\nspin:\n  beta: 0.1\n loss: hinge\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"line 4, column 2: invalid YAML"):
+        load_params(path)
+
+
+def test_file_errors_name_the_file(tmp_path):
+    path = tmp_path / "custom.yaml"
+    path.write_text("spin:\n  beta: -1\n", encoding="utf-8")
+    with pytest.raises(ConfigError) as info:
+        load_params(path)
+    assert str(info.value) == f"{path}: 'spin.beta' = -1: Input should be greater than 0"
+
+
+def test_assignment_is_validated():
+    params = Params()
+    with pytest.raises(ValueError):
+        params.spin.train.learning_rate = -1.0
+
+
+# ---------------------------------------------------------------------------------------------
+# train_for
+
+
+def test_train_for_applies_overrides():
+    raw = default_params_dict()
+    raw["spin"]["iterations"] = 4
+    raw["spin"]["per_iteration"] = {
+        "iter_2": {"learning_rate": 1e-7},
+        "iter_3": {"learning_rate": 2e-7, "epochs": 5, "beta": 0.3},
+    }
+    params = validate_params(raw)
+    untouched = copy.deepcopy(params.spin.train)
+
+    for k in (0, 1):
+        train, beta = params.train_for(k)
+        assert train == untouched
+        assert beta == 0.1
+    train, beta = params.train_for(2)
+    assert train.learning_rate == 1e-7
+    assert train.epochs == untouched.epochs
+    assert beta == 0.1
+    train, beta = params.train_for(3)
+    assert (train.learning_rate, train.epochs, beta) == (2e-7, 5, 0.3)
+    assert train.optimizer == untouched.optimizer
+    assert train.batch_size == untouched.batch_size
+    assert params.spin.train == untouched
+
+
+@pytest.mark.parametrize("k", [-1, 3])
+def test_train_for_rejects_unknown_iterations(k):
+    with pytest.raises(ConfigError, match=r"outside 0\.\.2"):
+        Params().train_for(k)
+
+
+# ---------------------------------------------------------------------------------------------
+# `spinflow validate`
+
+
+def test_validate_cli_accepts_the_repo_params(capsys):
+    assert cli.main(["--params", str(REPO_PARAMS), "validate"]) == 0
+    out, err = capsys.readouterr()
+    assert out.strip() == f"{REPO_PARAMS}: valid"
+    assert err == ""
+
+
+def test_validate_cli_rejects_a_bad_file(tmp_path, capsys):
+    path = tmp_path / "params.yaml"
+    path.write_text("spin:\n  train:\n    learning_rate: -0.1\n", encoding="utf-8")
+    assert cli.main(["--params", str(path), "validate"]) == 1
+    out, err = capsys.readouterr()
+    assert out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1
+    assert lines[0] == (
+        f"error: {path}: 'spin.train.learning_rate' = -0.1: Input should be greater than 0"
+    )
+
+
+def test_validate_cli_reports_invalid_yaml(tmp_path, capsys):
+    path = tmp_path / "params.yaml"
+    path.write_text("spin: [\n", encoding="utf-8")
+    assert cli.main(["--params", str(path), "validate"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {path}: line ")
+    assert "invalid YAML" in err
+
+
+def test_params_cli_lists_every_key(capsys):
+    assert cli.main(["params"]) == 0
+    out = capsys.readouterr().out
+    for key, _, _ in describe_schema():
+        assert key in out

@@ -1,0 +1,227 @@
+"""The whole pipeline under DVC on the tiny model: every output, and what a change re-runs.
+
+One test, in phases that build on each other; each phase's duration is printed in failure
+messages (stage processes take seconds each to start on this machine).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from spinflow.config import default_params_dict
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(sys.executable).parent
+RAN = re.compile(r"(?:Running stage '([^']+)'|Stage '([^']+)' is cached - skipping run)")
+
+ITERATIONS = 2
+NUM_POOL = 12
+NUM_TEST = 12
+STAGES = {
+    "prepare_model",
+    "prepare_data",
+    "sft",
+    "eval_sft",
+    *(f"{kind}_iter_{k}" for kind in ("generate", "train", "eval") for k in range(ITERATIONS)),
+    "report",
+}
+EVAL_KEYS = {
+    "model",
+    "num_examples",
+    "answer_logprob_per_token",
+    "exact_match",
+    "verifier_pass_rate",
+    "answer_length",
+    "per_task_pass_rate",
+}
+
+
+def _params() -> dict:
+    raw = default_params_dict()  # every key: DVC reads the file itself
+    raw["model"]["source"] = "tiny"
+    raw["data"].update(num_sft=16, num_pool=NUM_POOL, num_test=NUM_TEST)
+    raw["sft"]["batch_size"] = 4
+    raw["generate"]["max_new_tokens"] = 12
+    raw["spin"]["iterations"] = ITERATIONS
+    raw["spin"]["train"].update(batch_size=4, learning_rate=1e-4)
+    raw["sft_extra"]["enabled"] = False
+    raw["eval"]["max_new_tokens"] = 12
+    raw["tracking"]["enabled"] = False
+    return raw
+
+
+class Workspace:
+    def __init__(self, root: Path):
+        self.root = root
+        self.timings: list[tuple[str, float]] = []
+        self.env = {
+            **os.environ,
+            "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+            "OMP_NUM_THREADS": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+            "HF_HUB_OFFLINE": "1",
+            "HF_DATASETS_OFFLINE": "1",
+            "TRANSFORMERS_OFFLINE": "1",
+            "DVC_NO_ANALYTICS": "1",
+            "MLFLOW_DISABLE_TELEMETRY": "true",
+            "TQDM_DISABLE": "1",
+            "GIT_CONFIG_NOSYSTEM": "1",
+        }
+        self.env.pop("MLFLOW_TRACKING_URI", None)
+        self.env.pop("VIRTUAL_ENV", None)
+
+    def durations(self) -> str:
+        return ", ".join(f"{name} {seconds:.1f}s" for name, seconds in self.timings)
+
+    def run(self, *cmd: str, label: str | None = None) -> str:
+        started = time.perf_counter()
+        proc = subprocess.run(
+            cmd,
+            cwd=self.root,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=240,
+            check=False,
+        )
+        self.timings.append((label or " ".join(cmd), time.perf_counter() - started))
+        output = proc.stdout + proc.stderr
+        assert proc.returncode == 0, (
+            f"{' '.join(cmd)} exited {proc.returncode} [{self.durations()}]\n{output[-6000:]}"
+        )
+        return output
+
+    def repro(self, label: str) -> set[str]:
+        output = self.run("dvc", "repro", label=label)
+        return {a or b for a, b in RAN.findall(output)}
+
+    def write_params(self, raw: dict) -> None:
+        text = yaml.safe_dump(raw, sort_keys=False)
+        (self.root / "params.yaml").write_text(text, encoding="utf-8")
+
+    def path(self, relative: str) -> Path:
+        return self.root / relative
+
+    def json(self, relative: str) -> dict:
+        return json.loads(self.path(relative).read_text(encoding="utf-8"))
+
+
+@pytest.fixture
+def workspace(tmp_path) -> Workspace:
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed")
+    root = tmp_path / "project"
+    root.mkdir()
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    shutil.copytree(REPO / "stages", root / "stages", ignore=ignore)
+    shutil.copytree(REPO / "src" / "spinflow", root / "src" / "spinflow", ignore=ignore)
+    ws = Workspace(root)
+    ws.run("git", "init", "-q", ".")
+    ws.run("dvc", "init", "-q")
+    ws.run("dvc", "config", "core.analytics", "false")
+    return ws
+
+
+def _lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def _lock_outs(ws: Workspace, stage: str) -> list:
+    lock = yaml.safe_load(ws.path("dvc.lock").read_text(encoding="utf-8"))
+    return lock["stages"][stage]["outs"]
+
+
+def test_pipeline_runs_and_reruns_only_what_changed(workspace: Workspace):
+    ws = workspace
+    raw = _params()
+    ws.write_params(raw)
+    ws.run("spinflow", "pipeline", "write")
+    ws.run("spinflow", "pipeline", "check")
+
+    listed = ws.run("dvc", "stage", "list", "--name-only").split()
+    assert set(listed) == STAGES, f"{sorted(listed)} [{ws.durations()}]"
+
+    # ---- first run: every stage
+    ran = ws.repro("repro (all)")
+    assert ran == STAGES, f"ran {sorted(ran)} [{ws.durations()}]"
+
+    for k in range(1, ITERATIONS + 1):
+        model = ws.path(f"models/theta_{k}")
+        assert (model / "config.json").is_file() and (model / "model.safetensors").is_file()
+        assert (model / "provenance.json").is_file()
+    for k in range(ITERATIONS):
+        pairs = _lines(ws.path(f"generated/iter_{k}/pairs.jsonl"))
+        assert len(pairs) == NUM_POOL
+        assert {p["iteration"] for p in pairs} == {k}
+        assert set(pairs[0]) >= {"id", "prompt", "real", "generated", "task"}
+        assert len({p["id"] for p in pairs}) == NUM_POOL
+        train = ws.json(f"metrics/train_iter_{k}.json")
+        # iteration 0 trains on its 12 pairs, iteration 1 also on iteration 0's (mix_previous 1)
+        assert train["pairs"] == NUM_POOL * (k + 1)
+        # batch 4, 2 epochs
+        assert train["optimizer_steps"] == NUM_POOL * (k + 1) // 4 * 2
+        assert ws.json(f"metrics/spin_steps_iter_{k}.json") == {
+            "optimizer_steps": train["optimizer_steps"]
+        }
+        with open(ws.path(f"plots/train_iter_{k}_steps.csv"), newline="") as f:
+            rows = list(csv.DictReader(f))
+        assert len(rows) == train["optimizer_steps"]
+        assert {"step", "loss", "reward_margin", "reward_accuracy"} <= set(rows[0])
+    for name in ["sft"] + [f"iter_{k}" for k in range(ITERATIONS)]:
+        metrics = ws.json(f"metrics/eval_{name}.json")
+        expected = EVAL_KEYS | ({"reward_margin", "reward_accuracy"} if name != "sft" else set())
+        assert expected <= set(metrics), f"{name}: {sorted(metrics)}"
+        assert metrics["model"] == name
+        assert metrics["num_examples"] == NUM_TEST
+        assert metrics["answer_logprob_per_token"] < 0
+        assert len(_lines(ws.path(f"eval/{name}/generations.jsonl"))) == NUM_TEST
+    assert ws.path("metrics/sft.json").is_file()
+    assert ws.path("plots/sft_steps.csv").is_file()
+    results = ws.path("reports/results.md").read_text(encoding="utf-8")
+    assert "θ0 (SFT)" in results and f"θ{ITERATIONS} (SPIN iter {ITERATIONS - 1})" in results
+    assert ws.path("reports/metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with open(ws.path("reports/by_iteration.csv"), newline="") as f:
+        by_iteration = list(csv.DictReader(f))
+    assert [row["iteration"] for row in by_iteration] == [str(k) for k in range(ITERATIONS + 1)]
+    assert not ws.path("models/sft_extra").exists()
+
+    # ---- nothing changed: nothing runs
+    output = ws.run("dvc", "repro", label="repro (no change)")
+    assert not RAN.findall(output), f"{output[-3000:]} [{ws.durations()}]"
+    assert "Data and pipelines are up to date" in output
+
+    # ---- evaluation setting: every evaluation and the report, nothing else
+    theta_1_before = _lock_outs(ws, "train_iter_0")
+    raw["eval"]["max_new_tokens"] = 6
+    ws.write_params(raw)
+    ws.run("spinflow", "pipeline", "check")
+    ran = ws.repro("repro (eval.max_new_tokens)")
+    expected = {"eval_sft", *(f"eval_iter_{k}" for k in range(ITERATIONS)), "report"}
+    assert ran == expected, f"ran {sorted(ran)} [{ws.durations()}]"
+
+    # ---- one iteration's learning rate: that iteration's training and evaluation, the report
+    raw["spin"]["per_iteration"] = {"iter_1": {"learning_rate": 1e-3}}
+    ws.write_params(raw)
+    ws.run("spinflow", "pipeline", "write")
+    ran = ws.repro("repro (per_iteration.iter_1)")
+    assert ran == {"train_iter_1", "eval_iter_1", "report"}, f"ran {sorted(ran)} [{ws.durations()}]"
+    assert ws.json("metrics/train_iter_1.json")["learning_rate"] == 1e-3
+    assert ws.json("metrics/train_iter_0.json")["learning_rate"] == 1e-4
+    assert _lock_outs(ws, "train_iter_0") == theta_1_before
+
+    print(ws.durations())
+    total = sum(seconds for _, seconds in ws.timings)
+    assert total < 240, f"the end-to-end run took {total:.0f}s [{ws.durations()}]"

@@ -1,0 +1,280 @@
+"""Tests for spinflow.pipeline: dvc.yaml rendered from params.yaml."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from spinflow import cli, pipeline
+from spinflow.config import default_params_dict, load_params, validate_params
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _params(**sections):
+    """Defaults with some keys changed: ``_params(spin={"iterations": 4})``."""
+    raw = default_params_dict()
+    for section, changes in sections.items():
+        _merge(raw[section], changes)
+    return validate_params(raw)
+
+
+def _merge(into: dict, changes: dict) -> None:
+    for key, value in changes.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict) and value:
+            _merge(into[key], value)
+        else:
+            into[key] = value
+
+
+def _names(entries) -> list[str]:
+    """Paths of a stage's outs/metrics/plots, whether plain strings or {path: options}."""
+    return [e if isinstance(e, str) else next(iter(e)) for e in entries]
+
+
+def _lookup(tree: dict, dotted: str):
+    node = tree
+    for part in dotted.split("."):
+        assert isinstance(node, dict) and part in node, dotted
+        node = node[part]
+    return node
+
+
+# ---------------------------------------------------------------------------------------------
+# The committed files
+
+
+def test_committed_dvc_yaml_matches_params():
+    problem = pipeline.check(load_params(REPO / "params.yaml"), REPO / "dvc.yaml")
+    assert problem is None, problem
+
+
+def test_committed_dvc_yaml_names_existing_scripts_and_code():
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text(encoding="utf-8"))["stages"]
+    for name, stage in stages.items():
+        for dep in stage["deps"]:
+            if dep.startswith(("stages/", "src/")):
+                assert (REPO / dep).is_file(), f"{name}: {dep}"
+        script = next(part for part in stage["cmd"].split() if part.startswith("stages/"))
+        assert (REPO / script).is_file(), f"{name}: {script}"
+
+
+# ---------------------------------------------------------------------------------------------
+# render
+
+
+def test_render_four_iterations_has_exactly_the_expected_stages():
+    stages = pipeline.render(_params(spin={"iterations": 4}))["stages"]
+    expected = {"prepare_model", "prepare_data", "sft", "eval_sft", "sft_extra", "eval_sft_extra"}
+    expected |= {"report"}
+    for k in range(4):
+        expected |= {f"generate_iter_{k}", f"train_iter_{k}", f"eval_iter_{k}"}
+    assert set(stages) == expected
+    assert len(stages) == 19
+
+
+def test_iterations_chain_models():
+    stages = pipeline.render(_params(spin={"iterations": 3}))["stages"]
+    for k in range(3):
+        theta_k = "models/theta_0" if k == 0 else f"models/theta_{k}"
+        assert theta_k in stages[f"generate_iter_{k}"]["deps"]
+        assert theta_k in stages[f"train_iter_{k}"]["deps"]
+        assert f"models/theta_{k + 1}" in _names(stages[f"train_iter_{k}"]["outs"])
+        assert f"models/theta_{k + 1}" in stages[f"eval_iter_{k}"]["deps"]
+        assert stages[f"generate_iter_{k}"]["outs"] == [f"generated/iter_{k}"]
+        assert stages[f"generate_iter_{k}"]["cmd"] == f"python stages/generate.py --iteration {k}"
+        assert stages[f"train_iter_{k}"]["cmd"] == f"python stages/train.py --iteration {k}"
+        assert stages[f"eval_iter_{k}"]["cmd"] == f"python stages/evaluate.py --model iter_{k}"
+        opponent = "eval/sft" if k == 0 else f"eval/iter_{k - 1}"
+        assert opponent in stages[f"eval_iter_{k}"]["deps"]
+    report_deps = stages["report"]["deps"]
+    for name in ("sft", "iter_0", "iter_1", "iter_2", "sft_extra"):
+        assert f"metrics/eval_{name}.json" in report_deps
+
+
+def test_every_dependency_is_a_source_file_or_exactly_one_stage_output():
+    stages = pipeline.render(_params(spin={"iterations": 3}))["stages"]
+    produced: dict[str, str] = {}
+    for name, stage in stages.items():
+        for path in _names(stage.get("outs", [])) + _names(stage.get("metrics", [])):
+            assert path not in produced, f"{path} made by {produced.get(path)} and {name}"
+            produced[path] = name
+    for name, stage in stages.items():
+        for dep in stage["deps"]:
+            if not dep.startswith(("stages/", "src/")):
+                assert dep in produced, f"{name} depends on {dep}, which no stage makes"
+                assert produced[dep] != name
+
+
+def test_every_listed_param_exists_in_params():
+    params = _params(spin={"iterations": 3, "per_iteration": {"iter_1": {"learning_rate": 1e-6}}})
+    tree = params.model_dump(mode="json")
+    for name, stage in pipeline.render(params)["stages"].items():
+        for key in stage["params"]:
+            _lookup(tree, key)
+        assert len(stage["params"]) == len(set(stage["params"])), name
+
+
+def test_stages_list_only_what_they_read():
+    stages = pipeline.render(_params(spin={"iterations": 2}))["stages"]
+    for k in range(2):
+        assert "spin.train" not in stages[f"generate_iter_{k}"]["params"]
+        assert "eval" not in stages[f"train_iter_{k}"]["params"]
+        assert "generate" not in stages[f"train_iter_{k}"]["params"]
+        assert "spin.train" not in stages[f"eval_iter_{k}"]["params"]
+        assert "spin" not in stages[f"train_iter_{k}"]["params"]
+    assert "eval" not in stages["sft"]["params"]
+    assert stages["report"]["params"] == ["spin.iterations"]
+
+
+def test_per_iteration_override_is_listed_only_by_its_iteration():
+    params = _params(spin={"iterations": 4, "per_iteration": {"iter_2": {"learning_rate": 1e-7}}})
+    stages = pipeline.render(params)["stages"]
+    key = "spin.per_iteration.iter_2"
+    listing = {name for name, stage in stages.items() if any("per_iteration" in p for p in stage["params"])}
+    assert listing == {"train_iter_2", "eval_iter_2"}
+    assert key in stages["train_iter_2"]["params"]
+    assert key in stages["eval_iter_2"]["params"]
+    # the rest of those stages is as without the override
+    plain = pipeline.render(_params(spin={"iterations": 4}))["stages"]
+    for name in ("train_iter_2", "eval_iter_2"):
+        without = {**stages[name], "params": [p for p in stages[name]["params"] if p != key]}
+        assert without == plain[name]
+    for name in set(stages) - {"train_iter_2", "eval_iter_2"}:
+        assert stages[name] == plain[name], name
+
+
+@pytest.mark.parametrize("mix_previous", [0, 1, 2])
+def test_mix_previous_sets_the_pairs_each_iteration_trains_on(mix_previous):
+    stages = pipeline.render(_params(spin={"iterations": 3, "mix_previous": mix_previous}))["stages"]
+    for k in range(3):
+        generated = [d for d in stages[f"train_iter_{k}"]["deps"] if d.startswith("generated/")]
+        first = max(0, k - mix_previous)
+        assert generated == [f"generated/iter_{j}" for j in range(first, k + 1)]
+
+
+def test_mix_previous_one_includes_the_previous_iteration_only():
+    stages = pipeline.render(_params(spin={"iterations": 3, "mix_previous": 1}))["stages"]
+    assert "generated/iter_1" in stages["train_iter_2"]["deps"]
+    assert "generated/iter_0" not in stages["train_iter_2"]["deps"]
+    stages = pipeline.render(_params(spin={"iterations": 3, "mix_previous": 0}))["stages"]
+    assert "generated/iter_1" not in stages["train_iter_2"]["deps"]
+
+
+def test_sft_disabled_starts_from_the_base_model():
+    stages = pipeline.render(_params(sft={"enabled": False}, spin={"iterations": 2}))["stages"]
+    assert "sft" not in stages
+    assert "models/base" in stages["generate_iter_0"]["deps"]
+    assert "models/theta_0" not in stages["generate_iter_0"]["deps"]
+    assert "models/base" in stages["train_iter_0"]["deps"]
+    assert "models/base" in stages["eval_sft"]["deps"]
+    assert "models/base" in stages["sft_extra"]["deps"]
+    assert "models/theta_1" in _names(stages["train_iter_0"]["outs"])
+    assert not any("theta_0" in str(stage) for stage in stages.values())
+
+
+def test_sft_extra_disabled():
+    stages = pipeline.render(_params(sft_extra={"enabled": False}, spin={"iterations": 2}))[
+        "stages"
+    ]
+    assert "sft_extra" not in stages and "eval_sft_extra" not in stages
+    assert "metrics/eval_sft_extra.json" not in stages["report"]["deps"]
+
+
+def test_sft_extra_waits_for_every_spin_iteration():
+    stages = pipeline.render(_params(spin={"iterations": 3}))["stages"]
+    deps = stages["sft_extra"]["deps"]
+    for k in range(3):
+        assert f"metrics/spin_steps_iter_{k}.json" in deps
+        # only the step count, not the full training metrics, so a faster run does not re-run it
+        assert f"metrics/train_iter_{k}.json" not in deps
+
+
+def test_accelerate_config_launches_training_stages():
+    config = "configs/accelerate/multi_gpu.yaml"
+    stages = pipeline.render(_params(spin={"iterations": 2, "accelerate_config": config}))[
+        "stages"
+    ]
+    launcher = f"accelerate launch --config_file {config}"
+    assert stages["train_iter_0"]["cmd"] == f"{launcher} stages/train.py --iteration 0"
+    assert stages["train_iter_1"]["cmd"] == f"{launcher} stages/train.py --iteration 1"
+    assert stages["sft"]["cmd"] == f"{launcher} stages/sft.py"
+    assert stages["sft_extra"]["cmd"] == f"{launcher} stages/sft_extra.py"
+    assert stages["generate_iter_0"]["cmd"].startswith("python ")
+    assert stages["eval_iter_0"]["cmd"].startswith("python ")
+    assert stages["prepare_model"]["cmd"] == "python stages/prepare_model.py"
+
+
+def test_metrics_and_plots_are_not_cached():
+    stages = pipeline.render(_params(spin={"iterations": 2}))["stages"]
+    for name, stage in stages.items():
+        for entry in stage.get("metrics", []) + stage.get("plots", []):
+            assert next(iter(entry.values()))["cache"] is False, name
+
+
+def test_render_text_is_plain_yaml_with_a_header():
+    params = _params(spin={"iterations": 3})
+    text = pipeline.render_text(params)
+    assert text.startswith("# Rendered from params.yaml by `spinflow pipeline write`")
+    assert "&id" not in text and "*id" not in text
+    assert yaml.safe_load(text) == pipeline.render(params)
+
+
+# ---------------------------------------------------------------------------------------------
+# write and check
+
+
+def test_write_then_check(tmp_path):
+    params = _params(spin={"iterations": 2})
+    path = pipeline.write(params, tmp_path / "dvc.yaml")
+    assert path.read_text(encoding="utf-8") == pipeline.render_text(params)
+    assert pipeline.check(params, path) is None
+
+
+def test_check_reports_missing_and_extra_stages_in_one_line(tmp_path):
+    path = pipeline.write(_params(spin={"iterations": 3}), tmp_path / "dvc.yaml")
+    problem = pipeline.check(_params(spin={"iterations": 2}), path)
+    assert problem is not None
+    assert "\n" not in problem
+    assert problem == (
+        f"{path} does not match params.yaml: stages differ (extra: ['eval_iter_2', "
+        "'generate_iter_2', 'train_iter_2'], missing: []); run `spinflow pipeline write`"
+    )
+
+
+def test_check_reports_changed_definitions(tmp_path):
+    path = pipeline.write(_params(spin={"iterations": 3}), tmp_path / "dvc.yaml")
+    changed = _params(spin={"iterations": 3, "per_iteration": {"iter_1": {"beta": 0.2}}})
+    problem = pipeline.check(changed, path)
+    assert "\n" not in problem
+    assert "stages differ in their definition: ['eval_iter_1', 'train_iter_1']" in problem
+
+
+def test_check_missing_file(tmp_path):
+    problem = pipeline.check(_params(), tmp_path / "dvc.yaml")
+    assert problem == f"{tmp_path / 'dvc.yaml'}: missing; run `spinflow pipeline write`"
+
+
+def test_pipeline_cli(tmp_path, capsys):
+    params_file = tmp_path / "params.yaml"
+    raw = default_params_dict()
+    raw["spin"]["iterations"] = 2
+    params_file.write_text(yaml.safe_dump(raw), encoding="utf-8")
+    dvc_file = tmp_path / "dvc.yaml"
+    base = ["--params", str(params_file), "pipeline"]
+
+    assert cli.main([*base, "write", "--dvc-file", str(dvc_file)]) == 0
+    assert capsys.readouterr().out.strip() == f"wrote {dvc_file} (2 iterations)"
+    assert cli.main([*base, "check", "--dvc-file", str(dvc_file)]) == 0
+    assert capsys.readouterr().out.strip() == f"{dvc_file}: matches {params_file}"
+
+    raw["spin"]["iterations"] = 3
+    params_file.write_text(yaml.safe_dump(raw), encoding="utf-8")
+    assert cli.main([*base, "check", "--dvc-file", str(dvc_file)]) == 1
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert len(err.strip().splitlines()) == 1
+    assert err.startswith(f"error: {dvc_file} does not match params.yaml: stages differ")
+    assert "missing: ['eval_iter_2', 'generate_iter_2', 'train_iter_2']" in err

@@ -1,0 +1,62 @@
+"""The project's own files agree with each other: README, CI, params, schema, recipes."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import yaml
+
+from spinflow.config import default_params_dict, load_params, validate_params
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _readme_commands() -> list[str]:
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    quick_start = text.split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```bash\n(.*?)```", quick_start, flags=re.S)
+    return [line for block in blocks for line in block.splitlines() if line and not line.startswith("#")]
+
+
+def test_readme_quick_start_has_exactly_two_commands():
+    commands = _readme_commands()
+    assert len(commands) == 2, commands
+    assert commands[0].endswith("dvc repro")
+    assert commands[1].endswith("-m pytest -q")
+
+
+def test_ci_runs_the_readme_test_command():
+    ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
+    test_command = _readme_commands()[1]
+    assert test_command in ci.splitlines(), "README test command not found verbatim in .ci/run"
+
+
+def test_params_yaml_equals_the_schema_defaults():
+    assert load_params(ROOT / "params.yaml").model_dump(mode="json") == default_params_dict()
+
+
+def test_paper_recipe_validates_and_matches_the_paper():
+    params = load_params(ROOT / "configs" / "paper.yaml")
+    assert params.spin.iterations == 4
+    assert params.data.num_pool == 50_000
+    assert params.model.source == "alignment-handbook/zephyr-7b-sft-full"
+    assert params.spin.train.optimizer == "rmsprop"
+    assert params.spin.beta == 0.1
+    assert params.train_for(0)[0].learning_rate == 5e-7
+    assert params.train_for(1)[0].learning_rate == 5e-7
+    assert params.train_for(2)[0].learning_rate == 1e-7
+    assert params.train_for(3)[0].learning_rate == 1e-7
+    assert params.prompt.max_length == 1024 and params.prompt.max_prompt_length == 512
+    assert params.generate.max_new_tokens == 256
+    assert (ROOT / params.spin.accelerate_config).exists()
+
+
+def test_accelerate_configs_parse():
+    for path in (ROOT / "configs" / "accelerate").glob("*.yaml"):
+        config = yaml.safe_load(path.read_text(encoding="utf-8"))
+        assert config["distributed_type"] in {"MULTI_GPU", "FSDP", "DEEPSPEED"}, path
+
+
+def test_defaults_validate_from_an_empty_file():
+    assert validate_params({}).model_dump(mode="json") == default_params_dict()

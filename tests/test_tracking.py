@@ -1,0 +1,344 @@
+"""MLflow tracking against a temporary SQLite store: a tiny two-iteration pipeline, in-process."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from spinflow import layout, steps, tracking
+from spinflow.config import Params, validate_params
+from spinflow.provenance import tree_hash
+
+ITERATIONS = 2
+MODEL_NAME = "spinflow-test"
+
+
+def tiny_params(model_source: Path, **overrides) -> Params:
+    raw = {
+        "model": {"source": str(model_source)},
+        "data": {"num_sft": 8, "num_pool": 8, "num_test": 8},
+        "sft": {"batch_size": 4},
+        "generate": {"max_new_tokens": 8, "batch_size": 8},
+        "spin": {"iterations": ITERATIONS, "train": {"batch_size": 4, "epochs": 1}},
+        "sft_extra": {"enabled": False},
+        "eval": {"max_new_tokens": 8, "batch_size": 8, "num_samples": 4},
+        "tracking": {"experiment": "spinflow-test", "registered_model": MODEL_NAME},
+    }
+    for section, values in overrides.items():
+        raw.setdefault(section, {}).update(values)
+    return validate_params(raw)
+
+
+def run_tiny_pipeline(params: Params, *, prepare: bool = True) -> None:
+    """Every stage in DVC's order, in this process (the working directory is the project)."""
+    if prepare:
+        steps.prepare_model(params)
+        steps.prepare_data(params)
+    if params.sft.enabled:
+        steps.sft(params)
+    steps.evaluate(params, "sft")
+    for k in range(params.spin.iterations):
+        steps.generate(params, k)
+        steps.train(params, k)
+        steps.evaluate(params, f"iter_{k}")
+    steps.report(params)
+
+
+def pipeline_runs(client, params: Params) -> dict[str, object]:
+    """role or iter_<k> → the active run of this pipeline."""
+    experiment = client.get_experiment_by_name(params.tracking.experiment)
+    key = tracking.pipeline_key(params)
+    runs = client.search_runs(
+        [experiment.experiment_id], f"tags.`spinflow.pipeline_key` = '{key}'", max_results=100
+    )
+    out: dict[str, object] = {}
+    for run in runs:
+        role = run.data.tags["spinflow.role"]
+        name = f"iter_{run.data.tags['spinflow.iteration']}" if role == "iteration" else role
+        assert name not in out, f"two active runs for {name}"
+        out[name] = run
+    return out
+
+
+def steps_of(client, run_id: str, key: str) -> list[int]:
+    return sorted(m.step for m in client.get_metric_history(run_id, key))
+
+
+@pytest.fixture(scope="module")
+def tracked(tiny_checkpoint_session, tmp_path_factory):
+    """The tiny pipeline, run once with tracking into ``<tmp>/mlflow.db``."""
+    from mlflow import MlflowClient
+
+    root = tmp_path_factory.mktemp("tracked")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        mp.delenv("DVC_ROOT", raising=False)
+        mp.delenv("DVC_EXP_NAME", raising=False)
+        params = tiny_params(tiny_checkpoint_session)
+        run_tiny_pipeline(params)
+        yield SimpleNamespace(root=root, uri=uri, params=params, client=MlflowClient(uri))
+
+
+def test_runs_are_nested_and_tagged(tracked):
+    runs = pipeline_runs(tracked.client, tracked.params)
+    assert set(runs) == {"pipeline", "baseline", "iter_0", "iter_1"}
+    parent = runs["pipeline"]
+    assert parent.info.status == "FINISHED"
+    assert parent.data.params["spin.iterations"] == str(ITERATIONS)
+    for name in ("baseline", "iter_0", "iter_1"):
+        assert runs[name].data.tags["mlflow.parentRunId"] == parent.info.run_id
+    assert runs["baseline"].data.tags["dvc.stages"] == "sft,eval_sft"
+    for k in range(ITERATIONS):
+        tags = runs[f"iter_{k}"].data.tags
+        assert tags["spinflow.iteration"] == str(k)
+        assert tags["dvc.stages"] == f"generate_iter_{k},train_iter_{k},eval_iter_{k}"
+        theta = layout.theta(k + 1, sft_enabled=True)
+        provenance = json.loads((tracked.root / theta / "provenance.json").read_text())
+        assert (
+            tags[f"stage.train_iter_{k}.input.model"] == provenance["inputs"]["model"]["sha256_16"]
+        )
+        assert tags["spinflow.model_hash"] == tree_hash(tracked.root / theta)
+        assert runs[f"iter_{k}"].data.params["iteration"] == str(k)
+        assert runs[f"iter_{k}"].data.params["train.optimizer"] == "rmsprop"
+    # each iteration's θk is the previous iteration's result
+    assert (
+        runs["iter_1"].data.tags["stage.train_iter_1.input.model"]
+        == runs["iter_0"].data.tags["spinflow.model_hash"]
+    )
+
+
+def test_metric_histories(tracked):
+    client, root = tracked.client, tracked.root
+    runs = pipeline_runs(client, tracked.params)
+    for k in range(ITERATIONS):
+        run_id = runs[f"iter_{k}"].info.run_id
+        optimizer_steps = json.loads((root / layout.train_metrics(k)).read_text())[
+            "optimizer_steps"
+        ]
+        assert steps_of(client, run_id, "train/loss") == list(range(1, optimizer_steps + 1))
+        assert steps_of(client, run_id, "train/reward_margin") == list(
+            range(1, optimizer_steps + 1)
+        )
+        assert steps_of(client, run_id, "eval/exact_match") == [k + 1]
+        evaluated = json.loads((root / layout.eval_metrics(f"iter_{k}")).read_text())
+        assert runs[f"iter_{k}"].data.metrics["eval/answer_logprob_per_token"] == pytest.approx(
+            evaluated["answer_logprob_per_token"]
+        )
+    sft_steps = json.loads((root / layout.METRICS_DIR / "sft.json").read_text())["optimizer_steps"]
+    baseline = runs["baseline"].info.run_id
+    assert len(client.get_metric_history(baseline, "train/loss")) == sft_steps
+    assert steps_of(client, baseline, "eval/exact_match") == [0]
+    parent = runs["pipeline"].info.run_id
+    for key in ("eval/exact_match", "eval/answer_logprob_per_token"):
+        assert steps_of(client, parent, key) == [0, 1, 2]
+    assert steps_of(client, parent, "eval/reward_margin") == [1, 2]  # θ0 has no opponent
+
+
+def test_samples_tables_and_report(tracked):
+    client = tracked.client
+    runs = pipeline_runs(client, tracked.params)
+    run = runs["iter_1"]
+    table = client.load_table(
+        run.info.experiment_id, "samples/train_iter_1.json", run_ids=[run.info.run_id]
+    )
+    assert {"prompt", "real", "generated"} <= set(table.columns)
+    assert len(table) == 8  # the whole (tiny) pool
+    pairs = [json.loads(line) for line in (tracked.root / "generated/iter_1/pairs.jsonl").open()]
+    assert table["generated"].tolist() == [p["generated"] for p in pairs]
+    evaluated = client.load_table(
+        run.info.experiment_id, "samples/eval_iter_1.json", run_ids=[run.info.run_id]
+    )
+    assert len(evaluated) == 8
+    report = {f.path for f in tracked.client.list_artifacts(runs["pipeline"].info.run_id, "report")}
+    assert {"report/results.md", "report/metrics.png", "report/by_iteration.csv"} <= report
+
+
+def test_registry_versions_and_aliases(tracked):
+    import mlflow
+
+    client, params = tracked.client, tracked.params
+    runs = pipeline_runs(client, params)
+    versions = client.search_model_versions(f"name = '{MODEL_NAME}'")
+    assert len(versions) == ITERATIONS
+    aliases = {k: str(v) for k, v in client.get_registered_model(MODEL_NAME).aliases.items()}
+    assert set(aliases) == {"iter_0", "iter_1", "champion"}
+    for k in range(ITERATIONS):
+        version = client.get_model_version_by_alias(MODEL_NAME, f"iter_{k}")
+        run = runs[f"iter_{k}"]
+        assert version.run_id == run.info.run_id
+        assert version.tags["spinflow.model_hash"] == run.data.tags["spinflow.model_hash"]
+        assert run.data.tags["spinflow.model_version"] == str(version.version)
+    metric = f"eval/{params.tracking.champion_metric}"
+    values = [runs[f"iter_{k}"].data.metrics[metric] for k in range(ITERATIONS)]
+    best = max(k for k in range(ITERATIONS) if values[k] == max(values))  # ties: the later one
+    assert aliases["champion"] == aliases[f"iter_{best}"]
+    champion_uri = f"models:/{MODEL_NAME}@champion"
+    folder = Path(mlflow.artifacts.download_artifacts(champion_uri, tracking_uri=tracked.uri))
+    requirements = (folder / "requirements.txt").read_text()
+    assert "transformers==" in requirements and "torchvision" not in requirements
+    mlflow.set_tracking_uri(tracked.uri)
+    model = mlflow.pyfunc.load_model(f"models:/{MODEL_NAME}@iter_1")
+    answer = model.predict(["Hello"], params={"max_new_tokens": 4})
+    assert isinstance(answer[0], str)
+
+
+def test_rerun_with_same_inputs_is_idempotent(tracked, monkeypatch):
+    client, params = tracked.client, tracked.params
+    monkeypatch.chdir(tracked.root)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracked.uri)
+
+    def snapshot():
+        runs = pipeline_runs(client, params)
+        aliases = {k: str(v) for k, v in client.get_registered_model(MODEL_NAME).aliases.items()}
+        parent = runs["pipeline"].info.run_id
+        return {
+            "runs": {name: run.info.run_id for name, run in runs.items()},
+            "versions": sorted(
+                str(v.version) for v in client.search_model_versions(f"name = '{MODEL_NAME}'")
+            ),
+            "aliases": aliases,
+            "train_loss": len(client.get_metric_history(runs["iter_1"].info.run_id, "train/loss")),
+            "eval": len(client.get_metric_history(runs["iter_1"].info.run_id, "eval/exact_match")),
+            "parent": steps_of(client, parent, "eval/exact_match"),
+        }
+
+    before = snapshot()
+    steps.train(params, 1)
+    steps.evaluate(params, "iter_1")
+    steps.report(params)
+    assert snapshot() == before
+
+
+def test_new_pipeline_key_backfills_from_disk(tracked, monkeypatch):
+    """A DVC experiment that changes an evaluation knob skips training; its runs still appear."""
+    client = tracked.client
+    monkeypatch.chdir(tracked.root)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracked.uri)
+    changed = tracked.params.model_copy(
+        update={"eval": tracked.params.eval.model_copy(update={"num_samples": 5})}
+    )
+    assert tracking.pipeline_key(changed) != tracking.pipeline_key(tracked.params)
+    versions = len(client.search_model_versions(f"name = '{MODEL_NAME}'"))
+    tracking.sync(changed)
+    runs = pipeline_runs(client, changed)
+    assert set(runs) == {"pipeline", "baseline", "iter_0", "iter_1"}
+    assert steps_of(client, runs["pipeline"].info.run_id, "eval/exact_match") == [0, 1, 2]
+    assert len(client.get_metric_history(runs["iter_0"].info.run_id, "train/loss")) > 0
+    assert len(client.search_model_versions(f"name = '{MODEL_NAME}'")) == versions  # reused
+
+
+def test_changed_results_replace_runs_and_versions(tracked, monkeypatch):
+    """A re-run that yields another θ2 replaces iter_1's run and version, leaving none behind.
+
+    Logged into an experiment and registered model of its own, so the other tests' state stays.
+    """
+    monkeypatch.chdir(tracked.root)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracked.uri)
+    client, name = tracked.client, "spinflow-replaced"
+    params = tracked.params.model_copy(
+        update={
+            "tracking": tracked.params.tracking.model_copy(
+                update={"experiment": "spinflow-replaced", "registered_model": name}
+            )
+        }
+    )
+    tracking.log_train(params, 1)
+    tracking.log_eval(params, "iter_1")
+    before = pipeline_runs(client, params)
+    old_version = str(client.get_model_version_by_alias(name, "iter_1").version)
+    config = tracked.root / layout.theta(2, sft_enabled=True) / "config.json"
+    original = config.read_text()
+    try:
+        config.write_text(original.replace('"rms_norm_eps": 1e-05', '"rms_norm_eps": 2e-05'))
+        tracking.log_train(params, 1)
+        tracking.log_eval(params, "iter_1")
+    finally:
+        config.write_text(original)
+    after = pipeline_runs(client, params)
+    assert after["iter_1"].info.run_id != before["iter_1"].info.run_id
+    assert client.get_run(before["iter_1"].info.run_id).info.lifecycle_stage == "deleted"
+    assert after["iter_1"].data.tags["mlflow.parentRunId"] == after["pipeline"].info.run_id
+    versions = [str(v.version) for v in client.search_model_versions(f"name = '{name}'")]
+    new_version = str(client.get_model_version_by_alias(name, "iter_1").version)
+    assert versions == [new_version] and new_version != old_version
+    assert str(client.get_registered_model(name).aliases["champion"]) == new_version
+    # the evaluation did not change, so the pipeline run and its chart stay as they were
+    assert after["pipeline"].info.run_id == before["pipeline"].info.run_id
+    assert steps_of(client, after["pipeline"].info.run_id, "eval/exact_match") == [0, 1, 2]
+
+
+def test_tracking_uri_resolution(tmp_path, monkeypatch):
+    repo = tmp_path / "repo"
+    workspace = repo / ".dvc" / "tmp" / "exps" / "tmpabc123"
+    (workspace / ".dvc").mkdir(parents=True)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+    monkeypatch.chdir(workspace)
+    assert tracking.project_root() == repo.resolve()
+    assert tracking.tracking_uri() == f"sqlite:///{repo.resolve() / 'mlflow.db'}"
+    monkeypatch.setenv("DVC_ROOT", str(workspace))
+    assert tracking.project_root() == repo.resolve()
+    monkeypatch.setenv("DVC_ROOT", str(repo))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///runs/m.db")
+    assert tracking.tracking_uri() == f"sqlite:///{repo.resolve() / 'runs/m.db'}"
+    assert (
+        tracking.artifact_location(tracking.tracking_uri()) == (repo / "runs/mlartifacts").as_uri()
+    )
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    assert tracking.tracking_uri() == "http://127.0.0.1:5000"
+    assert tracking.artifact_location("http://127.0.0.1:5000") is None
+
+
+def test_unreachable_server_fails_with_one_line(tiny_checkpoint_session, tmp_path, monkeypatch):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    uri = f"http://127.0.0.1:{port}"
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    with pytest.raises(tracking.TrackingError) as err:
+        tracking.log_eval(tiny_params(tiny_checkpoint_session), "sft")
+    assert uri in str(err.value) and "\n" not in str(err.value)
+
+
+def test_disabled_tracking_touches_nothing(tiny_checkpoint_session, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")  # would fail if used
+    params = tiny_params(tiny_checkpoint_session, tracking={"enabled": False})
+    tracking.log_eval(params, "sft")
+    tracking.log_report(params)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_lock_hashes_for_finished_and_running_stages(tmp_path):
+    (tmp_path / "dvc.lock").write_text(
+        "schema: '2.0'\nstages:\n"
+        "  train_iter_0:\n    deps:\n"
+        "    - {path: models/theta_0, hash: md5, md5: aaa.dir}\n"
+        "    - {path: stages/train.py, hash: md5, md5: bbb}\n"
+        "    outs:\n    - {path: models/theta_1, hash: md5, md5: ccc.dir}\n"
+        "  train_iter_1:\n    deps:\n    - {path: models/theta_1, hash: md5, md5: old.dir}\n"
+    )
+    (tmp_path / "dvc.yaml").write_text(
+        "stages:\n  train_iter_1:\n    cmd: x\n    deps:\n    - stages/train.py\n"
+        "    - models/theta_1\n"
+    )
+    finished = tracking.lock_hashes("train_iter_0", running="eval_iter_0", root=tmp_path)
+    assert finished == {"models/theta_0": "aaa.dir", "stages/train.py": "bbb"}
+    running = tracking.lock_hashes("train_iter_1", running="train_iter_1", root=tmp_path)
+    assert running == {"models/theta_1": "ccc.dir"}  # not the stale entry of its own last run
+
+
+def test_pipeline_key_ignores_tracking_params(tiny_checkpoint_session):
+    params = tiny_params(tiny_checkpoint_session)
+    renamed = tiny_params(tiny_checkpoint_session, tracking={"experiment": "other"})
+    other_beta = tiny_params(tiny_checkpoint_session, spin={"beta": 0.2})
+    assert tracking.pipeline_key(params) == tracking.pipeline_key(renamed)
+    assert tracking.pipeline_key(params) != tracking.pipeline_key(other_beta)
