@@ -20,7 +20,9 @@ def _records(params: Params, count: int) -> list[dict]:
     return generate_examples(count, seed=params.data.seed)
 
 
-def run_benchmark(params: Params, *, model_dir: str | None = None, pairs: int = 16) -> dict[str, float]:
+def run_benchmark(
+    params: Params, *, model_dir: str | None = None, pairs: int = 16
+) -> dict[str, float]:
     import torch
 
     from spinflow.generation import GenerationStats, SamplingParams, generate_answers
@@ -44,38 +46,68 @@ def run_benchmark(params: Params, *, model_dir: str | None = None, pairs: int = 
     model = load_model(model_dir)
     records = _records(params, pairs)
     g = params.generate
-    print(f"model: {model_dir} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters), "
-          f"threads: {torch.get_num_threads()}, device: {'cuda' if torch.cuda.is_available() else 'cpu'}")
+    print(
+        f"model: {model_dir} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters), "
+        f"threads: {torch.get_num_threads()}, device: {'cuda' if torch.cuda.is_available() else 'cpu'}"
+    )
 
     stats = GenerationStats()
-    answers = generate_answers(model, tokenizer, records,
-                               sampling=SamplingParams(g.temperature, g.top_p, g.max_new_tokens),
-                               seed=params.seed, batch_size=g.batch_size,
-                               system_prompt=params.prompt.system_prompt,
-                               max_prompt_length=params.prompt.max_prompt_length, desc="benchmark generate",
-                               stats=stats)
-    results = {"generation_tokens_per_second": stats.tokens_per_second,
-               "generation_prompts_per_second": stats.prompts / stats.seconds}
+    answers = generate_answers(
+        model,
+        tokenizer,
+        records,
+        sampling=SamplingParams(g.temperature, g.top_p, g.max_new_tokens),
+        seed=params.seed,
+        batch_size=g.batch_size,
+        system_prompt=params.prompt.system_prompt,
+        max_prompt_length=params.prompt.max_prompt_length,
+        desc="benchmark generate",
+        stats=stats,
+    )
+    results = {
+        "generation_tokens_per_second": stats.tokens_per_second,
+        "generation_prompts_per_second": stats.prompts / stats.seconds,
+    }
 
     optim, beta = params.train_for(0)
     optim = optim.model_copy(update={"epochs": 1})
     accelerator = make_accelerator(optim)
-    examples = encode_pairs(tokenizer, [{"prompt": r["prompt"], "real": r["answer"], "generated": a}
-                                        for r, a in zip(records, answers, strict=True)], params.prompt)
+    examples = encode_pairs(
+        tokenizer,
+        [
+            {"prompt": r["prompt"], "real": r["answer"], "generated": a}
+            for r, a in zip(records, answers, strict=True)
+        ],
+        params.prompt,
+    )
     started = time.perf_counter()
-    examples = reference_logps(accelerator, model, examples, optim.batch_size, tokenizer.pad_token_id)
+    examples = reference_logps(
+        accelerator, model, examples, optim.batch_size, tokenizer.pad_token_id
+    )
     reference_seconds = time.perf_counter() - started
-    result = train_loop(accelerator, model, examples, pair_collate(tokenizer.pad_token_id),
-                        spin_loss_fn(beta, params.spin.loss), optim, seed=params.seed, desc="benchmark train")
-    results.update({
-        "reference_pairs_per_second": len(examples) / reference_seconds,
-        "train_pairs_per_second": result.examples_seen / result.seconds,
-        "train_tokens_per_second": result.tokens_seen / result.seconds,
-        "train_seconds_per_step": result.seconds / max(result.steps, 1),
-        "peak_memory_mb": peak_memory_mb(),
-    })
-    print(f"\nbatch sizes: generate {g.batch_size}, train {optim.batch_size} pairs "
-          f"(x{optim.gradient_accumulation_steps} accumulation), bf16 {optim.bf16}, lora {optim.lora.enabled}")
+    result = train_loop(
+        accelerator,
+        model,
+        examples,
+        pair_collate(tokenizer.pad_token_id),
+        spin_loss_fn(beta, params.spin.loss),
+        optim,
+        seed=params.seed,
+        desc="benchmark train",
+    )
+    results.update(
+        {
+            "reference_pairs_per_second": len(examples) / reference_seconds,
+            "train_pairs_per_second": result.examples_seen / result.seconds,
+            "train_tokens_per_second": result.tokens_seen / result.seconds,
+            "train_seconds_per_step": result.seconds / max(result.steps, 1),
+            "peak_memory_mb": peak_memory_mb(),
+        }
+    )
+    print(
+        f"\nbatch sizes: generate {g.batch_size}, train {optim.batch_size} pairs "
+        f"(x{optim.gradient_accumulation_steps} accumulation), bf16 {optim.bf16}, lora {optim.lora.enabled}"
+    )
     for key, value in results.items():
         print(f"{key:<32} {value:10.2f}")
     return results

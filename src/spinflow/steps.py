@@ -71,7 +71,11 @@ def prepare_model(params: Params) -> dict[str, Any]:
 def prepare_data(params: Params) -> dict[str, Any]:
     from spinflow.data import prepare_data as build
 
-    return build(params.data, layout.DATA_DIR)
+    summary = build(params.data, layout.DATA_DIR)
+    write_json(
+        layout.DATA_DIR / PROVENANCE_FILE, provenance("prepare_data", params.data.model_dump(), {})
+    )
+    return summary
 
 
 # ---------------------------------------------------------------------------------------------
@@ -406,8 +410,19 @@ def evaluate(params: Params, name: str) -> dict[str, Any]:
         beta=beta,
     )
     metrics = {"model": name, **metrics}
+    inputs = {"model": source, "test": layout.DATA_DIR / "test.jsonl"}
+    if opponent:
+        inputs["opponent"] = layout.eval_generations(opponent)
     with atomic_path(layout.eval_generations(name).parent, directory=True) as tmp:
         write_jsonl(tmp / "generations.jsonl", rows)
+        write_json(
+            tmp / PROVENANCE_FILE,
+            provenance(
+                f"eval_{name}",
+                {"eval": params.eval.model_dump(), "beta": beta, "seed": params.seed},
+                inputs,
+            ),
+        )
     write_json(layout.eval_metrics(name), metrics)
     from spinflow import tracking
 
