@@ -295,6 +295,8 @@ def train_loop(
     """
     from transformers import get_scheduler
 
+    if len(examples) == 0:
+        raise TrainingError(f"{desc}: no training examples")
     generator = torch.Generator().manual_seed(seed)
     loader = DataLoader(
         list(examples),
@@ -304,21 +306,21 @@ def train_loop(
         collate_fn=collate_fn,
         drop_last=False,
     )
-    micro_per_epoch = len(loader)
-    if micro_per_epoch == 0:
-        raise TrainingError(f"{desc}: no training examples")
-    steps_per_epoch = math.ceil(micro_per_epoch / optim.gradient_accumulation_steps)
-    total_steps = max_steps if max_steps is not None else steps_per_epoch * optim.epochs
     if optim.gradient_checkpointing:
         model.gradient_checkpointing_enable()
-    optimizer = build_optimizer(model, optim)
+    raw_optimizer = build_optimizer(model, optim)
+    model, optimizer, loader = accelerator.prepare(model, raw_optimizer, loader)
+    # sizes after prepare: with several processes each one sees its shard of the batches
+    micro_per_epoch = len(loader)
+    steps_per_epoch = math.ceil(micro_per_epoch / optim.gradient_accumulation_steps)
+    total_steps = max_steps if max_steps is not None else steps_per_epoch * optim.epochs
+    # stepped by hand once per optimizer step, so it is not handed to accelerate
     scheduler = get_scheduler(
         optim.scheduler,
-        optimizer,
+        raw_optimizer,
         num_warmup_steps=int(round(optim.warmup_ratio * total_steps)),
         num_training_steps=total_steps,
     )
-    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
     model.train()
 
     result = TrainResult()
@@ -346,7 +348,8 @@ def train_loop(
                 if accelerator.sync_gradients and optim.max_grad_norm is not None:
                     grad_norm = accelerator.clip_grad_norm_(model.parameters(), optim.max_grad_norm)
                 optimizer.step()
-                scheduler.step()
+                if accelerator.sync_gradients:
+                    scheduler.step()
                 optimizer.zero_grad()
             window.append(metrics)
             rows = batch["index"].numel() if "index" in batch else batch["input_ids"].size(0)
