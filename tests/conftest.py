@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 
 @pytest.fixture(scope="session")
@@ -56,3 +63,149 @@ def torch_single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+# ---------------------------------------------------------------------------------------------
+# The whole pipeline on the tiny model as a Git + DVC repository, built once per session
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(sys.executable).parent
+STAGE_RAN = re.compile(r"Running stage '([^']+)'")
+STAGE_RESTORED = re.compile(r"Stage '([^']+)' is cached - skipping run")
+OUTPUT_DIRS = ("models", "data", "generated", "eval")
+TINY_PIPELINE = {
+    "model": {"source": "tiny"},
+    "data": {"num_sft": 8, "num_pool": 8, "num_test": 8},
+    "sft": {"batch_size": 4},
+    "generate": {"max_new_tokens": 8},
+    "spin": {"iterations": 1, "train": {"batch_size": 4}},
+    "sft_extra": {"enabled": False},
+    "eval": {"max_new_tokens": 8},
+    "tracking": {"enabled": False},
+}
+
+
+def _merge(base: dict, changes: dict) -> dict:
+    for key, value in changes.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _merge(base[key], value)
+        else:
+            base[key] = value
+    return base
+
+
+def pipeline_env() -> dict[str, str]:
+    """What the stage and DVC processes of a test repository run with: this venv first on PATH,
+    offline, one thread, no telemetry, a fixed Git identity."""
+    env = {
+        **os.environ,
+        "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        "OMP_NUM_THREADS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "DVC_NO_ANALYTICS": "1",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "TQDM_DISABLE": "1",
+        "GIT_CONFIG_NOSYSTEM": "1",
+        "GIT_AUTHOR_NAME": "spinflow tests",
+        "GIT_AUTHOR_EMAIL": "tests@spinflow.invalid",
+        "GIT_COMMITTER_NAME": "spinflow tests",
+        "GIT_COMMITTER_EMAIL": "tests@spinflow.invalid",
+    }
+    for name in ("MLFLOW_TRACKING_URI", "VIRTUAL_ENV"):
+        env.pop(name, None)
+    return env
+
+
+class DvcRepo:
+    """A Git + DVC repository of the pipeline, driven through the ``git``/``dvc`` commands."""
+
+    def __init__(self, root: Path, env: dict[str, str] | None = None):
+        self.root = Path(root)
+        self.env = pipeline_env() if env is None else env
+
+    def run(self, *cmd: str, timeout: float = 300, env: dict[str, str] | None = None) -> str:
+        """Run a command in the repository; fail the test with its output when it fails."""
+        proc = subprocess.run(
+            cmd,
+            cwd=self.root,
+            env={**self.env, **(env or {})},
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+        output = proc.stdout + proc.stderr
+        assert proc.returncode == 0, (
+            f"`{' '.join(cmd)}` in {self.root} exited {proc.returncode}:\n{output[-6000:]}"
+        )
+        return output
+
+    @staticmethod
+    def ran(output: str) -> set[str]:
+        """Stages whose command ran, from the output of dvc repro / dvc exp run."""
+        return set(STAGE_RAN.findall(output))
+
+    @staticmethod
+    def restored(output: str) -> set[str]:
+        """Stages whose outputs came from the run cache instead of running."""
+        return set(STAGE_RESTORED.findall(output))
+
+    def clone(self, dest: Path) -> DvcRepo:
+        """``git clone`` of the committed state: no DVC cache, no outputs."""
+        self.run("git", "clone", "-q", str(self.root), str(dest))
+        return DvcRepo(dest, dict(self.env))
+
+    def copy(self, dest: Path) -> DvcRepo:
+        """A full copy: working tree, Git history and DVC cache."""
+        dvc_tmp = self.root / ".dvc"
+
+        def skip_dvc_tmp(folder: str, names: list[str]) -> list[str]:
+            return ["tmp"] if Path(folder) == dvc_tmp else []
+
+        shutil.copytree(self.root, dest, symlinks=True, ignore=skip_dvc_tmp)
+        return DvcRepo(dest, dict(self.env))
+
+    def output_digests(self, dirs: tuple[str, ...] = OUTPUT_DIRS) -> dict[str, str]:
+        """sha256 of every file under the output folders, by path relative to the root."""
+        digests = {}
+        for folder in dirs:
+            for path in sorted((self.root / folder).rglob("*")):
+                if path.is_file():
+                    rel = path.relative_to(self.root).as_posix()
+                    digests[rel] = hashlib.sha256(path.read_bytes()).hexdigest()
+        return digests
+
+    def json(self, relative: str):
+        return json.loads((self.root / relative).read_text(encoding="utf-8"))
+
+
+@pytest.fixture(scope="session")
+def tiny_dvc_repo(tmp_path_factory) -> DvcRepo:
+    """The project's stages and params (with the tiny model and one SPIN iteration), run once
+    with ``dvc repro`` and committed with its dvc.lock. Read-only: copy() or clone() it."""
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed")
+    repo = DvcRepo(tmp_path_factory.mktemp("tiny-pipeline") / "repo")
+    repo.root.mkdir()
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    shutil.copytree(PROJECT_ROOT / "stages", repo.root / "stages", ignore=ignore)
+    shutil.copytree(
+        PROJECT_ROOT / "src" / "spinflow", repo.root / "src" / "spinflow", ignore=ignore
+    )
+    raw = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text(encoding="utf-8"))
+    (repo.root / "params.yaml").write_text(
+        yaml.safe_dump(_merge(raw, TINY_PIPELINE), sort_keys=False), encoding="utf-8"
+    )
+    repo.run("git", "init", "-q", ".")
+    repo.run("dvc", "init", "-q")
+    repo.run("dvc", "config", "core.analytics", "false")
+    repo.run("spinflow", "pipeline", "write")
+    repo.run("git", "add", "-A")
+    repo.run("git", "commit", "-q", "-m", "tiny pipeline")
+    repo.run("dvc", "repro", timeout=600)
+    repo.run("git", "add", "-A")
+    repo.run("git", "commit", "-q", "-m", "dvc repro")
+    return repo

@@ -153,7 +153,12 @@ def test_greedy_equals_manual_argmax(tiny_model_session, tiny_tokenizer_session)
     expected = _manual_greedy(tiny_model_session, prompt, tok.eos_token_id, MAX_NEW_TOKENS)
     assert expected, "the tiny model should not end its answer at once"
     got = generate_batch(
-        tiny_model_session, [prompt], GREEDY, [torch.Generator()], tok.eos_token_id, tok.pad_token_id
+        tiny_model_session,
+        [prompt],
+        GREEDY,
+        [torch.Generator()],
+        tok.eos_token_id,
+        tok.pad_token_id,
     )
     assert got == [expected]
     text = _answers(tiny_model_session, tok, [RECORDS[3]], sampling=GREEDY)
@@ -220,9 +225,7 @@ def test_generate_batch_stops_each_row_at_eos_and_drops_it():
     model = _CountingModel(vocab=10)
     eos, pad = 9, 0
     prompts = [[6, 7], [1, 2, 3], [5]]
-    answers = generate_batch(
-        model, prompts, GREEDY, [torch.Generator() for _ in prompts], eos, pad
-    )
+    answers = generate_batch(model, prompts, GREEDY, [torch.Generator() for _ in prompts], eos, pad)
     # row 0: 8, then eos; row 1: 4..8 then eos at step 6; row 2: 6, 7, 8, eos
     assert answers == [[8], [4, 5, 6, 7, 8], [6, 7, 8]]
     # all rows finished after 6 steps: no forward pass beyond that

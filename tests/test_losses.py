@@ -90,9 +90,7 @@ def test_sigmoid_loss_is_dpo_with_real_as_chosen():
         torch.randn(16, dtype=torch.float64) * 20 - 50 for _ in range(4)
     )
     beta = 0.1
-    out = spin_loss(
-        policy_real, policy_generated, reference_real, reference_generated, beta=beta
-    )
+    out = spin_loss(policy_real, policy_generated, reference_real, reference_generated, beta=beta)
 
     # The SPIN paper's form
     spin_form = -F.logsigmoid(

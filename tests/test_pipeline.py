@@ -14,8 +14,12 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _params(**sections):
-    """Defaults with some keys changed: ``_params(spin={"iterations": 4})``."""
+    """Defaults (with SFT and the SFT-extra baseline on) with some keys changed:
+    ``_params(spin={"iterations": 4})``."""
     raw = default_params_dict()
+    raw["sft"]["enabled"] = True
+    raw["sft_extra"]["enabled"] = True
+    raw["spin"]["accelerate_config"] = None
     for section, changes in sections.items():
         _merge(raw[section], changes)
     return validate_params(raw)
@@ -133,7 +137,9 @@ def test_per_iteration_override_is_listed_only_by_its_iteration():
     params = _params(spin={"iterations": 4, "per_iteration": {"iter_2": {"learning_rate": 1e-7}}})
     stages = pipeline.render(params)["stages"]
     key = "spin.per_iteration.iter_2"
-    listing = {name for name, stage in stages.items() if any("per_iteration" in p for p in stage["params"])}
+    listing = {
+        name for name, stage in stages.items() if any("per_iteration" in p for p in stage["params"])
+    }
     assert listing == {"train_iter_2", "eval_iter_2"}
     assert key in stages["train_iter_2"]["params"]
     assert key in stages["eval_iter_2"]["params"]
@@ -148,7 +154,9 @@ def test_per_iteration_override_is_listed_only_by_its_iteration():
 
 @pytest.mark.parametrize("mix_previous", [0, 1, 2])
 def test_mix_previous_sets_the_pairs_each_iteration_trains_on(mix_previous):
-    stages = pipeline.render(_params(spin={"iterations": 3, "mix_previous": mix_previous}))["stages"]
+    stages = pipeline.render(_params(spin={"iterations": 3, "mix_previous": mix_previous}))[
+        "stages"
+    ]
     for k in range(3):
         generated = [d for d in stages[f"train_iter_{k}"]["deps"] if d.startswith("generated/")]
         first = max(0, k - mix_previous)
@@ -194,9 +202,7 @@ def test_sft_extra_waits_for_every_spin_iteration():
 
 def test_accelerate_config_launches_training_stages():
     config = "configs/accelerate/multi_gpu.yaml"
-    stages = pipeline.render(_params(spin={"iterations": 2, "accelerate_config": config}))[
-        "stages"
-    ]
+    stages = pipeline.render(_params(spin={"iterations": 2, "accelerate_config": config}))["stages"]
     launcher = f"accelerate launch --config_file {config}"
     assert stages["train_iter_0"]["cmd"] == f"{launcher} stages/train.py --iteration 0"
     assert stages["train_iter_1"]["cmd"] == f"{launcher} stages/train.py --iteration 1"

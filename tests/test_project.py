@@ -16,7 +16,9 @@ def _readme_commands() -> list[str]:
     text = (ROOT / "README.md").read_text(encoding="utf-8")
     quick_start = text.split("## Quick start", 1)[1].split("\n## ", 1)[0]
     blocks = re.findall(r"```bash\n(.*?)```", quick_start, flags=re.S)
-    return [line for block in blocks for line in block.splitlines() if line and not line.startswith("#")]
+    return [
+        line for block in blocks for line in block.splitlines() if line and not line.startswith("#")
+    ]
 
 
 def test_readme_quick_start_has_exactly_two_commands():

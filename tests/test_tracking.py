@@ -87,6 +87,8 @@ def tracked(tiny_checkpoint_session, tmp_path_factory):
 def test_runs_are_nested_and_tagged(tracked):
     runs = pipeline_runs(tracked.client, tracked.params)
     assert set(runs) == {"pipeline", "baseline", "iter_0", "iter_1"}
+    assert not (tracked.root / "mlruns").exists()  # every artifact went beside the database
+    assert (tracked.root / "mlartifacts").is_dir()
     parent = runs["pipeline"]
     assert parent.info.status == "FINISHED"
     assert parent.data.params["spin.iterations"] == str(ITERATIONS)
@@ -171,6 +173,8 @@ def test_registry_versions_and_aliases(tracked):
         version = client.get_model_version_by_alias(MODEL_NAME, f"iter_{k}")
         run = runs[f"iter_{k}"]
         assert version.run_id == run.info.run_id
+        logged = client.get_logged_model(version.source.removeprefix("models:/"))
+        assert logged.experiment_id == run.info.experiment_id
         assert version.tags["spinflow.model_hash"] == run.data.tags["spinflow.model_hash"]
         assert run.data.tags["spinflow.model_version"] == str(version.version)
     metric = f"eval/{params.tracking.champion_metric}"
@@ -272,6 +276,75 @@ def test_changed_results_replace_runs_and_versions(tracked, monkeypatch):
     assert steps_of(client, after["pipeline"].info.run_id, "eval/exact_match") == [0, 1, 2]
 
 
+def test_changed_evaluation_replaces_the_pipeline_run(tracked, monkeypatch):
+    """Two values for one iteration never share a chart: the pipeline run is rebuilt instead."""
+    monkeypatch.chdir(tracked.root)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracked.uri)
+    client = tracked.client
+    params = tracked.params.model_copy(
+        update={
+            "tracking": tracked.params.tracking.model_copy(
+                update={"experiment": "spinflow-rebuilt", "log_models": False}
+            )
+        }
+    )
+    tracking.sync(params)
+    before = pipeline_runs(client, params)
+    path = tracked.root / layout.eval_metrics("iter_1")
+    original = path.read_text()
+    try:
+        path.write_text(json.dumps({**json.loads(original), "exact_match": 0.5}))
+        tracking.log_eval(params, "iter_1")
+    finally:
+        path.write_text(original)
+    after = pipeline_runs(client, params)
+    parent = after["pipeline"].info.run_id
+    assert parent != before["pipeline"].info.run_id
+    assert client.get_run(before["pipeline"].info.run_id).info.lifecycle_stage == "deleted"
+    for name in ("baseline", "iter_0", "iter_1"):
+        assert after[name].info.run_id == before[name].info.run_id
+        assert after[name].data.tags["mlflow.parentRunId"] == parent
+    history = client.get_metric_history(parent, "eval/exact_match")
+    assert sorted((m.step, m.value) for m in history)[-1] == (2, 0.5)
+    assert sorted(m.step for m in history) == [0, 1, 2]
+
+
+def test_lora_adapter_config_names_its_base(tracked, monkeypatch):
+    monkeypatch.chdir(tracked.root)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracked.uri)
+    client, name = tracked.client, "spinflow-lora"
+    train = tracked.params.spin.train
+    params = tracked.params.model_copy(
+        update={
+            "spin": tracked.params.spin.model_copy(
+                update={
+                    "train": train.model_copy(
+                        update={"lora": train.lora.model_copy(update={"enabled": True, "r": 4})}
+                    )
+                }
+            ),
+            "tracking": tracked.params.tracking.model_copy(
+                update={"experiment": "spinflow-lora", "registered_model": name}
+            ),
+        }
+    )
+    tracking.log_train(params, 0)
+    tracking.log_train(params, 1)
+    runs = pipeline_runs(client, params)
+    first = client.get_model_version_by_alias(name, "iter_0")
+    adapter = mlflow_dict(client, runs["iter_1"].info.run_id, "lora/adapter_config.json")
+    assert adapter["r"] == 4 and adapter["merged"] is True
+    assert adapter["base_model_name_or_path"] == f"models:/{name}/{first.version}"
+    assert adapter["base_model_hash"] == first.tags["spinflow.model_hash"]
+    assert runs["iter_1"].data.tags["spinflow.lora.base"] == f"models:/{name}/{first.version}"
+    base = mlflow_dict(client, runs["iter_0"].info.run_id, "lora/adapter_config.json")
+    assert base["base_model_name_or_path"] == str(layout.theta(0, sft_enabled=True))
+
+
+def mlflow_dict(client, run_id: str, path: str) -> dict:
+    return json.loads(Path(client.download_artifacts(run_id, path)).read_text())
+
+
 def test_tracking_uri_resolution(tmp_path, monkeypatch):
     repo = tmp_path / "repo"
     workspace = repo / ".dvc" / "tmp" / "exps" / "tmpabc123"
@@ -303,9 +376,11 @@ def test_unreachable_server_fails_with_one_line(tiny_checkpoint_session, tmp_pat
     uri = f"http://127.0.0.1:{port}"
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    with pytest.raises(tracking.TrackingError) as err:
-        tracking.log_eval(tiny_params(tiny_checkpoint_session), "sft")
-    assert uri in str(err.value) and "\n" not in str(err.value)
+    params = tiny_params(tiny_checkpoint_session)
+    for call in (lambda: tracking.preflight(params), lambda: tracking.log_eval(params, "sft")):
+        with pytest.raises(tracking.TrackingError) as err:
+            call()
+        assert uri in str(err.value) and "\n" not in str(err.value)
 
 
 def test_disabled_tracking_touches_nothing(tiny_checkpoint_session, tmp_path, monkeypatch):

@@ -108,7 +108,9 @@ def test_prompt_truncation_keeps_the_end(tiny_tokenizer_session):
     assert len(full) > 8
     assert short == full[-8:]
     assert tok.decode(short).endswith(ASSISTANT_PREFIX)
-    encoded = encode_example(tok, text, "ok", system_prompt=None, max_prompt_length=8, max_length=64)
+    encoded = encode_example(
+        tok, text, "ok", system_prompt=None, max_prompt_length=8, max_length=64
+    )
     assert encoded.prompt_length == 8
     assert encoded.input_ids[:8] == full[-8:]
 
@@ -122,13 +124,17 @@ def test_answer_truncation_keeps_the_eos(tiny_tokenizer_session):
     assert len(encoded.input_ids) == 32
     assert encoded.input_ids[-1] == tok.eos_token_id
     full_answer = tok(answer, add_special_tokens=False)["input_ids"]
-    assert encoded.input_ids[encoded.prompt_length : -1] == full_answer[: 31 - encoded.prompt_length]
+    assert (
+        encoded.input_ids[encoded.prompt_length : -1] == full_answer[: 31 - encoded.prompt_length]
+    )
 
 
 def test_loss_mask_covers_exactly_answer_and_eos(tiny_tokenizer_session):
     tok = tiny_tokenizer_session
     assert tok.pad_token_id == tok.eos_token_id
-    short = encode_example(tok, "Hi?", "yes", system_prompt=None, max_prompt_length=64, max_length=128)
+    short = encode_example(
+        tok, "Hi?", "yes", system_prompt=None, max_prompt_length=64, max_length=128
+    )
     long = encode_example(
         tok, "Please say a longer thing?", "a much longer answer here", system_prompt=None,
         max_prompt_length=64, max_length=128,
@@ -136,7 +142,9 @@ def test_loss_mask_covers_exactly_answer_and_eos(tiny_tokenizer_session):
     batch = collate([short, long], tok.pad_token_id)
     for row, encoded in enumerate((short, long)):
         n = len(encoded.input_ids)
-        answer_len = len(tok(["yes", "a much longer answer here"][row], add_special_tokens=False)["input_ids"])
+        answer_len = len(
+            tok(["yes", "a much longer answer here"][row], add_special_tokens=False)["input_ids"]
+        )
         mask = batch["loss_mask"][row].tolist()
         assert mask == [0] * encoded.prompt_length + [1] * (n - encoded.prompt_length) + [0] * (
             batch["input_ids"].size(1) - n
@@ -308,11 +316,6 @@ def test_non_finite_loss_raises_training_error(tiny_tokenizer_session, tiny_mode
     assert len(calls) == 3
 
 
-@pytest.mark.xfail(
-    reason="training.py builds a shuffling DataLoader before its 'no training examples' check, so "
-    "torch's RandomSampler raises ValueError first",
-    strict=True,
-)
 def test_no_examples_raises_training_error(tiny_tokenizer_session, tiny_model):
     optim = _optim()
     with pytest.raises(TrainingError, match="no training examples"):

@@ -8,11 +8,20 @@ Defaults here are the embedded default a newcomer runs on a laptop CPU.
 from __future__ import annotations
 
 import re
+import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    Strict,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from spinflow.errors import ConfigError
 
@@ -26,8 +35,8 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-PositiveInt = Annotated[int, Field(gt=0)]
-NonNegativeInt = Annotated[int, Field(ge=0)]
+PositiveInt = Annotated[int, Strict(), Field(gt=0)]
+NonNegativeInt = Annotated[int, Strict(), Field(ge=0)]
 Probability = Annotated[float, Field(ge=0.0, le=1.0)]
 
 
@@ -143,6 +152,14 @@ class SftParams(OptimParams):
     enabled: bool = Field(
         True, description="Fine-tune the base model on the SFT split (off: θ0 = base)"
     )
+    learning_rate: Annotated[float, Field(gt=0.0)] = Field(2e-5, description="Peak learning rate")
+    optimizer: Literal["adamw", "rmsprop", "sgd"] = Field("adamw", description="Optimizer")
+
+
+class SpinTrainParams(OptimParams):
+    """SPIN's optimisation defaults (RMSprop as in the paper; lr sized for the embedded model)."""
+
+    learning_rate: Annotated[float, Field(gt=0.0)] = Field(2e-6, description="Peak learning rate")
 
 
 class GenerateParams(Section):
@@ -174,9 +191,7 @@ class SpinParams(Section):
     accelerate_config: str | None = Field(
         None, description="accelerate config file for multi-GPU runs (null: single process)"
     )
-    train: OptimParams = Field(
-        default_factory=lambda: OptimParams(learning_rate=2e-6, epochs=1, batch_size=8)
-    )
+    train: SpinTrainParams = Field(default_factory=SpinTrainParams)
     per_iteration: dict[str, TrainOverride] = Field(
         default_factory=dict, description="Overrides of spin.train keyed iter_<k>"
     )
@@ -235,11 +250,7 @@ class Params(Section):
     model: ModelParams = Field(default_factory=ModelParams)
     data: DataParams = Field(default_factory=DataParams)
     prompt: PromptParams = Field(default_factory=PromptParams)
-    sft: SftParams = Field(
-        default_factory=lambda: SftParams(
-            learning_rate=2e-5, epochs=1, batch_size=8, optimizer="adamw"
-        )
-    )
+    sft: SftParams = Field(default_factory=SftParams)
     generate: GenerateParams = Field(default_factory=GenerateParams)
     spin: SpinParams = Field(default_factory=SpinParams)
     sft_extra: SftExtraParams = Field(default_factory=SftExtraParams)
@@ -267,17 +278,20 @@ def _describe_error(err: dict[str, Any], raw: Any) -> str:
     path = ".".join(str(part) for part in loc)
     kind = err["type"]
     if kind == "extra_forbidden":
-        parent = Params
+        parent: Any = Params
+        skip_key = False
         for part in loc[:-1]:
-            field = parent.model_fields.get(str(part)) if isinstance(parent, type) else None
+            if skip_key:  # the user's key of a keyed section such as spin.per_iteration.iter_2
+                skip_key = False
+                continue
+            field = parent.model_fields.get(str(part))
             annotation = field.annotation if field else None
-            parent = (
-                annotation
-                if isinstance(annotation, type) and issubclass(annotation, BaseModel)
-                else None
-            )
-            if parent is None:
+            if typing.get_origin(annotation) is dict:
+                annotation, skip_key = typing.get_args(annotation)[1], True
+            if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+                parent = None
                 break
+            parent = annotation
         allowed = ", ".join(sorted(parent.model_fields)) if parent is not None else "see the schema"
         return f"unknown key '{path}' (allowed here: {allowed})"
     value = err.get("input")

@@ -44,6 +44,12 @@ Idempotence:
   a step changed (a re-run with other results), a new parent run replaces the old one so the
   chart never shows two values for one iteration.
 
+Registered versions are the saved checkpoints, logged with the transformers flavor (pyfunc too)
+and explicit pip requirements. LoRA runs save θ with the adapter merged, so the version is the
+merged model; ``lora/adapter_config.json`` in the run and the ``spinflow.lora.base`` tag record
+the adapter settings and its base (``models:/<name>/<version>`` of θk when registered, else the
+checkpoint path; its hash in the config).
+
 ``iter_k`` and ``champion`` aliases describe the pipeline that ran last. The champion is the
 iteration of that pipeline with the best ``tracking.champion_metric`` (ties: the later one).
 
@@ -73,7 +79,7 @@ from typing import Any
 from spinflow import layout
 from spinflow.config import Params
 from spinflow.errors import SpinflowError
-from spinflow.io import read_json, read_jsonl
+from spinflow.io import read_json
 from spinflow.provenance import PROVENANCE_FILE, tree_hash
 
 log = logging.getLogger(__name__)
@@ -221,6 +227,24 @@ def sync(params: Params) -> None:
     _hook(params, "sync", lambda t: t.sync_all())
 
 
+def preflight(params: Params) -> None:
+    """Fail fast, before a long stage, when tracking is on but MLflow cannot be used."""
+    if params.tracking.enabled and _is_main_process():
+        _require_mlflow()
+        check_reachable(tracking_uri())
+
+
+def _require_mlflow() -> None:
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    try:
+        import mlflow  # noqa: F401
+    except ImportError:
+        raise TrackingError(
+            "tracking.enabled is true but mlflow is not installed; install it "
+            "(pip install mlflow) or set tracking.enabled: false"
+        ) from None
+
+
 def _is_main_process() -> bool:
     return int(os.environ.get("RANK", "0") or 0) == 0
 
@@ -233,15 +257,8 @@ def _first_line(exc: BaseException) -> str:
 def _hook(params: Params, stage: str, action: Callable[[_Tracker], Any]) -> None:
     if not params.tracking.enabled or not _is_main_process():
         return
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    _require_mlflow()
     uri = tracking_uri()
-    try:
-        import mlflow  # noqa: F401
-    except ImportError:
-        raise TrackingError(
-            "tracking.enabled is true but mlflow is not installed; install it "
-            "(pip install mlflow) or set tracking.enabled: false"
-        ) from None
     check_reachable(uri)
     try:
         action(_Tracker(params, uri, stage))
@@ -676,7 +693,13 @@ class _Tracker:
         folder, _, _ = artifact_file.rpartition("/")
         if any(f.path == artifact_file for f in self.client.list_artifacts(run_id, folder or None)):
             return
-        rows = read_jsonl(source)[:limit]
+        rows = []
+        with open(source, encoding="utf-8") as f:
+            for line in f:
+                if len(rows) >= limit:
+                    break
+                if line.strip():
+                    rows.append(json.loads(line))
         if rows:
             columns = ("prompt", "real", "generated", "task")
             data = {c: [str(r.get(c, "")) for r in rows] for c in columns}
@@ -970,6 +993,8 @@ class _Tracker:
         lora = self._lora(t)
         if lora is not None:
             tags["spinflow.lora.base"] = lora["base_model_name_or_path"]
+        # log_model files the model under the active experiment, not under its run's
+        mlflow.set_experiment(experiment_id=self.experiment_id)
         quiet = logging.getLogger("mlflow.transformers")
         level = quiet.level
         quiet.setLevel(logging.ERROR)  # hub model card and license lookups for a local checkpoint
@@ -1014,12 +1039,14 @@ class _Tracker:
         tracking = self.params.tracking
         metric = f"eval/{tracking.champion_metric}"
         best: tuple[float, int, str] | None = None
+        evaluated: set[str] = set()
         for k in range(self.params.spin.iterations):
             found = self._find(ITERATION, k)
             if not found:
                 continue
             run = found[0]
             version, value = run.data.tags.get(TAG_VERSION), run.data.metrics.get(metric)
+            evaluated.update(key for key in run.data.metrics if key.startswith("eval/"))
             if version is None or value is None or not math.isfinite(value):
                 continue
             if (
@@ -1029,6 +1056,13 @@ class _Tracker:
             ):
                 best = (value, k, version)
         if best is None:
+            if evaluated:
+                log.warning(
+                    "no iteration has %s, so no %s alias; tracking.champion_metric can be: %s",
+                    metric,
+                    CHAMPION,
+                    ", ".join(sorted(m.removeprefix("eval/") for m in evaluated)),
+                )
             return
         value, k, version = best
         aliases = self.client.get_registered_model(self.model_name).aliases or {}

@@ -344,6 +344,7 @@ def train_loop(
                         f"(epoch {epoch + 1}); lower the learning rate or check the data"
                     )
                 accelerator.backward(loss)
+                step_lr = scheduler.get_last_lr()[0]  # the rate this update uses
                 grad_norm = None
                 if accelerator.sync_gradients and optim.max_grad_norm is not None:
                     grad_norm = accelerator.clip_grad_norm_(model.parameters(), optim.max_grad_norm)
@@ -362,7 +363,7 @@ def train_loop(
                 row.update(
                     step=result.steps,
                     epoch=epoch + (micro + 1) / micro_per_epoch,
-                    learning_rate=scheduler.get_last_lr()[0],
+                    learning_rate=step_lr,
                 )
                 if grad_norm is not None:
                     row["grad_norm"] = float(grad_norm)
