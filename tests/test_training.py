@@ -422,12 +422,15 @@ def test_linear_schedule_with_warmup(tiny_tokenizer_session, tiny_model):
         scheduler="linear",
         warmup_ratio=0.25,
     )
+    # each row holds the rate its own update used: 2 warmup steps from 0, then linear decay
     rates = [row["learning_rate"] for row in result.history]
     assert len(rates) == 8
+    assert rates[0] == pytest.approx(0.0, abs=1e-12)
+    assert rates[1] == pytest.approx(0.5e-4)
     assert max(rates) == pytest.approx(1e-4)
-    assert rates.index(max(rates)) == 1
-    assert rates[-1] == pytest.approx(0.0, abs=1e-12)
-    assert all(a >= b for a, b in zip(rates[1:], rates[2:], strict=False))
+    assert rates.index(max(rates)) == 2
+    assert rates[-1] == pytest.approx(1e-4 / 6)
+    assert all(a >= b for a, b in zip(rates[2:], rates[3:], strict=False))
 
 
 # ---------------------------------------------------------------------------------------------
