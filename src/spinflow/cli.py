@@ -12,6 +12,8 @@ from typing import Any
 from spinflow.config import PARAMS_FILE, describe_schema, load_params
 from spinflow.errors import SpinflowError
 
+TRACKED_STAGES = frozenset({"sft", "train", "evaluate", "sft_extra", "report"})
+
 
 def run_stage(
     name: str,
@@ -32,6 +34,10 @@ def run_stage(
     _configure_logging()
     try:
         params = load_params(params_path)
+        if name in TRACKED_STAGES:
+            from spinflow import tracking
+
+            tracking.preflight(params)  # an unreachable server fails now, not after training
         result = fn(params, **args)
     except SpinflowError as exc:
         print(f"error: {name}: {exc}", file=sys.stderr)

@@ -28,7 +28,7 @@ def _write_steps_csv(path: Path, history: list[dict[str, float]]) -> None:
         writer.writeheader()
         for row in history:
             writer.writerow(
-                {k: (round(v, 6) if isinstance(v, float) else v) for k, v in row.items()}
+                {k: (f"{v:.8g}" if isinstance(v, float) else v) for k, v in row.items()}
             )
 
 
