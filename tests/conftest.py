@@ -127,11 +127,18 @@ class DvcRepo:
         self.env = pipeline_env() if env is None else env
 
     def run(self, *cmd: str, timeout: float = 300, env: dict[str, str] | None = None) -> str:
-        """Run a command in the repository; fail the test with its output when it fails."""
+        """Run a command in the repository; fail the test with its output when it fails.
+
+        The repository's own ``src`` comes first on PYTHONPATH, so stages run the code that DVC
+        hashes as their dependencies, not the editable install (which may change meanwhile)."""
+        full_env = {**self.env, **(env or {})}
+        full_env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (str(self.root / "src"), full_env.get("PYTHONPATH")) if p
+        )
         proc = subprocess.run(
             cmd,
             cwd=self.root,
-            env={**self.env, **(env or {})},
+            env=full_env,
             capture_output=True,
             text=True,
             timeout=timeout,

@@ -217,8 +217,3 @@ def test_round_trip_through_an_s3_remote(tiny_dvc_repo, s3_endpoint, tmp_path):
     clone.run("dvc", "pull")
     _assert_nothing_to_do(clone)
     _assert_same_outputs(clone, origin)
-
-    fresh = origin.clone(tmp_path / "C")
-    output = fresh.run("dvc", "repro", "--pull")
-    assert not fresh.ran(output), output
-    _assert_same_outputs(fresh, origin)
