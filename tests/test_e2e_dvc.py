@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from conftest import pipeline_env
 from spinflow.config import default_params_dict
 
 pytestmark = pytest.mark.slow
@@ -67,19 +68,11 @@ class Workspace:
     def __init__(self, root: Path):
         self.root = root
         self.timings: list[tuple[str, float]] = []
-        self.env = {
-            **os.environ,
-            "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-            "OMP_NUM_THREADS": "1",
-            "TOKENIZERS_PARALLELISM": "false",
-            "HF_HUB_OFFLINE": "1",
-            "HF_DATASETS_OFFLINE": "1",
-            "TRANSFORMERS_OFFLINE": "1",
-            "DVC_NO_ANALYTICS": "1",
-            "MLFLOW_DISABLE_TELEMETRY": "true",
-            "TQDM_DISABLE": "1",
-            "GIT_CONFIG_NOSYSTEM": "1",
-        }
+        self.env = pipeline_env()
+        # stages run the code copied into this repository, the code DVC hashes
+        self.env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (str(root / "src"), self.env.get("PYTHONPATH")) if p
+        )
         self.env.pop("MLFLOW_TRACKING_URI", None)
         self.env.pop("VIRTUAL_ENV", None)
 

@@ -41,6 +41,12 @@ def _code(*modules: str) -> list[str]:
     return [f"src/spinflow/{m}.py" for m in modules]
 
 
+def _local_source(source: str) -> list[str]:
+    """A local model directory or data file is a dependency: editing it re-runs its stage."""
+    keyword = source in ("embedded", "tiny", "builtin")
+    return [source] if not keyword and Path(source).exists() else []
+
+
 def render(params: Params) -> dict[str, Any]:
     """The dvc.yaml mapping for these params."""
     sft_on = params.sft.enabled
@@ -49,13 +55,17 @@ def render(params: Params) -> dict[str, Any]:
 
     stages["prepare_model"] = {
         "cmd": _cmd("prepare_model"),
-        "deps": ["stages/prepare_model.py", *_code("models")],
+        "deps": ["stages/prepare_model.py", *_code("models"), *_local_source(params.model.source)],
         "params": ["model", "seed"],
         "outs": [str(layout.BASE_MODEL)],
     }
     stages["prepare_data"] = {
         "cmd": _cmd("prepare_data"),
-        "deps": ["stages/prepare_data.py", *_code("data", "tasks")],
+        "deps": [
+            "stages/prepare_data.py",
+            *_code("data", "tasks"),
+            *_local_source(params.data.source),
+        ],
         "params": ["data"],
         "outs": [str(layout.DATA_DIR)],
     }
@@ -127,8 +137,12 @@ def render(params: Params) -> dict[str, Any]:
             ),
             "deps": ["stages/train.py", *_code("training", "losses", "chat"), theta_k, *pair_dirs],
             "params": train_params,
-            "outs": [str(theta_next), {str(layout.spin_steps(k)): {"cache": False}}],
-            "metrics": [{str(layout.train_metrics(k)): {"cache": False}}],
+            "outs": [str(theta_next)],
+            # metrics, not plain uncached outs, so DVC's run cache still records this stage
+            "metrics": [
+                {str(layout.train_metrics(k)): {"cache": False}},
+                {str(layout.spin_steps(k)): {"cache": False}},
+            ],
             "plots": [
                 {
                     str(layout.train_steps(f"train_iter_{k}")): {
