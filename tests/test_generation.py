@@ -207,7 +207,9 @@ class _CountingModel(torch.nn.Module):
         self.weight = torch.nn.Parameter(torch.zeros(1))
         self.calls: list[dict] = []
 
-    def forward(self, input_ids, attention_mask, position_ids, past_key_values, use_cache):
+    def forward(
+        self, input_ids, attention_mask, position_ids, past_key_values, use_cache, logits_to_keep=0
+    ):
         self.calls.append(
             {
                 "input_ids": input_ids.tolist(),

@@ -9,8 +9,8 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from spinflow.config import PARAMS_FILE, describe_schema, load_params
-from spinflow.errors import SpinflowError
+from spinflow.config import PARAMS_FILE, Params, describe_schema, load_params
+from spinflow.errors import ConfigError, SpinflowError
 
 TRACKED_STAGES = frozenset({"sft", "train", "evaluate", "sft_extra", "report"})
 
@@ -34,6 +34,7 @@ def run_stage(
     _configure_logging()
     try:
         params = load_params(params_path)
+        _check_pipeline_file(params)
         if name in TRACKED_STAGES:
             from spinflow import tracking
 
@@ -44,6 +45,17 @@ def run_stage(
         raise SystemExit(1) from None
     if result is not None:
         logging.getLogger("spinflow").info("%s done: %s", name, result)
+
+
+def _check_pipeline_file(params: Params) -> None:
+    """A stage run by DVC stops when dvc.yaml no longer matches params.yaml (for example after
+    `dvc exp run -S spin.iterations=5`): the stage list itself would be stale."""
+    from spinflow import pipeline
+
+    if os.environ.get("DVC_ROOT") and os.path.exists(pipeline.DVC_FILE):
+        problem = pipeline.check(params, pipeline.DVC_FILE)
+        if problem:
+            raise ConfigError(problem)
 
 
 def _configure_logging() -> None:

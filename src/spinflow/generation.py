@@ -98,6 +98,7 @@ def generate_batch(
             position_ids=position_ids,
             past_key_values=past,
             use_cache=True,
+            logits_to_keep=1,  # only the next token's logits, also for the prompt pass
         )
         past = out.past_key_values
         tokens = _next_tokens(out.logits[:, -1, :].cpu(), sampling, generators)

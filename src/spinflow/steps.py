@@ -419,7 +419,12 @@ def evaluate(params: Params, name: str) -> dict[str, Any]:
             tmp / PROVENANCE_FILE,
             provenance(
                 f"eval_{name}",
-                {"eval": params.eval.model_dump(), "beta": beta, "seed": params.seed},
+                {
+                    "eval": params.eval.model_dump(),
+                    "prompt": params.prompt.model_dump(),
+                    "beta": beta,
+                    "seed": params.seed,
+                },
                 inputs,
             ),
         )
