@@ -7,7 +7,6 @@ tokens/s (reference pass excluded, as train_iter_k does it once per iteration), 
 from __future__ import annotations
 
 import tempfile
-import time
 from pathlib import Path
 
 from spinflow import layout
@@ -27,15 +26,7 @@ def run_benchmark(
 
     from spinflow.generation import GenerationStats, SamplingParams, generate_answers
     from spinflow.models import build_tiny_model, load_model, load_tokenizer
-    from spinflow.training import (
-        encode_pairs,
-        make_accelerator,
-        pair_collate,
-        peak_memory_mb,
-        reference_logps,
-        spin_loss_fn,
-        train_loop,
-    )
+    from spinflow.training import encode_pairs, make_accelerator, peak_memory_mb, spin_iteration
 
     if model_dir is None:
         model_dir = str(layout.BASE_MODEL) if layout.BASE_MODEL.exists() else None
@@ -80,18 +71,14 @@ def run_benchmark(
         ],
         params.prompt,
     )
-    started = time.perf_counter()
-    examples = reference_logps(
-        accelerator, model, examples, optim.batch_size, tokenizer.pad_token_id
-    )
-    reference_seconds = time.perf_counter() - started
-    result = train_loop(
+    _, result, reference_seconds = spin_iteration(
         accelerator,
         model,
+        tokenizer,
         examples,
-        pair_collate(tokenizer.pad_token_id),
-        spin_loss_fn(beta, params.spin.loss),
         optim,
+        beta=beta,
+        loss=params.spin.loss,
         seed=params.seed,
         desc="benchmark train",
     )

@@ -281,15 +281,11 @@ def train(params: Params, k: int) -> dict[str, Any]:
     """θk+1: start from θk, opponent θk, SPIN loss on real vs generated answers."""
     from spinflow.models import load_model, load_tokenizer
     from spinflow.training import (
-        apply_lora,
         encode_pairs,
         make_accelerator,
-        pair_collate,
-        reference_logps,
         save_checkpoint,
         seed_everything,
-        spin_loss_fn,
-        train_loop,
+        spin_iteration,
     )
 
     optim, beta = params.train_for(k)
@@ -303,18 +299,14 @@ def train(params: Params, k: int) -> dict[str, Any]:
     tokenizer = load_tokenizer(source)
     model = load_model(source)
     examples = encode_pairs(tokenizer, pairs, params.prompt)
-    # θk's log-probs, computed by the policy before its first update (it equals θk then)
-    examples = reference_logps(
-        accelerator, model, examples, optim.batch_size, tokenizer.pad_token_id
-    )
-    model = apply_lora(model, optim)
-    result = train_loop(
+    model, result, _ = spin_iteration(
         accelerator,
         model,
+        tokenizer,
         examples,
-        pair_collate(tokenizer.pad_token_id),
-        spin_loss_fn(beta, params.spin.loss),
         optim,
+        beta=beta,
+        loss=params.spin.loss,
         seed=seed,
         desc=f"train_iter_{k}",
     )

@@ -379,3 +379,39 @@ def train_loop(
     bar.close()
     result.seconds = time.perf_counter() - started
     return result
+
+
+def spin_iteration(
+    accelerator,
+    model,
+    tokenizer,
+    examples: list[PairExample],
+    optim: OptimParams,
+    *,
+    beta: float,
+    loss: str,
+    seed: int,
+    desc: str,
+):
+    """One SPIN training run: θk's reference pass over every pair, then the updates.
+
+    Returns (trained model, TrainResult, seconds of the reference pass).
+    """
+    started = time.perf_counter()
+    # θk's log-probs, computed by the policy before its first update (it equals θk then)
+    examples = reference_logps(
+        accelerator, model, examples, optim.batch_size, tokenizer.pad_token_id
+    )
+    reference_seconds = time.perf_counter() - started
+    model = apply_lora(model, optim)
+    result = train_loop(
+        accelerator,
+        model,
+        examples,
+        pair_collate(tokenizer.pad_token_id),
+        spin_loss_fn(beta, loss),
+        optim,
+        seed=seed,
+        desc=desc,
+    )
+    return model, result, reference_seconds
