@@ -10,7 +10,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from spinflow import layout
+from spinflow import layout, tracking
 from spinflow.config import Params
 from spinflow.errors import SpinflowError
 from spinflow.io import atomic_path, read_json, read_jsonl, write_json, write_jsonl
@@ -161,8 +161,6 @@ def sft(params: Params) -> dict[str, Any]:
         max_steps=None,
         extra_inputs={"data": layout.DATA_DIR / "sft.jsonl"},
     )
-    from spinflow import tracking
-
     tracking.log_sft(params)
     return summary
 
@@ -191,8 +189,6 @@ def sft_extra(params: Params) -> dict[str, Any]:
         max_steps=spin_optimizer_steps(params),
         extra_inputs={"data": layout.DATA_DIR / "pool.jsonl"},
     )
-    from spinflow import tracking
-
     tracking.log_sft_extra(params)
     return summary
 
@@ -341,8 +337,6 @@ def train(params: Params, k: int) -> dict[str, Any]:
         write_json(layout.train_metrics(k), summary)
         write_json(layout.spin_steps(k), {"optimizer_steps": result.steps})
         _write_steps_csv(layout.train_steps(f"train_iter_{k}"), result.history)
-    from spinflow import tracking
-
     tracking.log_train(params, k, result.history)
     return summary
 
@@ -421,8 +415,6 @@ def evaluate(params: Params, name: str) -> dict[str, Any]:
             ),
         )
     write_json(layout.eval_metrics(name), metrics)
-    from spinflow import tracking
-
     tracking.log_eval(params, name)
     return metrics
 
@@ -431,7 +423,5 @@ def report(params: Params) -> dict[str, Any]:
     from spinflow.report import write_report
 
     summary = write_report(params)
-    from spinflow import tracking
-
     tracking.log_report(params)
     return summary
