@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from spinflow import models
-from spinflow.errors import ModelError
+from spinflow.errors import ModelError, SpinflowError
 from spinflow.models import (
     EMBEDDED,
     TINY,
@@ -19,9 +19,9 @@ from spinflow.models import (
     embedded_gguf_path,
     load_model,
     load_tokenizer,
-    model_fingerprint,
     prepare_base_model,
 )
+from spinflow.provenance import tree_hash
 
 PROMPT = [{"role": "user", "content": "What is the capital of France?"}]
 
@@ -170,8 +170,8 @@ def test_tiny_model_is_deterministic(tmp_path, tiny_checkpoint_session):
     other = build_tiny_model(tmp_path / "other", seed=1)
     for name in ("model.safetensors", "tokenizer.json", "tokenizer_config.json"):
         assert (again / name).read_bytes() == (tiny_checkpoint_session / name).read_bytes(), name
-    assert model_fingerprint(again) == model_fingerprint(tiny_checkpoint_session)
-    assert model_fingerprint(other) != model_fingerprint(again)
+    assert tree_hash(again) == tree_hash(tiny_checkpoint_session)
+    assert tree_hash(other) != tree_hash(again)
     assert (other / "tokenizer.json").read_bytes() == (again / "tokenizer.json").read_bytes()
 
 
@@ -478,14 +478,14 @@ def test_hub_download_failure_is_a_model_error(monkeypatch, tmp_path):
     assert "embedded" in message and "offline" in message
 
 
-def test_model_fingerprint(tmp_path, tiny_checkpoint):
-    first = model_fingerprint(tiny_checkpoint)
+def test_tree_hash(tmp_path, tiny_checkpoint):
+    first = tree_hash(tiny_checkpoint)
     assert len(first) == 16 and int(first, 16) >= 0
-    assert model_fingerprint(tiny_checkpoint) == first
+    assert tree_hash(tiny_checkpoint) == first
     (tiny_checkpoint / "extra.txt").write_text("x")
-    assert model_fingerprint(tiny_checkpoint) != first
-    with pytest.raises(ModelError, match="does not exist"):
-        model_fingerprint(tmp_path / "nope")
+    assert tree_hash(tiny_checkpoint) != first
+    with pytest.raises(SpinflowError, match="does not exist"):
+        tree_hash(tmp_path / "nope")
 
 
 def test_corrupt_gguf_is_a_model_error(tmp_path):

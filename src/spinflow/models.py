@@ -19,7 +19,6 @@ ordinary float model the Trainer accepts.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import importlib.util
 import os
 import re
@@ -492,20 +491,3 @@ def load_tokenizer(path: str | os.PathLike):
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
-
-
-def model_fingerprint(path: str | os.PathLike, *, length: int = 16) -> str:
-    """A short sha256 over a checkpoint's files (relative names and bytes), or over one file."""
-    p = Path(path).expanduser()
-    if not p.exists():
-        raise ModelError(f"cannot fingerprint {p}: it does not exist")
-    files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file())
-    digest = hashlib.sha256()
-    for f in files:
-        name = f.name if f == p else f.relative_to(p).as_posix()
-        digest.update(name.encode("utf-8") + b"\0")
-        digest.update(f"{f.stat().st_size}\0".encode())
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda fh=fh: fh.read(1 << 20), b""):
-                digest.update(chunk)
-    return digest.hexdigest()[:length]

@@ -9,6 +9,8 @@ import platform
 from pathlib import Path
 from typing import Any
 
+from spinflow.errors import SpinflowError
+
 PROVENANCE_FILE = "provenance.json"
 LIBRARIES = ("spinflow", "torch", "transformers", "accelerate", "peft", "datasets", "tokenizers")
 
@@ -26,6 +28,8 @@ def library_versions() -> dict[str, str]:
 def tree_hash(path: str | os.PathLike) -> str:
     """sha256 over the relative names and bytes of every file below ``path`` (or of one file)."""
     root = Path(path)
+    if not root.exists():
+        raise SpinflowError(f"cannot hash {root}: it does not exist")
     digest = hashlib.sha256()
     files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
     for file in files:
