@@ -272,16 +272,7 @@ def test_sft_steps_lower_the_answer_nll(tiny_tokenizer_session, tiny_model):
 
     before = nll()
     optim = _optim(learning_rate=3e-3, batch_size=4, epochs=3)
-    training.train_loop(
-        training.make_accelerator(optim),
-        tiny_model,
-        examples,
-        training.sft_collate(tok.pad_token_id),
-        training.sft_loss_fn,
-        optim,
-        seed=0,
-        desc="sft",
-    )
+    _train_sft(tok, tiny_model, optim, examples=examples)
     tiny_model.eval()
     assert nll() < before - 0.5
 
@@ -329,6 +320,22 @@ def test_no_examples_raises_training_error(tiny_tokenizer_session, tiny_model):
             seed=0,
             desc="empty",
         )
+
+
+def _train_sft(tok, model, optim, *, accelerator=None, examples=None, desc="sft"):
+    """Plain SFT on the fixture records with ``optim``; returns the accelerator it used."""
+    accelerator = accelerator or training.make_accelerator(optim)
+    training.train_loop(
+        accelerator,
+        model,
+        training.encode_sft(tok, SFT_RECORDS, PROMPT) if examples is None else examples,
+        training.sft_collate(tok.pad_token_id),
+        training.sft_loss_fn,
+        optim,
+        seed=0,
+        desc=desc,
+    )
+    return accelerator
 
 
 def _sft_run(tok, model, n_examples: int, max_steps: int | None = None, **optim_changes):
@@ -463,16 +470,7 @@ def test_lora_trains_adapters_and_merges_into_a_plain_model(tiny_tokenizer_sessi
     # e.g. base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight
     assert {n.split(".")[-4] for n in trainable} == set(LORA_TARGETS)
 
-    training.train_loop(
-        training.make_accelerator(optim),
-        model,
-        training.encode_sft(tok, SFT_RECORDS, PROMPT),
-        training.sft_collate(tok.pad_token_id),
-        training.sft_loss_fn,
-        optim,
-        seed=0,
-        desc="lora",
-    )
+    _train_sft(tok, model, optim, desc="lora")
     plain = training.merge_lora(model)
     assert type(plain).__name__ == "LlamaForCausalLM"
     merged = plain.state_dict()
@@ -485,17 +483,7 @@ def test_lora_trains_adapters_and_merges_into_a_plain_model(tiny_tokenizer_sessi
 def test_save_checkpoint_reloads(tiny_tokenizer_session, tiny_model, tmp_path):
     tok = tiny_tokenizer_session
     optim = _optim(batch_size=4)
-    accelerator = training.make_accelerator(optim)
-    training.train_loop(
-        accelerator,
-        tiny_model,
-        training.encode_sft(tok, SFT_RECORDS, PROMPT),
-        training.sft_collate(tok.pad_token_id),
-        training.sft_loss_fn,
-        optim,
-        seed=0,
-        desc="sft",
-    )
+    accelerator = _train_sft(tok, tiny_model, optim)
     out = tmp_path / "models" / "theta_1"
     training.save_checkpoint(accelerator, tiny_model, tok, out)
     assert sorted(p.name for p in out.parent.iterdir()) == ["theta_1"]
@@ -515,18 +503,8 @@ def test_save_checkpoint_merges_lora(
 ):
     tok = tiny_tokenizer_session
     optim = _lora_optim()
-    accelerator = training.make_accelerator(optim)
     model = training.apply_lora(tiny_model, optim)
-    training.train_loop(
-        accelerator,
-        model,
-        training.encode_sft(tok, SFT_RECORDS, PROMPT),
-        training.sft_collate(tok.pad_token_id),
-        training.sft_loss_fn,
-        optim,
-        seed=0,
-        desc="lora",
-    )
+    accelerator = _train_sft(tok, model, optim, desc="lora")
     model.eval()
     ids = torch.tensor([prompt_ids(tok, "Repeat the word fig.", None, 64)])
     with torch.no_grad():
