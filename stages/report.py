@@ -1,7 +1,7 @@
-"""DVC stage report: every iteration in one table, one plot and one chart."""
+"""DVC stage report: every evaluated model in one table, one plot and one chart."""
 
-from spinflow.cli import run_stage
-from spinflow.steps import report
+from spinflow.recipes.evaluate import report
+from spinflow.runner import run_stage
 
 if __name__ == "__main__":
     run_stage("report", report)

@@ -1,7 +1,7 @@
 """DVC stage sft: θ0, the base model fine-tuned on the SFT split."""
 
-from spinflow.cli import run_stage
-from spinflow.steps import sft
+from spinflow.recipes.sft import sft
+from spinflow.runner import run_stage
 
 if __name__ == "__main__":
     run_stage("sft", sft)

@@ -216,3 +216,19 @@ def tiny_dvc_repo(tmp_path_factory) -> DvcRepo:
     repo.run("git", "add", "-A")
     repo.run("git", "commit", "-q", "-m", "dvc repro")
     return repo
+
+
+def make_optim(**changes):
+    """Optimisation settings for unit tests: AdamW 1e-3, batch 8, one epoch, constant rate."""
+    from spinflow.config import OptimParams
+
+    base = {
+        "learning_rate": 1e-3,
+        "epochs": 1,
+        "batch_size": 8,
+        "gradient_accumulation_steps": 1,
+        "optimizer": "adamw",
+        "scheduler": "constant",
+        "warmup_ratio": 0.0,
+    }
+    return OptimParams(**{**base, **changes})

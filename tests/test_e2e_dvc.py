@@ -26,6 +26,7 @@ pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
+IMPORT_TIME = re.compile(r"^import time:\s+\d+ \|\s+\d+ \|\s*(spinflow(?:\.\w+)*)\s*$")
 RAN = re.compile(r"(?:Running stage '([^']+)'|Stage '([^']+)' is cached - skipping run)")
 
 ITERATIONS = 2
@@ -79,27 +80,28 @@ class Workspace:
     def durations(self) -> str:
         return ", ".join(f"{name} {seconds:.1f}s" for name, seconds in self.timings)
 
-    def run(self, *cmd: str, label: str | None = None) -> str:
+    def run(self, *cmd: str, label: str | None = None, env: dict[str, str] | None = None) -> str:
         started = time.perf_counter()
         proc = subprocess.run(
             cmd,
             cwd=self.root,
-            env=self.env,
-            capture_output=True,
+            env={**self.env, **(env or {})},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,  # one stream, in order: stage markers, then stage output
             text=True,
             timeout=240,
             check=False,
         )
         self.timings.append((label or " ".join(cmd), time.perf_counter() - started))
-        output = proc.stdout + proc.stderr
+        output = proc.stdout
         assert proc.returncode == 0, (
             f"{' '.join(cmd)} exited {proc.returncode} [{self.durations()}]\n{output[-6000:]}"
         )
         return output
 
-    def repro(self, label: str) -> set[str]:
-        output = self.run("dvc", "repro", label=label)
-        return {a or b for a, b in RAN.findall(output)}
+    def repro(self, label: str, env: dict[str, str] | None = None) -> set[str]:
+        self.last_output = self.run("dvc", "repro", label=label, env=env)
+        return {a or b for a, b in RAN.findall(self.last_output)}
 
     def write_params(self, raw: dict) -> None:
         text = yaml.safe_dump(raw, sort_keys=False)
@@ -136,6 +138,24 @@ def _eval_metrics(ws: Workspace) -> dict[str, dict]:
     return {name: ws.json(f"metrics/eval_{name}.json") for name in names}
 
 
+def _imports_by_stage(output: str) -> dict[str, set[str]]:
+    """Package modules each stage process imported, from ``-X importtime`` lines in its output."""
+    imported: dict[str, set[str]] = {}
+    stage = None
+    for line in output.splitlines():
+        if match := RAN.search(line):
+            stage = match.group(1) or match.group(2)
+            imported.setdefault(stage, set())
+        elif stage and (match := IMPORT_TIME.match(line)):
+            imported[stage].add(match.group(1))
+    return imported
+
+
+def _module_path(module: str) -> str:
+    path = Path("src", *module.split("."))
+    return str(path / "__init__.py") if (REPO / path).is_dir() else f"{path}.py"
+
+
 def _lock_outs(ws: Workspace, stage: str) -> list:
     lock = yaml.safe_load(ws.path("dvc.lock").read_text(encoding="utf-8"))
     return lock["stages"][stage]["outs"]
@@ -151,9 +171,17 @@ def test_pipeline_runs_and_reruns_only_what_changed(workspace: Workspace):
     listed = ws.run("dvc", "stage", "list", "--name-only").split()
     assert set(listed) == STAGES, f"{sorted(listed)} [{ws.durations()}]"
 
-    # ---- first run: every stage
-    ran = ws.repro("repro (all)")
+    # ---- first run: every stage, each process printing what it imports
+    ran = ws.repro("repro (all)", env={"PYTHONPROFILEIMPORTTIME": "1"})
     assert ran == STAGES, f"ran {sorted(ran)} [{ws.durations()}]"
+    # every package module a stage process imported is one of that stage's dependencies
+    declared = yaml.safe_load(ws.path("dvc.yaml").read_text(encoding="utf-8"))["stages"]
+    imports = _imports_by_stage(ws.last_output)
+    assert set(imports) == STAGES
+    for stage, modules in imports.items():
+        assert "spinflow.runner" in modules, stage
+        missing = {m for m in modules if _module_path(m) not in declared[stage]["deps"]}
+        assert not missing, f"{stage} imports {sorted(missing)}, not in its dvc.yaml deps"
 
     for k in range(1, ITERATIONS + 1):
         model = ws.path(f"models/theta_{k}")

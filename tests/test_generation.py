@@ -16,7 +16,6 @@ from spinflow.generation import (
     _top_p_filter,
     generate_answers,
     generate_batch,
-    prompt_seed,
 )
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
@@ -115,18 +114,6 @@ def test_stats_count_prompts_and_tokens(tiny_model_session, tiny_tokenizer_sessi
     assert 0 < stats.new_tokens <= 3 * MAX_NEW_TOKENS
     assert stats.seconds > 0
     assert stats.tokens_per_second == pytest.approx(stats.new_tokens / stats.seconds)
-
-
-def test_prompt_seed_is_stable():
-    # computed once; a change here changes every generated file of every pipeline
-    assert prompt_seed(42, "pool-0007") == 4659517204938907312
-    assert prompt_seed(0, "") == 7812857082101331642
-
-
-def test_prompt_seed_depends_on_seed_and_key():
-    seeds = {prompt_seed(s, k) for s in (1, 2) for k in ("a", "b", "1:a")}
-    assert len(seeds) == 6
-    assert all(0 <= s < 2**63 for s in seeds)
 
 
 # ---------------------------------------------------------------------------------------------

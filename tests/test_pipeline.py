@@ -9,6 +9,8 @@ import yaml
 
 from spinflow import cli, pipeline
 from spinflow.config import default_params_dict, load_params, validate_params
+from spinflow.errors import SpinflowError
+from spinflow.graph import build
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -88,9 +90,9 @@ def test_iterations_chain_models():
         assert f"models/theta_{k + 1}" in _names(stages[f"train_iter_{k}"]["outs"])
         assert f"models/theta_{k + 1}" in stages[f"eval_iter_{k}"]["deps"]
         assert stages[f"generate_iter_{k}"]["outs"] == [f"generated/iter_{k}"]
-        assert stages[f"generate_iter_{k}"]["cmd"] == f"python stages/generate.py --iteration {k}"
-        assert stages[f"train_iter_{k}"]["cmd"] == f"python stages/train.py --iteration {k}"
-        assert stages[f"eval_iter_{k}"]["cmd"] == f"python stages/evaluate.py --model iter_{k}"
+        assert stages[f"generate_iter_{k}"]["cmd"] == f"python stages/generate.py generate_iter_{k}"
+        assert stages[f"train_iter_{k}"]["cmd"] == f"python stages/train.py train_iter_{k}"
+        assert stages[f"eval_iter_{k}"]["cmd"] == f"python stages/evaluate.py eval_iter_{k}"
         opponent = "eval/sft" if k == 0 else f"eval/iter_{k - 1}"
         assert opponent in stages[f"eval_iter_{k}"]["deps"]
     report_deps = stages["report"]["deps"]
@@ -204,13 +206,13 @@ def test_accelerate_config_launches_training_stages():
     config = "configs/accelerate/multi_gpu.yaml"
     stages = pipeline.render(_params(spin={"iterations": 2, "accelerate_config": config}))["stages"]
     launcher = f"accelerate launch --config_file {config}"
-    assert stages["train_iter_0"]["cmd"] == f"{launcher} stages/train.py --iteration 0"
-    assert stages["train_iter_1"]["cmd"] == f"{launcher} stages/train.py --iteration 1"
-    assert stages["sft"]["cmd"] == f"{launcher} stages/sft.py"
-    assert stages["sft_extra"]["cmd"] == f"{launcher} stages/sft_extra.py"
+    assert stages["train_iter_0"]["cmd"] == f"{launcher} stages/train.py train_iter_0"
+    assert stages["train_iter_1"]["cmd"] == f"{launcher} stages/train.py train_iter_1"
+    assert stages["sft"]["cmd"] == f"{launcher} stages/sft.py sft"
+    assert stages["sft_extra"]["cmd"] == f"{launcher} stages/sft_extra.py sft_extra"
     assert stages["generate_iter_0"]["cmd"].startswith("python ")
     assert stages["eval_iter_0"]["cmd"].startswith("python ")
-    assert stages["prepare_model"]["cmd"] == "python stages/prepare_model.py"
+    assert stages["prepare_model"]["cmd"] == "python stages/prepare_model.py prepare_model"
 
 
 def test_metrics_and_plots_are_not_cached():
@@ -226,6 +228,88 @@ def test_render_text_is_plain_yaml_with_a_header():
     assert text.startswith("# Rendered from params.yaml by `spinflow pipeline write`")
     assert "&id" not in text and "*id" not in text
     assert yaml.safe_load(text) == pipeline.render(params)
+
+
+# ---------------------------------------------------------------------------------------------
+# Code dependencies
+
+
+def _package(root: Path, files: dict[str, str]) -> Path:
+    for name, text in files.items():
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+    return root
+
+
+def test_import_closure_follows_lazy_relative_and_package_imports(tmp_path):
+    src = _package(
+        tmp_path / "src",
+        {
+            "spinflow/__init__.py": "",
+            "spinflow/a.py": "from spinflow import b\n",
+            "spinflow/b.py": "def f():\n    from spinflow.sub.c import g\n",
+            "spinflow/sub/__init__.py": "",
+            "spinflow/sub/c.py": "from . import d\nfrom ..e import x\nimport json\n",
+            "spinflow/sub/d.py": "",
+            "spinflow/e.py": "x = 1\n",
+            "spinflow/unused.py": "",
+        },
+    )
+    script = tmp_path / "stage.py"
+    script.write_text("import os\nfrom spinflow.a import b\n", encoding="utf-8")
+    closure = pipeline.import_closure(script, src)
+    names = {str(Path(p).relative_to(src)) for p in closure}
+    assert names == {
+        "spinflow/__init__.py",
+        "spinflow/a.py",
+        "spinflow/b.py",
+        "spinflow/sub/__init__.py",
+        "spinflow/sub/c.py",
+        "spinflow/sub/d.py",
+        "spinflow/e.py",
+    }
+
+
+def test_import_closure_names_an_unparsable_module(tmp_path):
+    src = _package(tmp_path / "src", {"spinflow/__init__.py": "", "spinflow/a.py": "def (:\n"})
+    script = tmp_path / "stage.py"
+    script.write_text("import spinflow.a\n", encoding="utf-8")
+    with pytest.raises(SpinflowError, match=r"spinflow/a.py:1: cannot parse"):
+        pipeline.import_closure(script, src)
+
+
+def test_every_stage_lists_its_scripts_import_closure(monkeypatch):
+    monkeypatch.chdir(REPO)
+    stages = pipeline.render(_params(spin={"iterations": 2}))["stages"]
+    for name, stage in stages.items():
+        script = next(part for part in stage["cmd"].split() if part.startswith("stages/"))
+        code = [d for d in stage["deps"] if d.startswith("src/")]
+        assert code == pipeline.import_closure(script), name
+        assert stage["deps"][0] == script
+
+
+def test_code_dependencies_include_the_modules_the_issue_found_missing(monkeypatch):
+    monkeypatch.chdir(REPO)
+    stages = pipeline.render(_params(spin={"iterations": 2}))["stages"]
+    every_stage = {"config", "io", "provenance", "graph", "runner", "errors"}
+    for name, stage in stages.items():
+        for module in every_stage:
+            assert f"src/spinflow/{module}.py" in stage["deps"], (name, module)
+    for module in ("losses", "chat", "evaluation", "recipes/evaluate"):
+        assert f"src/spinflow/{module}.py" in stages["eval_iter_0"]["deps"], module
+    for module in ("recipes/spin", "training", "losses", "chat"):
+        assert f"src/spinflow/{module}.py" in stages["train_iter_0"]["deps"], module
+    # a method's stages do not depend on another method's recipe
+    assert "src/spinflow/recipes/spin.py" not in stages["sft"]["deps"]
+    assert "src/spinflow/recipes/sft.py" not in stages["train_iter_0"]["deps"]
+
+
+def test_every_stage_runs_through_the_script_the_graph_names():
+    graph = build(_params(spin={"iterations": 2}))
+    for stage in graph.stages.values():
+        text = (REPO / "stages" / f"{stage.script}.py").read_text(encoding="utf-8")
+        assert f'run_stage("{stage.script}",' in text, stage.name
 
 
 # ---------------------------------------------------------------------------------------------

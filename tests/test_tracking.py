@@ -1,16 +1,26 @@
-"""MLflow tracking against a temporary SQLite store: a tiny two-iteration pipeline, in-process."""
+"""MLflow tracking against a temporary SQLite store: a tiny two-iteration pipeline, in-process.
+
+Stages run through :func:`spinflow.runner.execute`, as ``stages/*.py`` run them, so tracking sees
+exactly what the stage runner hands it: the run tree, metrics, tables and registry come from real
+runs. Where and whether runs go is tested in test_tracking_store.py, dvc.lock in
+test_tracking_lineage.py.
+"""
 
 from __future__ import annotations
 
+import ast
 import json
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
-from spinflow import layout, steps, tracking
+from spinflow import tracking
 from spinflow.config import Params, validate_params
+from spinflow.graph import build, pairs_file
 from spinflow.provenance import tree_hash
+from spinflow.recipes import evaluate, prepare, sft, spin
+from spinflow.runner import execute
 
 ITERATIONS = 2
 MODEL_NAME = "spinflow-test"
@@ -35,16 +45,27 @@ def tiny_params(model_source: Path, **overrides) -> Params:
 def run_tiny_pipeline(params: Params, *, prepare: bool = True) -> None:
     """Every stage in DVC's order, in this process (the working directory is the project)."""
     if prepare:
-        steps.prepare_model(params)
-        steps.prepare_data(params)
+        prepare_inputs(params)
     if params.sft.enabled:
-        steps.sft(params)
-    steps.evaluate(params, "sft")
+        execute(params, "sft", sft.sft)
+    execute(params, "eval_sft", evaluate.evaluate)
     for k in range(params.spin.iterations):
-        steps.generate(params, k)
-        steps.train(params, k)
-        steps.evaluate(params, f"iter_{k}")
-    steps.report(params)
+        execute(params, f"generate_iter_{k}", spin.generate)
+        execute(params, f"train_iter_{k}", spin.train)
+        execute(params, f"eval_iter_{k}", evaluate.evaluate)
+    execute(params, "report", evaluate.report)
+
+
+def prepare_inputs(params: Params) -> None:
+    """The two stages that log nothing: the base model and the data splits."""
+    execute(params, "prepare_model", prepare.prepare_model)
+    execute(params, "prepare_data", prepare.prepare_data)
+
+
+def log_stage(params: Params, stage: str) -> None:
+    """Hand a finished stage to tracking again, as the stage runner does after it ran."""
+    graph = build(params)
+    tracking.after_stage(params, graph, graph.stage(stage))
 
 
 def pipeline_runs(client, params: Params) -> dict[str, object]:
@@ -99,7 +120,7 @@ def test_runs_are_nested_and_tagged(tracked):
         tags = runs[f"iter_{k}"].data.tags
         assert tags["spinflow.iteration"] == str(k)
         assert tags["dvc.stages"] == f"generate_iter_{k},train_iter_{k},eval_iter_{k}"
-        theta = layout.theta(k + 1, sft_enabled=True)
+        theta = build(tracked.params).theta(k + 1).path
         provenance = json.loads((tracked.root / theta / "provenance.json").read_text())
         assert (
             tags[f"stage.train_iter_{k}.input.model"] == provenance["inputs"]["model"]["sha256_16"]
@@ -116,22 +137,22 @@ def test_runs_are_nested_and_tagged(tracked):
 
 def test_metric_histories(tracked):
     client, root = tracked.client, tracked.root
+    graph = build(tracked.params)
     runs = pipeline_runs(client, tracked.params)
     for k in range(ITERATIONS):
         run_id = runs[f"iter_{k}"].info.run_id
-        optimizer_steps = json.loads((root / layout.train_metrics(k)).read_text())[
-            "optimizer_steps"
-        ]
+        summary = json.loads((root / graph.theta(k + 1).train_metrics).read_text())
+        optimizer_steps = summary["optimizer_steps"]
         assert steps_of(client, run_id, "train/loss") == list(range(1, optimizer_steps + 1))
         assert steps_of(client, run_id, "train/reward_margin") == list(
             range(1, optimizer_steps + 1)
         )
         assert steps_of(client, run_id, "eval/exact_match") == [k + 1]
-        evaluated = json.loads((root / layout.eval_metrics(f"iter_{k}")).read_text())
+        evaluated = json.loads((root / graph.evaluation(f"iter_{k}").metrics).read_text())
         assert runs[f"iter_{k}"].data.metrics["eval/answer_logprob_per_token"] == pytest.approx(
             evaluated["answer_logprob_per_token"]
         )
-    sft_steps = json.loads((root / layout.METRICS_DIR / "sft.json").read_text())["optimizer_steps"]
+    sft_steps = json.loads((root / graph.theta(0).train_metrics).read_text())["optimizer_steps"]
     baseline = runs["baseline"].info.run_id
     assert len(client.get_metric_history(baseline, "train/loss")) == sft_steps
     assert steps_of(client, baseline, "eval/exact_match") == [0]
@@ -150,7 +171,7 @@ def test_samples_tables_and_report(tracked):
     )
     assert {"prompt", "real", "generated"} <= set(table.columns)
     assert len(table) == 8  # the whole (tiny) pool
-    pairs = [json.loads(line) for line in (tracked.root / "generated/iter_1/pairs.jsonl").open()]
+    pairs = [json.loads(line) for line in (tracked.root / pairs_file(1)).open()]
     assert table["generated"].tolist() == [p["generated"] for p in pairs]
     evaluated = client.load_table(
         run.info.experiment_id, "samples/eval_iter_1.json", run_ids=[run.info.run_id]
@@ -212,9 +233,9 @@ def test_rerun_with_same_inputs_is_idempotent(tracked, monkeypatch):
         }
 
     before = snapshot()
-    steps.train(params, 1)
-    steps.evaluate(params, "iter_1")
-    steps.report(params)
+    execute(params, "train_iter_1", spin.train)
+    execute(params, "eval_iter_1", evaluate.evaluate)
+    execute(params, "report", evaluate.report)
     assert snapshot() == before
 
 
@@ -251,16 +272,16 @@ def test_changed_results_replace_runs_and_versions(tracked, monkeypatch):
             )
         }
     )
-    tracking.log_train(params, 1)
-    tracking.log_eval(params, "iter_1")
+    log_stage(params, "train_iter_1")
+    log_stage(params, "eval_iter_1")
     before = pipeline_runs(client, params)
     old_version = str(client.get_model_version_by_alias(name, "iter_1").version)
-    config = tracked.root / layout.theta(2, sft_enabled=True) / "config.json"
+    config = tracked.root / build(params).theta(2).path / "config.json"
     original = config.read_text()
     try:
         config.write_text(original.replace('"rms_norm_eps": 1e-05', '"rms_norm_eps": 2e-05'))
-        tracking.log_train(params, 1)
-        tracking.log_eval(params, "iter_1")
+        log_stage(params, "train_iter_1")
+        log_stage(params, "eval_iter_1")
     finally:
         config.write_text(original)
     after = pipeline_runs(client, params)
@@ -290,11 +311,11 @@ def test_changed_evaluation_replaces_the_pipeline_run(tracked, monkeypatch):
     )
     tracking.sync(params)
     before = pipeline_runs(client, params)
-    path = tracked.root / layout.eval_metrics("iter_1")
+    path = tracked.root / build(params).evaluation("iter_1").metrics
     original = path.read_text()
     try:
         path.write_text(json.dumps({**json.loads(original), "exact_match": 0.5}))
-        tracking.log_eval(params, "iter_1")
+        log_stage(params, "eval_iter_1")
     finally:
         path.write_text(original)
     after = pipeline_runs(client, params)
@@ -328,8 +349,8 @@ def test_lora_adapter_config_names_its_base(tracked, monkeypatch):
             ),
         }
     )
-    tracking.log_train(params, 0)
-    tracking.log_train(params, 1)
+    log_stage(params, "train_iter_0")
+    log_stage(params, "train_iter_1")
     runs = pipeline_runs(client, params)
     first = client.get_model_version_by_alias(name, "iter_0")
     adapter = mlflow_dict(client, runs["iter_1"].info.run_id, "lora/adapter_config.json")
@@ -338,82 +359,51 @@ def test_lora_adapter_config_names_its_base(tracked, monkeypatch):
     assert adapter["base_model_hash"] == first.tags["spinflow.model_hash"]
     assert runs["iter_1"].data.tags["spinflow.lora.base"] == f"models:/{name}/{first.version}"
     base = mlflow_dict(client, runs["iter_0"].info.run_id, "lora/adapter_config.json")
-    assert base["base_model_name_or_path"] == str(layout.theta(0, sft_enabled=True))
+    assert base["base_model_name_or_path"] == str(build(params).theta(0).path)
 
 
 def mlflow_dict(client, run_id: str, path: str) -> dict:
     return json.loads(Path(client.download_artifacts(run_id, path)).read_text())
 
 
-def test_tracking_uri_resolution(tmp_path, monkeypatch):
-    repo = tmp_path / "repo"
-    workspace = repo / ".dvc" / "tmp" / "exps" / "tmpabc123"
-    (workspace / ".dvc").mkdir(parents=True)
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.delenv("DVC_ROOT", raising=False)
-    monkeypatch.chdir(workspace)
-    assert tracking.project_root() == repo.resolve()
-    assert tracking.tracking_uri() == f"sqlite:///{repo.resolve() / 'mlflow.db'}"
-    monkeypatch.setenv("DVC_ROOT", str(workspace))
-    assert tracking.project_root() == repo.resolve()
-    monkeypatch.setenv("DVC_ROOT", str(repo))
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///runs/m.db")
-    assert tracking.tracking_uri() == f"sqlite:///{repo.resolve() / 'runs/m.db'}"
-    assert (
-        tracking.artifact_location(tracking.tracking_uri()) == (repo / "runs/mlartifacts").as_uri()
-    )
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
-    assert tracking.tracking_uri() == "http://127.0.0.1:5000"
-    assert tracking.artifact_location("http://127.0.0.1:5000") is None
+def test_experiment_is_filed_as_model_training(tracked, monkeypatch):
+    """MLflow 3's UI opens an experiment without ``mlflow.experimentKind`` as GenAI."""
+    monkeypatch.chdir(tracked.root)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracked.uri)
+    client = tracked.client
+    created = client.get_experiment_by_name(tracked.params.tracking.experiment)
+    assert created.tags["mlflow.experimentKind"] == "finetuning"
+    location = tracking.artifact_location(tracked.uri)
+    for name, tags, kind in (
+        ("spinflow-untagged", {}, "finetuning"),  # made before the tag existed: tagged now
+        ("spinflow-chosen", {"mlflow.experimentKind": "custom_model_development"}, None),
+    ):
+        client.create_experiment(name, artifact_location=location, tags=tags)
+        params = tracked.params.model_copy(
+            update={
+                "tracking": tracked.params.tracking.model_copy(
+                    update={"experiment": name, "log_models": False}
+                )
+            }
+        )
+        log_stage(params, "eval_sft")
+        experiment = client.get_experiment_by_name(name)
+        assert experiment.tags["mlflow.experimentKind"] == (kind or tags["mlflow.experimentKind"])
+        assert set(pipeline_runs(client, params)) == {"pipeline", "baseline"}
 
 
-def test_unreachable_server_fails_with_one_line(tiny_checkpoint_session, tmp_path, monkeypatch):
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    uri = f"http://127.0.0.1:{port}"
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    params = tiny_params(tiny_checkpoint_session)
-    for call in (lambda: tracking.preflight(params), lambda: tracking.log_eval(params, "sft")):
-        with pytest.raises(tracking.TrackingError) as err:
-            call()
-        assert uri in str(err.value) and "\n" not in str(err.value)
-
-
-def test_disabled_tracking_touches_nothing(tiny_checkpoint_session, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")  # would fail if used
-    params = tiny_params(tiny_checkpoint_session, tracking={"enabled": False})
-    tracking.log_eval(params, "sft")
-    tracking.log_report(params)
-    assert list(tmp_path.iterdir()) == []
-
-
-def test_lock_hashes_for_finished_and_running_stages(tmp_path):
-    (tmp_path / "dvc.lock").write_text(
-        "schema: '2.0'\nstages:\n"
-        "  train_iter_0:\n    deps:\n"
-        "    - {path: models/theta_0, hash: md5, md5: aaa.dir}\n"
-        "    - {path: stages/train.py, hash: md5, md5: bbb}\n"
-        "    outs:\n    - {path: models/theta_1, hash: md5, md5: ccc.dir}\n"
-        "  train_iter_1:\n    deps:\n    - {path: models/theta_1, hash: md5, md5: old.dir}\n"
-    )
-    (tmp_path / "dvc.yaml").write_text(
-        "stages:\n  train_iter_1:\n    cmd: x\n    deps:\n    - stages/train.py\n"
-        "    - models/theta_1\n"
-    )
-    finished = tracking.lock_hashes("train_iter_0", running="eval_iter_0", root=tmp_path)
-    assert finished == {"models/theta_0": "aaa.dir", "stages/train.py": "bbb"}
-    running = tracking.lock_hashes("train_iter_1", running="train_iter_1", root=tmp_path)
-    assert running == {"models/theta_1": "ccc.dir"}  # not the stale entry of its own last run
-
-
-def test_pipeline_key_ignores_tracking_params(tiny_checkpoint_session):
-    params = tiny_params(tiny_checkpoint_session)
-    renamed = tiny_params(tiny_checkpoint_session, tracking={"experiment": "other"})
-    other_beta = tiny_params(tiny_checkpoint_session, spin={"beta": 0.2})
-    assert tracking.pipeline_key(params) == tracking.pipeline_key(renamed)
-    assert tracking.pipeline_key(params) != tracking.pipeline_key(other_beta)
+def test_tracking_knows_nothing_of_recipes():
+    """The library below the recipes: tracking reads the graph, never a recipe or the runner."""
+    package = Path(tracking.__file__).parent
+    modules = sorted(package.glob("*.py"))
+    assert {p.stem for p in modules} >= {"__init__", "store", "lineage", "runs", "registry"}
+    for path in modules:
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module, *(f"{node.module}.{alias.name}" for alias in node.names)]
+            else:
+                continue
+            for name in names:
+                assert not name.startswith(("spinflow.recipes", "spinflow.runner")), (path, name)

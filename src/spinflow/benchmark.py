@@ -9,8 +9,8 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from spinflow import layout
 from spinflow.config import Params
+from spinflow.graph import BASE_MODEL
 
 
 def _records(params: Params, count: int) -> list[dict]:
@@ -26,10 +26,11 @@ def run_benchmark(
 
     from spinflow.generation import GenerationStats, SamplingParams, generate_answers
     from spinflow.models import build_tiny_model, load_model, load_tokenizer
-    from spinflow.training import encode_pairs, make_accelerator, peak_memory_mb, spin_iteration
+    from spinflow.recipes.spin import encode_pairs, spin_iteration
+    from spinflow.training import make_accelerator, peak_memory_mb
 
     if model_dir is None:
-        model_dir = str(layout.BASE_MODEL) if layout.BASE_MODEL.exists() else None
+        model_dir = str(BASE_MODEL) if BASE_MODEL.exists() else None
     if model_dir is None:
         model_dir = str(build_tiny_model(Path(tempfile.mkdtemp()) / "tiny"))
         print("models/base not found: timing a tiny model (run `dvc repro prepare_model` first)")

@@ -1,70 +1,14 @@
-"""The ``spinflow`` command: what users run outside DVC, and the entry used by ``stages/*.py``."""
+"""The ``spinflow`` command: what users run outside DVC (stages run through :mod:`spinflow.runner`)."""
 
 from __future__ import annotations
 
 import argparse
-import logging
-import os
 import sys
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Sequence
 
-from spinflow.config import PARAMS_FILE, Params, describe_schema, load_params
-from spinflow.errors import ConfigError, SpinflowError
-
-TRACKED_STAGES = frozenset({"sft", "train", "evaluate", "sft_extra", "report"})
-
-
-def run_stage(
-    name: str,
-    fn: Callable[..., Any],
-    argv: Sequence[str] | None = None,
-    add_arguments: Callable[[argparse.ArgumentParser], None] | None = None,
-) -> None:
-    """Parse a stage's arguments, load validated params, call ``fn(params, **args)``.
-
-    A SpinflowError ends the process with one line on stderr and exit status 1.
-    """
-    parser = argparse.ArgumentParser(prog=f"stages/{name}.py")
-    parser.add_argument("--params", default=PARAMS_FILE, help="params file (default: params.yaml)")
-    if add_arguments is not None:
-        add_arguments(parser)
-    args = vars(parser.parse_args(argv))
-    params_path = args.pop("params")
-    _configure_logging()
-    try:
-        params = load_params(params_path)
-        _check_pipeline_file(params)
-        if name in TRACKED_STAGES:
-            from spinflow import tracking
-
-            tracking.preflight(params)  # an unreachable server fails now, not after training
-        result = fn(params, **args)
-    except SpinflowError as exc:
-        print(f"error: {name}: {exc}", file=sys.stderr)
-        raise SystemExit(1) from None
-    if result is not None:
-        logging.getLogger("spinflow").info("%s done: %s", name, result)
-
-
-def _check_pipeline_file(params: Params) -> None:
-    """A stage run by DVC stops when dvc.yaml no longer matches params.yaml (for example after
-    `dvc exp run -S spin.iterations=5`): the stage list itself would be stale."""
-    from spinflow import pipeline
-
-    if os.environ.get("DVC_ROOT") and os.path.exists(pipeline.DVC_FILE):
-        problem = pipeline.check(params, pipeline.DVC_FILE)
-        if problem:
-            raise ConfigError(problem)
-
-
-def _configure_logging() -> None:
-    logging.basicConfig(
-        level=os.environ.get("SPINFLOW_LOG_LEVEL", "INFO"),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+from spinflow.config import PARAMS_FILE, describe_schema, load_params
+from spinflow.errors import SpinflowError
+from spinflow.runner import configure_logging
 
 
 def _cmd_validate(args) -> int:
@@ -131,7 +75,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     b.set_defaults(fn=_cmd_benchmark)
 
     args = parser.parse_args(argv)
-    _configure_logging()
+    configure_logging()
     try:
         return args.fn(args)
     except SpinflowError as exc:

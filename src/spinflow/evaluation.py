@@ -5,8 +5,8 @@ Metrics (all on the test split):
 - ``exact_match``: greedy answer equals the ground truth after normalisation;
 - ``verifier_pass_rate``: greedy answer passes the example's registered verifier (built-in data);
 - ``reward_margin`` / ``reward_accuracy``: SPIN's implicit reward of the real answer minus that of
-  the opponent's greedy answer, β·[(log pθ(y) − log pθk(y)) − (log pθ(y') − log pθk(y'))], when the
-  opponent θk's evaluation rows are given;
+  the opponent's greedy answer (:func:`spinflow.losses.spin_logits`), when the opponent θk's
+  evaluation rows are given;
 - ``answer_length``: mean number of tokens of the greedy answers.
 """
 
@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from spinflow.chat import collate, encode_example
 from spinflow.config import EvalParams, PromptParams
 from spinflow.generation import SamplingParams, generate_answers
-from spinflow.losses import sequence_logps
+from spinflow.losses import sequence_logps, spin_logits
 from spinflow.verifiers import exact_match, verify
 
 
@@ -144,7 +144,7 @@ def evaluate(
             desc="opponent answers",
         )
         margins = [
-            beta * ((p_real - o["real_logps"]) - (p_gen - o["generated_logps"]))
+            spin_logits(p_real, p_gen, o["real_logps"], o["generated_logps"], beta)
             for p_real, p_gen, o in zip(real_logps, policy_generated, opponent, strict=True)
         ]
         metrics["reward_margin"] = sum(margins) / len(margins)

@@ -7,7 +7,6 @@ same file whatever the batch size.
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -16,12 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from spinflow.chat import prompt_ids
-
-
-def prompt_seed(seed: int, key: str) -> int:
-    """A 63-bit seed derived from the run seed and a prompt's id, stable across Python runs."""
-    digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+from spinflow.seeds import derive_seed
 
 
 @dataclass(frozen=True)
@@ -137,7 +131,7 @@ def generate_answers(
     """Answer every record's prompt; returns answers in the order of ``records``.
 
     Prompts are sorted by length so batches carry little padding; each prompt's sampling noise
-    comes from ``prompt_seed(seed, record["id"])``.
+    comes from ``derive_seed(seed, record["id"])``.
     """
     model.eval()
     encoded = [
@@ -151,7 +145,7 @@ def generate_answers(
         for start in range(0, len(order), batch_size):
             chunk = order[start : start + batch_size]
             generators = [
-                torch.Generator().manual_seed(prompt_seed(seed, records[i]["id"])) for i in chunk
+                torch.Generator().manual_seed(derive_seed(seed, records[i]["id"])) for i in chunk
             ]
             token_lists = generate_batch(
                 model,

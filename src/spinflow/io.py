@@ -7,6 +7,7 @@ an interrupted stage never leaves an output that looks complete.
 from __future__ import annotations
 
 import contextlib
+import csv
 import json
 import os
 import shutil
@@ -80,3 +81,17 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
             if line.strip():
                 records.append(json.loads(line))
     return records
+
+
+def write_rows_csv(path: str | os.PathLike, rows: list[dict[str, Any]]) -> None:
+    """Rows as CSV atomically; columns in order of first appearance, floats to 8 digits."""
+    keys: list[str] = []
+    for row in rows:
+        keys.extend(k for k in row if k not in keys)
+    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=keys)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow(
+                {k: (f"{v:.8g}" if isinstance(v, float) else v) for k, v in row.items()}
+            )

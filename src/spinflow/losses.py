@@ -34,6 +34,21 @@ class SpinLossOutput:
         return (self.real_rewards > self.generated_rewards).float()
 
 
+def spin_logits(
+    policy_real_logps, policy_generated_logps, reference_real_logps, reference_generated_logps, beta
+):
+    """β·[(log pθ(y) − log pθk(y)) − (log pθ(y') − log pθk(y'))]: how much more the policy than
+    the opponent prefers the real answer to the generated one (SPIN's implicit reward margin).
+
+    Works element-wise on tensors and on plain floats alike; the loss and the evaluation's
+    reward margin both use it.
+    """
+    return beta * (
+        (policy_real_logps - reference_real_logps)
+        - (policy_generated_logps - reference_generated_logps)
+    )
+
+
 def spin_loss(
     policy_real_logps: torch.Tensor,
     policy_generated_logps: torch.Tensor,
@@ -46,7 +61,13 @@ def spin_loss(
     """SPIN loss of a batch of pairs; every input is a [pairs] tensor of summed log-probs."""
     real_ratio = policy_real_logps - reference_real_logps
     generated_ratio = policy_generated_logps - reference_generated_logps
-    logits = beta * (real_ratio - generated_ratio)
+    logits = spin_logits(
+        policy_real_logps,
+        policy_generated_logps,
+        reference_real_logps,
+        reference_generated_logps,
+        beta,
+    )
     if kind == "sigmoid":
         losses = -F.logsigmoid(logits)
     elif kind == "hinge":

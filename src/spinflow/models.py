@@ -384,11 +384,14 @@ def prepare_base_model(
         elif source == EMBEDDED:
             gguf = embedded_gguf_path()
             location, gguf_name, kind = gguf.parent, gguf.name, EMBEDDED
-            shown = str(gguf)
+            # the package and file, not where this machine installed them: provenance.json in
+            # models/base is hashed by DVC, and an absolute path would differ between clones
+            shown = f"{EMBEDDED_PACKAGE}=={EMBEDDED_VERSION}:{gguf.name}"
         elif Path(source).expanduser().exists() or not _looks_like_hub_id(source):
             location, gguf_name = _resolve_local(source, gguf_file)
             kind = "gguf" if gguf_name else "local"
-            shown = str(location / gguf_name) if gguf_name else str(location)
+            # as the user wrote it (params.yaml), not resolved against this machine's directories
+            shown = str(Path(source) / gguf_name) if gguf_file else source
         else:
             location, gguf_name, kind, shown = source, gguf_file, "hub", source
 

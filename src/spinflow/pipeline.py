@@ -1,22 +1,31 @@
-"""dvc.yaml, generated from params.yaml.
+"""dvc.yaml, rendered from the pipeline graph.
 
 DVC templating cannot compute k−1, and the number of iterations lives in params.yaml, so the
-pipeline file is rendered here: ``spinflow pipeline write`` writes it, ``spinflow pipeline check``
-fails when it and params.yaml disagree. Each stage lists only the parameter keys it reads, so a
-change re-runs exactly the stages it affects.
+pipeline file is rendered from :mod:`spinflow.graph`: ``spinflow pipeline write`` writes it,
+``spinflow pipeline check`` fails when it and params.yaml disagree. Each stage lists only the
+parameter keys it reads, so a change re-runs exactly the stages it affects.
+
+Code dependencies are computed, not listed: a stage depends on its script and on every module of
+the package that the script imports, directly or through other modules, at module level or
+inside a function (:func:`import_closure`). Editing any code a stage runs re-runs that stage.
 """
 
 from __future__ import annotations
 
+import ast
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from spinflow import layout
 from spinflow.config import Params
+from spinflow.errors import SpinflowError
+from spinflow.graph import REPORT_DIR, Graph, Stage, build
 
 DVC_FILE = "dvc.yaml"
+PACKAGE = "spinflow"
+SOURCE_ROOT = Path("src")
+STAGES_DIR = Path("stages")
 HEADER = (
     "# Rendered from params.yaml by `spinflow pipeline write`; do not edit by hand.\n"
     "# Change params.yaml, run `spinflow pipeline write`, then `dvc repro`.\n"
@@ -30,178 +39,131 @@ class _Dumper(yaml.SafeDumper):
         return True
 
 
-def _cmd(script: str, *args: str, accelerate_config: str | None = None) -> str:
+# ---------------------------------------------------------------------------------------------
+# Code dependencies
+
+
+def _module_file(module: str, source_root: Path) -> Path | None:
+    base = source_root.joinpath(*module.split("."))
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _with_packages(module: str) -> list[str]:
+    """Importing ``a.b.c`` runs ``a``, ``a.b`` and ``a.b.c``."""
+    parts = module.split(".")
+    return [".".join(parts[: i + 1]) for i in range(len(parts))]
+
+
+def _imported_modules(path: Path, module: str | None, source_root: Path) -> set[str]:
+    """Package modules that ``path`` imports anywhere in its body (functions included)."""
+    try:
+        tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    except SyntaxError as exc:
+        raise SpinflowError(f"{path}:{exc.lineno}: cannot parse ({exc.msg})") from None
+    is_package = path.name == "__init__.py"
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                if module is None:
+                    continue
+                anchor = module.split(".")
+                anchor = anchor if is_package else anchor[:-1]
+                anchor = anchor[: len(anchor) - (node.level - 1)]
+                base = ".".join([*anchor, node.module] if node.module else anchor)
+            else:
+                base = node.module or ""
+            names = [base]
+            # `from pkg import name`: name may be a submodule
+            names += [f"{base}.{alias.name}" for alias in node.names if alias.name != "*"]
+        else:
+            continue
+        for name in names:
+            if name == PACKAGE or name.startswith(PACKAGE + "."):
+                found.update(m for m in _with_packages(name) if _module_file(m, source_root))
+    return found
+
+
+def import_closure(script: str | Path, source_root: Path = SOURCE_ROOT) -> list[str]:
+    """Files of the package that ``script`` runs when imported or called: its import closure.
+
+    Every ``import`` statement counts, also those inside functions, so a lazily imported module
+    is a dependency too. Returns sorted paths as they appear under ``source_root``.
+    """
+    if not (source_root / PACKAGE).is_dir():
+        raise SpinflowError(
+            f"{source_root / PACKAGE}: not found; run `spinflow pipeline` in the project root"
+        )
+    seen: set[str] = set()
+    todo = sorted(_imported_modules(Path(script), None, source_root))
+    while todo:
+        module = todo.pop()
+        if module in seen:
+            continue
+        seen.add(module)
+        path = _module_file(module, source_root)
+        if path is not None:
+            todo.extend(sorted(_imported_modules(path, module, source_root) - seen))
+    return sorted(str(_module_file(m, source_root)) for m in seen)
+
+
+# ---------------------------------------------------------------------------------------------
+# Rendering
+
+
+def _cmd(stage: Stage, accelerate_config: str | None) -> str:
     launcher = (
-        f"accelerate launch --config_file {accelerate_config}" if accelerate_config else "python"
+        f"accelerate launch --config_file {accelerate_config}"
+        if stage.accelerate and accelerate_config
+        else "python"
     )
-    return " ".join([launcher, f"stages/{script}.py", *args])
+    return f"{launcher} {STAGES_DIR / stage.script}.py {stage.name}"
 
 
-def _code(*modules: str) -> list[str]:
-    return [f"src/spinflow/{m}.py" for m in modules]
+def render_stage(stage: Stage, params: Params, code: dict[str, list[str]]) -> dict[str, Any]:
+    script = str(STAGES_DIR / f"{stage.script}.py")
+    if script not in code:
+        code[script] = import_closure(script)
+    entry: dict[str, Any] = {
+        "cmd": _cmd(stage, params.spin.accelerate_config),
+        "deps": [script, *code[script], *stage.inputs],
+        "params": list(stage.params),
+    }
+    outs: list[Any] = list(stage.outs)
+    outs += [{path: {"cache": False}} for path in stage.uncached_outs]
+    if outs:
+        entry["outs"] = outs
+    if stage.metrics:
+        # metrics, not plain uncached outs, so DVC's run cache still records the stage
+        entry["metrics"] = [{path: {"cache": False}} for path in stage.metrics]
+    if stage.plots:
+        entry["plots"] = [
+            {p.path: {"x": p.x, **({"y": p.y} if p.y else {}), "cache": False}} for p in stage.plots
+        ]
+    return entry
 
 
-def _local_source(source: str) -> list[str]:
-    """A local model directory or data file is a dependency: editing it re-runs its stage."""
-    keyword = source in ("embedded", "tiny", "builtin")
-    return [source] if not keyword and Path(source).exists() else []
-
-
-def render(params: Params) -> dict[str, Any]:
+def render(params: Params, graph: Graph | None = None) -> dict[str, Any]:
     """The dvc.yaml mapping for these params."""
-    sft_on = params.sft.enabled
-    stages: dict[str, Any] = {}
-    prompt_keys = ["prompt", "seed"]
-
-    stages["prepare_model"] = {
-        "cmd": _cmd("prepare_model"),
-        "deps": ["stages/prepare_model.py", *_code("models"), *_local_source(params.model.source)],
-        "params": ["model", "seed"],
-        "outs": [str(layout.BASE_MODEL)],
-    }
-    stages["prepare_data"] = {
-        "cmd": _cmd("prepare_data"),
-        "deps": [
-            "stages/prepare_data.py",
-            *_code("data", "tasks"),
-            *_local_source(params.data.source),
-        ],
-        "params": ["data"],
-        "outs": [str(layout.DATA_DIR)],
-    }
-    if sft_on:
-        stages["sft"] = {
-            "cmd": _cmd("sft", accelerate_config=params.spin.accelerate_config),
-            "deps": [
-                "stages/sft.py",
-                *_code("training", "chat"),
-                str(layout.BASE_MODEL),
-                str(layout.DATA_DIR),
-            ],
-            "params": ["sft", *prompt_keys],
-            "outs": [str(layout.SFT_MODEL)],
-            "metrics": [{f"{layout.METRICS_DIR}/sft.json": {"cache": False}}],
-            "plots": [{str(layout.train_steps("sft")): {"x": "step", "y": "loss", "cache": False}}],
-        }
-
-    def eval_stage(
-        name: str, model_dir: Path, opponent: str | None, extra_params: list[str]
-    ) -> dict[str, Any]:
-        deps = [
-            "stages/evaluate.py",
-            *_code("evaluation", "generation", "verifiers"),
-            str(model_dir),
-            str(layout.DATA_DIR),
-        ]
-        if opponent is not None:
-            deps.append(str(layout.eval_generations(opponent).parent))
-        return {
-            "cmd": _cmd("evaluate", "--model", name),
-            "deps": deps,
-            "params": ["eval", *prompt_keys, *extra_params],
-            "outs": [str(layout.eval_generations(name).parent)],
-            "metrics": [{str(layout.eval_metrics(name)): {"cache": False}}],
-        }
-
-    stages["eval_sft"] = eval_stage("sft", layout.theta(0, sft_enabled=sft_on), None, [])
-
-    for k in range(params.spin.iterations):
-        theta_k = str(layout.theta(k, sft_enabled=sft_on))
-        theta_next = layout.theta(k + 1, sft_enabled=sft_on)
-        stages[f"generate_iter_{k}"] = {
-            "cmd": _cmd("generate", "--iteration", str(k)),
-            "deps": [
-                "stages/generate.py",
-                *_code("generation", "chat"),
-                theta_k,
-                str(layout.DATA_DIR),
-            ],
-            "params": ["generate", "prompt.system_prompt", "prompt.max_prompt_length", "seed"],
-            "outs": [str(layout.generated_dir(k))],
-        }
-        train_params: list[str] = [
-            "spin.train",
-            "spin.beta",
-            "spin.loss",
-            "spin.mix_previous",
-            *prompt_keys,
-        ]
-        if f"iter_{k}" in params.spin.per_iteration:
-            train_params.append(f"spin.per_iteration.iter_{k}")
-        pair_dirs = [
-            str(layout.generated_dir(j)) for j in range(max(0, k - params.spin.mix_previous), k + 1)
-        ]
-        stages[f"train_iter_{k}"] = {
-            "cmd": _cmd(
-                "train", "--iteration", str(k), accelerate_config=params.spin.accelerate_config
-            ),
-            "deps": ["stages/train.py", *_code("training", "losses", "chat"), theta_k, *pair_dirs],
-            "params": train_params,
-            "outs": [str(theta_next)],
-            # metrics, not plain uncached outs, so DVC's run cache still records this stage
-            "metrics": [
-                {str(layout.train_metrics(k)): {"cache": False}},
-                {str(layout.spin_steps(k)): {"cache": False}},
-            ],
-            "plots": [
-                {
-                    str(layout.train_steps(f"train_iter_{k}")): {
-                        "x": "step",
-                        "y": "loss",
-                        "cache": False,
-                    }
-                }
-            ],
-        }
-        beta_key = (
-            [f"spin.per_iteration.iter_{k}"] if f"iter_{k}" in params.spin.per_iteration else []
-        )
-        stages[f"eval_iter_{k}"] = eval_stage(
-            f"iter_{k}", theta_next, "sft" if k == 0 else f"iter_{k - 1}", ["spin.beta", *beta_key]
-        )
-
-    report_deps = ["stages/report.py", *_code("report"), str(layout.eval_metrics("sft"))]
-    report_deps += [str(layout.eval_metrics(f"iter_{k}")) for k in range(params.spin.iterations)]
-    if params.sft_extra.enabled:
-        stages["sft_extra"] = {
-            "cmd": _cmd("sft_extra", accelerate_config=params.spin.accelerate_config),
-            "deps": [
-                "stages/sft_extra.py",
-                *_code("training", "chat"),
-                str(layout.theta(0, sft_enabled=sft_on)),
-                str(layout.DATA_DIR),
-                *[str(layout.spin_steps(k)) for k in range(params.spin.iterations)],
-            ],
-            "params": ["sft", *prompt_keys],
-            "outs": [str(layout.SFT_EXTRA_MODEL)],
-            "metrics": [{f"{layout.METRICS_DIR}/sft_extra.json": {"cache": False}}],
-        }
-        stages["eval_sft_extra"] = eval_stage(
-            "sft_extra", layout.SFT_EXTRA_MODEL, "sft", ["spin.beta"]
-        )
-        report_deps.append(str(layout.eval_metrics("sft_extra")))
-    stages["report"] = {
-        "cmd": _cmd("report"),
-        "deps": report_deps,
-        "params": ["spin.iterations"],
-        "outs": [
-            {str(layout.REPORT_DIR / "results.md"): {"cache": False}},
-            {str(layout.REPORT_DIR / "metrics.png"): {"cache": False}},
-        ],
-        "plots": [
-            {str(layout.REPORT_DIR / "by_iteration.csv"): {"x": "iteration", "cache": False}}
-        ],
-    }
+    graph = graph or build(params)
+    code: dict[str, list[str]] = {}
+    stages = {name: render_stage(s, params, code) for name, s in graph.stages.items()}
     steps_files = {
-        str(layout.train_steps(f"train_iter_{k}")): list(STEP_PLOT_Y)
-        for k in range(params.spin.iterations)
+        str(graph.model(name).steps_csv): list(STEP_PLOT_Y)
+        for name in graph.chain[1:]
+        if graph.model(name).steps_csv is not None
     }
     plots = [
         {"SPIN training per step": {"x": "step", "y": steps_files}},
         {
             "Held-out metrics by iteration": {
                 "x": "iteration",
-                "y": {str(layout.REPORT_DIR / "by_iteration.csv"): list(REPORT_PLOT_Y)},
+                "y": {str(REPORT_DIR / "by_iteration.csv"): list(REPORT_PLOT_Y)},
             }
         },
     ]

@@ -6,8 +6,7 @@ import csv
 from pathlib import Path
 from typing import Any
 
-from spinflow import layout
-from spinflow.config import Params
+from spinflow.graph import REPORT_DIR, Graph
 from spinflow.io import atomic_path, read_json, write_text
 
 COLUMNS = [
@@ -21,32 +20,15 @@ COLUMNS = [
 CHART_METRICS = ["verifier_pass_rate", "exact_match", "answer_logprob_per_token"]
 
 
-def collect(params: Params) -> list[dict[str, Any]]:
-    """One row per evaluated model: θ0, θ1 … θN, then the SFT-extra baseline (if enabled)."""
-    rows = [
-        {
-            "label": "θ0 (SFT)" if params.sft.enabled else "θ0 (base)",
-            "iteration": 0,
-            **read_json(layout.eval_metrics("sft")),
-        }
+def collect(graph: Graph) -> list[dict[str, Any]]:
+    """One row per evaluated model, in graph order: θ0, θ1 … θN, then the baselines.
+
+    ``iteration`` is k for θk on the SPIN chain and None for a baseline off it.
+    """
+    return [
+        {"label": model.label, "iteration": model.index, **read_json(evaluation.metrics)}
+        for model, evaluation in graph.evaluated()
     ]
-    for k in range(params.spin.iterations):
-        rows.append(
-            {
-                "label": f"θ{k + 1} (SPIN iter {k})",
-                "iteration": k + 1,
-                **read_json(layout.eval_metrics(f"iter_{k}")),
-            }
-        )
-    if params.sft_extra.enabled:
-        rows.append(
-            {
-                "label": "SFT-extra (same steps)",
-                "iteration": None,
-                **read_json(layout.eval_metrics("sft_extra")),
-            }
-        )
-    return rows
 
 
 def _cell(row: dict[str, Any], key: str, fmt: str) -> str:
@@ -107,11 +89,11 @@ def write_chart(rows: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
-def write_report(params: Params) -> dict[str, Any]:
-    rows = collect(params)
-    layout.REPORT_DIR.mkdir(parents=True, exist_ok=True)
+def write_report(graph: Graph) -> dict[str, Any]:
+    rows = collect(graph)
+    REPORT_DIR.mkdir(parents=True, exist_ok=True)
     with (
-        atomic_path(layout.REPORT_DIR / "by_iteration.csv") as tmp,
+        atomic_path(REPORT_DIR / "by_iteration.csv") as tmp,
         open(tmp, "w", newline="") as f,
     ):
         writer = csv.writer(f)
@@ -132,6 +114,6 @@ def write_report(params: Params) -> dict[str, Any]:
     tasks = per_task_table(rows)
     if tasks:
         text += ["## Verifier pass rate per task", "", tasks, ""]
-    write_text(layout.REPORT_DIR / "results.md", "\n".join(text))
-    write_chart(rows, layout.REPORT_DIR / "metrics.png")
+    write_text(REPORT_DIR / "results.md", "\n".join(text))
+    write_chart(rows, REPORT_DIR / "metrics.png")
     return {"rows": len(rows)}

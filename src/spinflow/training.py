@@ -1,9 +1,8 @@
-"""Training: one loop shared by SFT and SPIN, built on accelerate.
+"""Training: one loop for every method, built on accelerate.
 
 The same code runs in one CPU process here and in several GPU processes elsewhere (DDP, FSDP or
-DeepSpeed through ``accelerate launch --config_file``). SPIN never holds a second model: the
-opponent's (θk's) log-probabilities of every training pair are computed once, before training,
-by the policy itself while it still equals θk.
+DeepSpeed through ``accelerate launch --config_file``). A method brings its examples, its collate
+function and its loss function (:data:`LossFn`); :func:`train_loop` does the rest.
 """
 
 from __future__ import annotations
@@ -24,7 +23,7 @@ from tqdm.auto import tqdm
 from spinflow.chat import Encoded, collate, encode_example
 from spinflow.config import OptimParams, PromptParams
 from spinflow.errors import TrainingError
-from spinflow.losses import masked_nll, sequence_logps, spin_loss
+from spinflow.losses import masked_nll, sequence_logps
 
 LossFn = Callable[[torch.nn.Module, dict], tuple[torch.Tensor, dict[str, float]]]
 
@@ -131,15 +130,6 @@ class SftExample:
     encoded: Encoded
 
 
-@dataclass(frozen=True)
-class PairExample:
-    index: int
-    real: Encoded
-    generated: Encoded
-    reference_real_logps: float = 0.0
-    reference_generated_logps: float = 0.0
-
-
 def encode_sft(tokenizer, records: Sequence[dict], prompt: PromptParams) -> list[SftExample]:
     return [
         SftExample(
@@ -156,38 +146,9 @@ def encode_sft(tokenizer, records: Sequence[dict], prompt: PromptParams) -> list
     ]
 
 
-def encode_pairs(tokenizer, pairs: Sequence[dict], prompt: PromptParams) -> list[PairExample]:
-    def enc(text: str, record: dict) -> Encoded:
-        return encode_example(
-            tokenizer,
-            record["prompt"],
-            text,
-            system_prompt=prompt.system_prompt,
-            max_prompt_length=prompt.max_prompt_length,
-            max_length=prompt.max_length,
-        )
-
-    return [PairExample(i, enc(p["real"], p), enc(p["generated"], p)) for i, p in enumerate(pairs)]
-
-
 def sft_collate(pad_token_id: int):
     def fn(examples: list[SftExample]) -> dict:
         return collate([e.encoded for e in examples], pad_token_id)
-
-    return fn
-
-
-def pair_collate(pad_token_id: int):
-    """Real answers first, generated ones second, in one padded batch (one forward pass)."""
-
-    def fn(examples: list[PairExample]) -> dict:
-        batch = collate([e.real for e in examples] + [e.generated for e in examples], pad_token_id)
-        batch["index"] = torch.tensor([e.index for e in examples])
-        batch["reference_real_logps"] = torch.tensor([e.reference_real_logps for e in examples])
-        batch["reference_generated_logps"] = torch.tensor(
-            [e.reference_generated_logps for e in examples]
-        )
-        return batch
 
     return fn
 
@@ -205,70 +166,6 @@ def sft_loss_fn(model, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
     )
     loss = masked_nll(out.logits, batch["input_ids"], batch["loss_mask"])
     return loss, {"loss": loss.item()}
-
-
-def spin_loss_fn(beta: float, kind: str) -> LossFn:
-    def fn(model, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
-        logps = forward_logps(model, batch)
-        pairs = batch["index"].numel()
-        real, generated = logps[:pairs], logps[pairs:]
-        out = spin_loss(
-            real,
-            generated,
-            batch["reference_real_logps"].to(real.device),
-            batch["reference_generated_logps"].to(real.device),
-            beta=beta,
-            kind=kind,
-        )
-        return out.loss, {
-            "loss": out.loss.item(),
-            "rewards_real": out.real_rewards.mean().item(),
-            "rewards_generated": out.generated_rewards.mean().item(),
-            "reward_margin": out.margins.mean().item(),
-            "reward_accuracy": out.accuracy.mean().item(),
-            "logps_real": real.detach().mean().item(),
-            "logps_generated": generated.detach().mean().item(),
-        }
-
-    return fn
-
-
-@torch.no_grad()
-def reference_logps(
-    accelerator, model, examples: list[PairExample], batch_size: int, pad_token_id: int
-) -> list[PairExample]:
-    """Attach θk's summed log-probs of both answers to every pair.
-
-    Runs once, before training, while the policy still equals θk; each process scores its own
-    share of the pairs and the results are gathered.
-    """
-    model.to(accelerator.device).eval()
-    mine = examples[accelerator.process_index :: accelerator.num_processes]
-    loader = DataLoader(
-        mine, batch_size=batch_size, shuffle=False, collate_fn=pair_collate(pad_token_id)
-    )
-    scored: list[tuple[int, float, float]] = []
-    for batch in tqdm(
-        loader,
-        desc="reference log-probs",
-        disable=not accelerator.is_local_main_process,
-        dynamic_ncols=True,
-    ):
-        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-        with accelerator.autocast():
-            logps = forward_logps(model, batch).float().cpu()
-        pairs = batch["index"].numel()
-        scored.extend(
-            zip(
-                batch["index"].tolist(), logps[:pairs].tolist(), logps[pairs:].tolist(), strict=True
-            )
-        )
-    if accelerator.num_processes > 1:
-        from accelerate.utils import gather_object
-
-        scored = gather_object(scored)
-    by_index = {index: (real, generated) for index, real, generated in scored}
-    return [PairExample(e.index, e.real, e.generated, *by_index[e.index]) for e in examples]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -379,39 +276,3 @@ def train_loop(
     bar.close()
     result.seconds = time.perf_counter() - started
     return result
-
-
-def spin_iteration(
-    accelerator,
-    model,
-    tokenizer,
-    examples: list[PairExample],
-    optim: OptimParams,
-    *,
-    beta: float,
-    loss: str,
-    seed: int,
-    desc: str,
-):
-    """One SPIN training run: θk's reference pass over every pair, then the updates.
-
-    Returns (trained model, TrainResult, seconds of the reference pass).
-    """
-    started = time.perf_counter()
-    # θk's log-probs, computed by the policy before its first update (it equals θk then)
-    examples = reference_logps(
-        accelerator, model, examples, optim.batch_size, tokenizer.pad_token_id
-    )
-    reference_seconds = time.perf_counter() - started
-    model = apply_lora(model, optim)
-    result = train_loop(
-        accelerator,
-        model,
-        examples,
-        pair_collate(tokenizer.pad_token_id),
-        spin_loss_fn(beta, loss),
-        optim,
-        seed=seed,
-        desc=desc,
-    )
-    return model, result, reference_seconds

@@ -1,0 +1,404 @@
+"""The pipeline graph, declared once.
+
+Nodes are the things the pipeline makes: the base model, the prepared data, θ0 … θN, the
+SFT-extra baseline, each iteration's generated pairs and each model's evaluation. Every node
+names the stage that makes it; every stage names its inputs, the params keys it reads, its
+outputs and the recipe function that runs it. dvc.yaml (:mod:`spinflow.pipeline`), the stage
+functions (:mod:`spinflow.recipes`), tracking (:mod:`spinflow.tracking`) and the report all read
+this graph; none of them parses names.
+
+Paths are relative to the project root. This module imports nothing heavy: it is read by every
+stage and by ``spinflow pipeline``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from spinflow.config import Params
+from spinflow.errors import SpinflowError
+
+BASE_MODEL = Path("models/base")
+DATA_DIR = Path("data/prepared")
+METRICS_DIR = Path("metrics")
+PLOTS_DIR = Path("plots")
+REPORT_DIR = Path("reports")
+REPORT_FILES = ("results.md", "metrics.png", "by_iteration.csv")
+
+# What a model node is, for tracking and the report.
+BASE, BASELINE, ITERATION, SFT_EXTRA = "base", "baseline", "iteration", "sft_extra"
+# What the stage runner hands to tracking after a stage.
+TRAINING, EVALUATION, REPORT = "training", "evaluation", "report"
+
+PROMPT_KEYS = ("prompt", "seed")
+
+
+@dataclass(frozen=True)
+class Model:
+    """A checkpoint the pipeline makes."""
+
+    name: str  # "base", "theta_0" … "theta_N", "sft_extra"
+    path: Path
+    stage: str  # the stage that writes it
+    label: str  # row label in the report
+    role: str  # BASE, BASELINE (θ0), ITERATION (θk+1) or SFT_EXTRA
+    index: int | None = None  # k of θk on the SPIN chain; None off the chain
+    iteration: int | None = None  # the SPIN iteration that made it (θk+1: k)
+    run_name: str | None = None  # its MLflow run
+    train_metrics: Path | None = None  # summary JSON of its training stage
+    steps_csv: Path | None = None  # per-step training metrics
+    pairs: tuple[Path, ...] = ()  # generated pairs it was trained on (SPIN)
+    opponent: str | None = None  # the model it learned to tell itself apart from
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """A model's held-out evaluation."""
+
+    name: str  # "sft", "iter_k", "sft_extra": file names and MLflow sample tables
+    model: str  # the evaluated model's node name
+    stage: str
+    opponent: str | None  # evaluation whose rows hold the opponent's answers and log-probs
+
+    @property
+    def directory(self) -> Path:
+        return Path("eval") / self.name
+
+    @property
+    def generations(self) -> Path:
+        return self.directory / "generations.jsonl"
+
+    @property
+    def metrics(self) -> Path:
+        return METRICS_DIR / f"eval_{self.name}.json"
+
+
+@dataclass(frozen=True)
+class Plot:
+    """A CSV that ``dvc plots`` draws: ``y`` against ``x``."""
+
+    path: str
+    x: str
+    y: str | None = None
+
+
+def steps_plot(stage: str) -> Plot:
+    return Plot(str(steps_csv(stage)), "step", "loss")
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One DVC stage: what it reads, what it writes, which script runs it."""
+
+    name: str
+    script: str  # stages/<script>.py; it receives the stage name as its one argument
+    inputs: tuple[str, ...]  # data and model paths (code dependencies are computed)
+    params: tuple[str, ...]
+    outs: tuple[str, ...] = ()
+    metrics: tuple[str, ...] = ()  # small JSON files, not cached, still in the run cache
+    plots: tuple[Plot, ...] = ()  # CSV plots, not cached
+    uncached_outs: tuple[str, ...] = ()
+    accelerate: bool = False  # launched through `accelerate launch` when configured
+    args: dict[str, object] = field(default_factory=dict)  # keyword arguments of the function
+    track: str | None = None  # TRAINING, EVALUATION or REPORT: what tracking logs afterwards
+    subject: str | None = None  # the model (TRAINING) or evaluation (EVALUATION) it concerns
+
+
+def generated_dir(k: int) -> Path:
+    return Path(f"generated/iter_{k}")
+
+
+def pairs_file(k: int) -> Path:
+    return generated_dir(k) / "pairs.jsonl"
+
+
+def train_metrics(stage: str) -> Path:
+    return METRICS_DIR / f"{stage}.json"
+
+
+def spin_steps(k: int) -> Path:
+    """Optimizer steps of train_iter_k alone, so sft_extra re-runs only when that count changes."""
+    return METRICS_DIR / f"spin_steps_iter_{k}.json"
+
+
+def steps_csv(stage: str) -> Path:
+    return PLOTS_DIR / f"{stage}_steps.csv"
+
+
+def mixed_iterations(params: Params, k: int) -> range:
+    """Iterations whose pairs train_iter_k trains on: its own and ``spin.mix_previous`` before."""
+    return range(max(0, k - params.spin.mix_previous), k + 1)
+
+
+class Graph:
+    """Models, evaluations and stages of the pipeline these params describe."""
+
+    def __init__(self, params: Params):
+        self.params = params
+        self.models: dict[str, Model] = {}
+        self.evaluations: dict[str, Evaluation] = {}
+        self.stages: dict[str, Stage] = {}
+        self._prepare()
+        self._sft()
+        self._spin()
+        self._sft_extra()
+        self._report()
+
+    # -- lookups ------------------------------------------------------------------------------
+
+    def stage(self, name: str) -> Stage:
+        try:
+            return self.stages[name]
+        except KeyError:
+            raise SpinflowError(
+                f"no stage {name!r} in the pipeline params.yaml describes "
+                f"(stages: {', '.join(self.stages)})"
+            ) from None
+
+    def model(self, name: str) -> Model:
+        try:
+            return self.models[name]
+        except KeyError:
+            raise SpinflowError(f"no model {name!r} in this pipeline") from None
+
+    def evaluation(self, name: str) -> Evaluation:
+        try:
+            return self.evaluations[name]
+        except KeyError:
+            raise SpinflowError(f"no evaluation {name!r} in this pipeline") from None
+
+    def theta(self, k: int) -> Model:
+        """θk of the SPIN chain (θ0 is the base model when sft.enabled is false)."""
+        return self.model(self.chain[k])
+
+    @property
+    def chain(self) -> list[str]:
+        """θ0 … θN in order."""
+        ordered = sorted(
+            (m for m in self.models.values() if m.index is not None), key=lambda m: m.index
+        )
+        return [m.name for m in ordered]
+
+    def evaluated(self) -> list[tuple[Model, Evaluation]]:
+        """Every evaluated model with its evaluation: θ0 … θN, then the baselines."""
+        return [(self.models[e.model], e) for e in self.evaluations.values()]
+
+    def evaluation_of(self, model: str) -> Evaluation | None:
+        return next((e for e in self.evaluations.values() if e.model == model), None)
+
+    def producer(self, path: Path | str) -> str:
+        """The stage whose outputs contain ``path``."""
+        target = Path(path)
+        for stage in self.stages.values():
+            paths = (*stage.outs, *stage.metrics, *(p.path for p in stage.plots))
+            for out in (*paths, *stage.uncached_outs):
+                if target == Path(out) or Path(out) in target.parents:
+                    return stage.name
+        raise SpinflowError(f"{path}: no stage of this pipeline makes it")
+
+    # -- declarations ----------------------------------------------------------------------------
+
+    def _add(self, stage: Stage) -> None:
+        self.stages[stage.name] = stage
+
+    def _evaluate(self, name: str, model: str, opponent: str | None, params: tuple[str, ...]):
+        evaluation = Evaluation(name, model, f"eval_{name}", opponent)
+        inputs = [str(self.models[model].path), str(DATA_DIR)]
+        if opponent is not None:
+            inputs.append(str(self.evaluations[opponent].directory))
+        self.evaluations[name] = evaluation
+        self._add(
+            Stage(
+                evaluation.stage,
+                "evaluate",
+                tuple(inputs),
+                ("eval", *PROMPT_KEYS, *params),
+                outs=(str(evaluation.directory),),
+                metrics=(str(evaluation.metrics),),
+                args={"name": name},
+                track=EVALUATION,
+                subject=name,
+            )
+        )
+
+    def _prepare(self) -> None:
+        p = self.params
+        self.models["base"] = Model("base", BASE_MODEL, "prepare_model", "base", BASE)
+        self._add(
+            Stage(
+                "prepare_model",
+                "prepare_model",
+                tuple(_local_source(p.model.source)),
+                ("model", "seed"),
+                outs=(str(BASE_MODEL),),
+            )
+        )
+        self._add(
+            Stage(
+                "prepare_data",
+                "prepare_data",
+                tuple(_local_source(p.data.source)),
+                ("data",),
+                outs=(str(DATA_DIR),),
+            )
+        )
+
+    def _sft(self) -> None:
+        """θ0: the base model fine-tuned on the SFT split, or the base model itself."""
+        p = self.params
+        if p.sft.enabled:
+            self.models["theta_0"] = Model(
+                "theta_0",
+                Path("models/theta_0"),
+                "sft",
+                "θ0 (SFT)",
+                BASELINE,
+                index=0,
+                run_name="theta_0 (sft)",
+                train_metrics=train_metrics("sft"),
+                steps_csv=steps_csv("sft"),
+            )
+            self._add(
+                Stage(
+                    "sft",
+                    "sft",
+                    (str(BASE_MODEL), str(DATA_DIR)),
+                    ("sft", *PROMPT_KEYS),
+                    outs=("models/theta_0",),
+                    metrics=(str(train_metrics("sft")),),
+                    plots=(steps_plot("sft"),),
+                    accelerate=True,
+                    track=TRAINING,
+                    subject="theta_0",
+                )
+            )
+        else:
+            self.models["theta_0"] = Model(
+                "theta_0",
+                BASE_MODEL,
+                "prepare_model",
+                "θ0 (base)",
+                BASELINE,
+                index=0,
+                run_name="theta_0 (base)",
+            )
+        self._evaluate("sft", "theta_0", None, ())
+
+    def _spin(self) -> None:
+        """Iteration k: θk answers the pool (generate_iter_k), θk+1 learns to tell the real
+        answers from θk's (train_iter_k), θk+1 is evaluated against θk (eval_iter_k)."""
+        p = self.params
+        for k in range(p.spin.iterations):
+            theta_k = self.theta(k)
+            self._add(
+                Stage(
+                    f"generate_iter_{k}",
+                    "generate",
+                    (str(theta_k.path), str(DATA_DIR)),
+                    ("generate", "prompt.system_prompt", "prompt.max_prompt_length", "seed"),
+                    outs=(str(generated_dir(k)),),
+                    args={"k": k},
+                )
+            )
+            override = (
+                (f"spin.per_iteration.iter_{k}",) if f"iter_{k}" in p.spin.per_iteration else ()
+            )
+            mixed = tuple(generated_dir(j) for j in mixed_iterations(p, k))
+            name = f"theta_{k + 1}"
+            stage = f"train_iter_{k}"
+            self.models[name] = Model(
+                name,
+                Path(f"models/{name}"),
+                stage,
+                f"θ{k + 1} (SPIN iter {k})",
+                ITERATION,
+                index=k + 1,
+                iteration=k,
+                run_name=f"iter_{k}",
+                train_metrics=train_metrics(stage),
+                steps_csv=steps_csv(stage),
+                pairs=tuple(pairs_file(j) for j in mixed_iterations(p, k)),
+                opponent=theta_k.name,
+            )
+            self._add(
+                Stage(
+                    stage,
+                    "train",
+                    (str(theta_k.path), *map(str, mixed)),
+                    ("spin.train", "spin.beta", "spin.loss", "spin.mix_previous")
+                    + PROMPT_KEYS
+                    + override,
+                    outs=(f"models/{name}",),
+                    metrics=(str(train_metrics(stage)), str(spin_steps(k))),
+                    plots=(steps_plot(stage),),
+                    accelerate=True,
+                    args={"k": k},
+                    track=TRAINING,
+                    subject=name,
+                )
+            )
+            opponent = self.evaluation_of(theta_k.name)
+            self._evaluate(f"iter_{k}", name, opponent.name, ("spin.beta", *override))
+
+    def _sft_extra(self) -> None:
+        """Baseline: θ0 trained further with plain SFT for as many steps as all of SPIN."""
+        p = self.params
+        if not p.sft_extra.enabled:
+            return
+        theta_0 = self.theta(0)
+        self.models["sft_extra"] = Model(
+            "sft_extra",
+            Path("models/sft_extra"),
+            "sft_extra",
+            "SFT-extra (same steps)",
+            SFT_EXTRA,
+            run_name="sft_extra",
+            train_metrics=train_metrics("sft_extra"),
+            steps_csv=steps_csv("sft_extra"),
+            opponent=theta_0.name,
+        )
+        self._add(
+            Stage(
+                "sft_extra",
+                "sft_extra",
+                (
+                    str(theta_0.path),
+                    str(DATA_DIR),
+                    *(str(spin_steps(k)) for k in range(p.spin.iterations)),
+                ),
+                ("sft", *PROMPT_KEYS),
+                outs=("models/sft_extra",),
+                metrics=(str(train_metrics("sft_extra")),),
+                plots=(steps_plot("sft_extra"),),
+                accelerate=True,
+                track=TRAINING,
+                subject="sft_extra",
+            )
+        )
+        self._evaluate(
+            "sft_extra", "sft_extra", self.evaluation_of(theta_0.name).name, ("spin.beta",)
+        )
+
+    def _report(self) -> None:
+        self._add(
+            Stage(
+                "report",
+                "report",
+                tuple(str(e.metrics) for e in self.evaluations.values()),
+                ("spin.iterations",),
+                uncached_outs=(str(REPORT_DIR / "results.md"), str(REPORT_DIR / "metrics.png")),
+                plots=(Plot(str(REPORT_DIR / "by_iteration.csv"), "iteration"),),
+                track=REPORT,
+            )
+        )
+
+
+def _local_source(source: str) -> list[str]:
+    """A local model directory or data file is a dependency: editing it re-runs its stage."""
+    keyword = source in ("embedded", "tiny", "builtin")
+    return [source] if not keyword and Path(source).exists() else []
+
+
+def build(params: Params) -> Graph:
+    return Graph(params)

@@ -1,0 +1,79 @@
+"""Held-out evaluation of any model of the pipeline (``eval_<name>``) and the report.
+
+An evaluation whose graph node names an opponent (θk for θk+1, θ0 for the SFT-extra baseline)
+reads the opponent's evaluation rows, so the reward margin needs no second model in memory.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from spinflow import graph as pipeline_graph
+from spinflow.config import Params
+from spinflow.graph import DATA_DIR
+from spinflow.io import atomic_path, read_jsonl, write_json, write_jsonl
+from spinflow.provenance import PROVENANCE_FILE, provenance
+from spinflow.recipes.common import require
+
+
+def _beta(params: Params, model: pipeline_graph.Model) -> float:
+    """β of the SPIN iteration that made ``model``; ``spin.beta`` for any other model."""
+    if model.iteration is not None:
+        return params.train_for(model.iteration)[1]
+    return params.spin.beta
+
+
+def evaluate(params: Params, name: str) -> dict[str, Any]:
+    """Evaluate one model on the test split: metrics/eval_<name>.json and eval/<name>/."""
+    from spinflow.data import load_split
+    from spinflow.evaluation import evaluate as run_eval
+    from spinflow.models import load_model, load_tokenizer
+
+    graph = pipeline_graph.build(params)
+    evaluation = graph.evaluation(name)
+    model_node = graph.model(evaluation.model)
+    source = require(graph, model_node.path)
+    records = load_split(DATA_DIR, "test")
+    opponent = graph.evaluation(evaluation.opponent) if evaluation.opponent else None
+    reference = read_jsonl(require(graph, opponent.generations)) if opponent else None
+    beta = _beta(params, model_node)
+    tokenizer = load_tokenizer(source)
+    model = load_model(source)
+    metrics, rows = run_eval(
+        model,
+        tokenizer,
+        records,
+        prompt=params.prompt,
+        params=params.eval,
+        seed=params.seed,
+        reference=reference,
+        beta=beta,
+    )
+    metrics = {"model": name, **metrics}
+    inputs = {"model": source, "test": DATA_DIR / "test.jsonl"}
+    if opponent:
+        inputs["opponent"] = opponent.generations
+    with atomic_path(evaluation.directory, directory=True) as tmp:
+        write_jsonl(tmp / evaluation.generations.name, rows)
+        write_json(
+            tmp / PROVENANCE_FILE,
+            provenance(
+                evaluation.stage,
+                {
+                    "eval": params.eval.model_dump(),
+                    "prompt": params.prompt.model_dump(),
+                    "beta": beta,
+                    "seed": params.seed,
+                },
+                inputs,
+            ),
+        )
+    write_json(evaluation.metrics, metrics)
+    return metrics
+
+
+def report(params: Params) -> dict[str, Any]:
+    """Every evaluated model in one table, one DVC plot and one chart (reports/)."""
+    from spinflow.report import write_report
+
+    return write_report(pipeline_graph.build(params))

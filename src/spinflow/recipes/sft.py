@@ -1,0 +1,126 @@
+"""Supervised fine-tuning: θ0 (stage ``sft``) and the SFT-extra baseline (stage ``sft_extra``).
+
+The baseline keeps training θ0 with plain SFT on the SPIN pool's real answers for as many
+optimizer steps as all SPIN iterations took together, so SPIN is compared at equal steps.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from spinflow import graph as pipeline_graph
+from spinflow.config import Params
+from spinflow.errors import SpinflowError
+from spinflow.graph import DATA_DIR, Graph, Model
+from spinflow.io import read_json, write_json, write_rows_csv
+from spinflow.provenance import PROVENANCE_FILE, provenance
+from spinflow.recipes.common import require
+from spinflow.seeds import stage_seed
+
+
+def _supervised(
+    params: Params,
+    target: Model,
+    *,
+    source: Path,
+    records: list[dict],
+    max_steps: int | None,
+    extra_inputs: dict[str, Path],
+) -> dict[str, Any]:
+    from spinflow.models import load_model, load_tokenizer
+    from spinflow.training import (
+        apply_lora,
+        encode_sft,
+        make_accelerator,
+        save_checkpoint,
+        seed_everything,
+        sft_collate,
+        sft_loss_fn,
+        train_loop,
+    )
+
+    optim = params.sft
+    stage = target.stage
+    seed = stage_seed(params.seed, stage)
+    seed_everything(seed)
+    accelerator = make_accelerator(optim)
+    tokenizer = load_tokenizer(source)
+    model = apply_lora(load_model(source), optim)
+    examples = encode_sft(tokenizer, records, params.prompt)
+    result = train_loop(
+        accelerator,
+        model,
+        examples,
+        sft_collate(tokenizer.pad_token_id),
+        sft_loss_fn,
+        optim,
+        seed=seed,
+        desc=stage,
+        max_steps=max_steps,
+    )
+    save_checkpoint(accelerator, model, tokenizer, target.path)
+    summary = {"examples": len(examples), **result.summary()}
+    if accelerator.is_main_process:
+        write_json(
+            target.path / PROVENANCE_FILE,
+            provenance(
+                stage,
+                {
+                    "sft": optim.model_dump(),
+                    "prompt": params.prompt.model_dump(),
+                    "max_steps": max_steps,
+                    "seed": params.seed,
+                },
+                {"model": source, **extra_inputs},
+            ),
+        )
+        write_json(target.train_metrics, summary)
+        write_rows_csv(target.steps_csv, result.history)
+    return summary
+
+
+def sft(params: Params) -> dict[str, Any]:
+    """θ0: the base model fine-tuned on the SFT split."""
+    from spinflow.data import load_split
+
+    graph = pipeline_graph.build(params)
+    records = load_split(DATA_DIR, "sft")
+    if not records:
+        raise SpinflowError(
+            "data/prepared/sft.jsonl is empty: raise data.num_sft or set sft.enabled: false"
+        )
+    return _supervised(
+        params,
+        graph.theta(0),
+        source=require(graph, graph.model("base").path),
+        records=records,
+        max_steps=None,
+        extra_inputs={"data": DATA_DIR / "sft.jsonl"},
+    )
+
+
+def spin_optimizer_steps(params: Params, graph: Graph | None = None) -> int:
+    """Optimizer steps that all SPIN iterations took, read from their training metrics."""
+    graph = graph or pipeline_graph.build(params)
+    total = 0
+    for k in range(params.spin.iterations):
+        path = require(graph, pipeline_graph.spin_steps(k))
+        total += int(read_json(path)["optimizer_steps"])
+    return total
+
+
+def sft_extra(params: Params) -> dict[str, Any]:
+    """Baseline: θ0 trained further with plain SFT on the SPIN pool's real answers, for as many
+    optimizer steps as all SPIN iterations together."""
+    from spinflow.data import load_split
+
+    graph = pipeline_graph.build(params)
+    return _supervised(
+        params,
+        graph.model("sft_extra"),
+        source=require(graph, graph.theta(0).path),
+        records=load_split(DATA_DIR, "pool"),
+        max_steps=spin_optimizer_steps(params, graph),
+        extra_inputs={"data": DATA_DIR / "pool.jsonl"},
+    )

@@ -1,0 +1,330 @@
+"""SPIN (arXiv 2401.01335): self-play fine-tuning, one iteration at a time.
+
+Iteration k:
+
+- ``generate_iter_k``: θk answers every prompt of the SPIN pool; each prompt's real answer and
+  θk's generated one make a pair (generated/iter_k/pairs.jsonl);
+- ``train_iter_k``: the policy starts from θk and learns to tell real answers from θk's, with the
+  SPIN loss (:func:`spinflow.losses.spin_loss`) against θk as the frozen opponent. It trains on its
+  own pairs and those of ``spin.mix_previous`` earlier iterations. θk's log-probs of every pair
+  are computed once, by the policy before its first update (it equals θk then), so no second
+  model is held in memory. The result is θk+1.
+
+Evaluation of θk+1 against θk (``eval_iter_k``) is the shared evaluate stage; the reward margin it
+reports is :func:`spinflow.losses.spin_logits` on the test answers.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from spinflow import graph as pipeline_graph
+from spinflow.chat import Encoded, collate, encode_example
+from spinflow.config import OptimParams, Params, PromptParams
+from spinflow.graph import DATA_DIR, Graph
+from spinflow.io import atomic_path, read_jsonl, write_json, write_jsonl, write_rows_csv
+from spinflow.losses import spin_loss
+from spinflow.provenance import PROVENANCE_FILE, provenance
+from spinflow.recipes.common import require
+from spinflow.seeds import stage_seed
+from spinflow.training import LossFn, apply_lora, forward_logps, train_loop
+
+log = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pairs
+
+
+@dataclass(frozen=True)
+class PairExample:
+    """One training pair, tokenised, with θk's summed log-probs once the reference pass ran."""
+
+    index: int
+    real: Encoded
+    generated: Encoded
+    reference_real_logps: float = 0.0
+    reference_generated_logps: float = 0.0
+
+
+def make_pairs(pool: Sequence[dict], answers: Sequence[str], k: int) -> list[dict]:
+    """Pool records and θk's answers as pair records (real = the human answer)."""
+    return [
+        {
+            "id": r["id"],
+            "iteration": k,
+            "task": r["task"],
+            "prompt": r["prompt"],
+            "real": r["answer"],
+            "generated": a,
+        }
+        for r, a in zip(pool, answers, strict=True)
+    ]
+
+
+def training_pairs(params: Params, k: int, graph: Graph | None = None) -> list[dict]:
+    """This iteration's pairs plus those of ``spin.mix_previous`` earlier iterations (oldest first)."""
+    graph = graph or pipeline_graph.build(params)
+    pairs: list[dict] = []
+    for path in graph.theta(k + 1).pairs:
+        pairs.extend(read_jsonl(require(graph, path)))
+    return pairs
+
+
+def encode_pairs(tokenizer, pairs: Sequence[dict], prompt: PromptParams) -> list[PairExample]:
+    def enc(text: str, record: dict) -> Encoded:
+        return encode_example(
+            tokenizer,
+            record["prompt"],
+            text,
+            system_prompt=prompt.system_prompt,
+            max_prompt_length=prompt.max_prompt_length,
+            max_length=prompt.max_length,
+        )
+
+    return [PairExample(i, enc(p["real"], p), enc(p["generated"], p)) for i, p in enumerate(pairs)]
+
+
+def pair_collate(pad_token_id: int):
+    """Real answers first, generated ones second, in one padded batch (one forward pass)."""
+
+    def fn(examples: list[PairExample]) -> dict:
+        batch = collate([e.real for e in examples] + [e.generated for e in examples], pad_token_id)
+        batch["index"] = torch.tensor([e.index for e in examples])
+        batch["reference_real_logps"] = torch.tensor([e.reference_real_logps for e in examples])
+        batch["reference_generated_logps"] = torch.tensor(
+            [e.reference_generated_logps for e in examples]
+        )
+        return batch
+
+    return fn
+
+
+# ---------------------------------------------------------------------------------------------
+# The loss wiring and the reference pass
+
+
+def spin_loss_fn(beta: float, kind: str) -> LossFn:
+    def fn(model, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+        logps = forward_logps(model, batch)
+        pairs = batch["index"].numel()
+        real, generated = logps[:pairs], logps[pairs:]
+        out = spin_loss(
+            real,
+            generated,
+            batch["reference_real_logps"].to(real.device),
+            batch["reference_generated_logps"].to(real.device),
+            beta=beta,
+            kind=kind,
+        )
+        return out.loss, {
+            "loss": out.loss.item(),
+            "rewards_real": out.real_rewards.mean().item(),
+            "rewards_generated": out.generated_rewards.mean().item(),
+            "reward_margin": out.margins.mean().item(),
+            "reward_accuracy": out.accuracy.mean().item(),
+            "logps_real": real.detach().mean().item(),
+            "logps_generated": generated.detach().mean().item(),
+        }
+
+    return fn
+
+
+@torch.no_grad()
+def reference_logps(
+    accelerator, model, examples: list[PairExample], batch_size: int, pad_token_id: int
+) -> list[PairExample]:
+    """Attach θk's summed log-probs of both answers to every pair.
+
+    Runs once, before training, while the policy still equals θk; each process scores its own
+    share of the pairs and the results are gathered.
+    """
+    model.to(accelerator.device).eval()
+    mine = examples[accelerator.process_index :: accelerator.num_processes]
+    loader = DataLoader(
+        mine, batch_size=batch_size, shuffle=False, collate_fn=pair_collate(pad_token_id)
+    )
+    scored: list[tuple[int, float, float]] = []
+    for batch in tqdm(
+        loader,
+        desc="reference log-probs",
+        disable=not accelerator.is_local_main_process,
+        dynamic_ncols=True,
+    ):
+        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+        with accelerator.autocast():
+            logps = forward_logps(model, batch).float().cpu()
+        pairs = batch["index"].numel()
+        scored.extend(
+            zip(
+                batch["index"].tolist(), logps[:pairs].tolist(), logps[pairs:].tolist(), strict=True
+            )
+        )
+    if accelerator.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        scored = gather_object(scored)
+    by_index = {index: (real, generated) for index, real, generated in scored}
+    return [PairExample(e.index, e.real, e.generated, *by_index[e.index]) for e in examples]
+
+
+def spin_iteration(
+    accelerator,
+    model,
+    tokenizer,
+    examples: list[PairExample],
+    optim: OptimParams,
+    *,
+    beta: float,
+    loss: str,
+    seed: int,
+    desc: str,
+):
+    """One SPIN training run: θk's reference pass over every pair, then the updates.
+
+    Returns (trained model, TrainResult, seconds of the reference pass).
+    """
+    started = time.perf_counter()
+    # θk's log-probs, computed by the policy before its first update (it equals θk then)
+    examples = reference_logps(
+        accelerator, model, examples, optim.batch_size, tokenizer.pad_token_id
+    )
+    reference_seconds = time.perf_counter() - started
+    model = apply_lora(model, optim)
+    result = train_loop(
+        accelerator,
+        model,
+        examples,
+        pair_collate(tokenizer.pad_token_id),
+        spin_loss_fn(beta, loss),
+        optim,
+        seed=seed,
+        desc=desc,
+    )
+    return model, result, reference_seconds
+
+
+# ---------------------------------------------------------------------------------------------
+# Stages
+
+
+def generate(params: Params, k: int) -> dict[str, Any]:
+    """θk answers every prompt of the SPIN pool; writes generated/iter_k/pairs.jsonl."""
+    from spinflow.data import load_split
+    from spinflow.generation import GenerationStats, SamplingParams, generate_answers
+    from spinflow.models import load_model, load_tokenizer
+
+    graph = pipeline_graph.build(params)
+    stage = f"generate_iter_{k}"
+    source = require(graph, graph.theta(k).path)
+    pool = load_split(DATA_DIR, "pool")
+    tokenizer = load_tokenizer(source)
+    model = load_model(source)
+    g = params.generate
+    stats = GenerationStats()
+    answers = generate_answers(
+        model,
+        tokenizer,
+        pool,
+        sampling=SamplingParams(g.temperature, g.top_p, g.max_new_tokens),
+        seed=stage_seed(params.seed, stage),
+        batch_size=g.batch_size,
+        system_prompt=params.prompt.system_prompt,
+        max_prompt_length=params.prompt.max_prompt_length,
+        desc=stage,
+        stats=stats,
+    )
+    pairs = make_pairs(pool, answers, k)
+    out = pipeline_graph.generated_dir(k)
+    with atomic_path(out, directory=True) as tmp:
+        write_jsonl(tmp / pipeline_graph.pairs_file(k).name, pairs)
+        write_json(
+            tmp / PROVENANCE_FILE,
+            provenance(
+                stage,
+                {
+                    "generate": g.model_dump(),
+                    "prompt": params.prompt.model_dump(),
+                    "seed": params.seed,
+                },
+                {"model": source, "pool": DATA_DIR / "pool.jsonl"},
+            ),
+        )
+    summary = {
+        "prompts": stats.prompts,
+        "answer_tokens": stats.new_tokens,
+        "seconds": round(stats.seconds, 3),
+        "tokens_per_second": round(stats.tokens_per_second, 2),
+        "identical_to_real": sum(p["generated"].strip() == p["real"].strip() for p in pairs),
+    }
+    log.info("%s: %s", stage, summary)
+    return summary
+
+
+def train(params: Params, k: int) -> dict[str, Any]:
+    """θk+1: start from θk, opponent θk, SPIN loss on real vs generated answers."""
+    from spinflow.models import load_model, load_tokenizer
+    from spinflow.training import make_accelerator, save_checkpoint, seed_everything
+
+    graph = pipeline_graph.build(params)
+    target = graph.theta(k + 1)
+    optim, beta = params.train_for(k)
+    source = require(graph, graph.theta(k).path)
+    pairs = training_pairs(params, k, graph)
+    seed = stage_seed(params.seed, target.stage)
+    seed_everything(seed)
+    accelerator = make_accelerator(optim)
+    tokenizer = load_tokenizer(source)
+    model = load_model(source)
+    examples = encode_pairs(tokenizer, pairs, params.prompt)
+    model, result, _ = spin_iteration(
+        accelerator,
+        model,
+        tokenizer,
+        examples,
+        optim,
+        beta=beta,
+        loss=params.spin.loss,
+        seed=seed,
+        desc=target.stage,
+    )
+    save_checkpoint(accelerator, model, tokenizer, target.path)
+    summary = {
+        "iteration": k,
+        "pairs": len(examples),
+        "beta": beta,
+        "learning_rate": optim.learning_rate,
+        **result.summary(),
+    }
+    if accelerator.is_main_process:
+        inputs: dict[str, Path] = {"model": source}
+        for path in target.pairs:
+            inputs[f"pairs_{path.parent.name}"] = path
+        write_json(
+            target.path / PROVENANCE_FILE,
+            provenance(
+                target.stage,
+                {
+                    "train": optim.model_dump(),
+                    "beta": beta,
+                    "loss": params.spin.loss,
+                    "mix_previous": params.spin.mix_previous,
+                    "prompt": params.prompt.model_dump(),
+                    "seed": params.seed,
+                },
+                inputs,
+            ),
+        )
+        write_json(target.train_metrics, summary)
+        write_json(pipeline_graph.spin_steps(k), {"optimizer_steps": result.steps})
+        write_rows_csv(target.steps_csv, result.history)
+    return summary

@@ -1,0 +1,84 @@
+"""The stage runner: what every ``stages/*.py`` script calls.
+
+``python stages/<script>.py <stage>`` runs one stage of the graph: it loads the validated
+params, checks that dvc.yaml still matches them (under DVC), calls the recipe function with the
+keyword arguments the graph declares for that stage, and then hands the stage to tracking (the
+one place MLflow is called from). A SpinflowError ends the process with one line on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from spinflow.config import PARAMS_FILE, Params, load_params
+from spinflow.errors import ConfigError, SpinflowError
+from spinflow.graph import Graph, build
+
+StageFunction = Callable[..., Any]
+
+
+def execute(params: Params, stage_name: str, fn: StageFunction, graph: Graph | None = None) -> Any:
+    """Run ``fn`` as the graph's stage ``stage_name``, then log it to MLflow when tracking is on.
+
+    Tracking is checked before the stage starts, so an unreachable server fails at once rather
+    than after hours of training.
+    """
+    from spinflow import tracking
+
+    graph = graph or build(params)
+    stage = graph.stage(stage_name)
+    if stage.track:
+        tracking.preflight(params)
+    result = fn(params, **stage.args)
+    if stage.track:
+        tracking.after_stage(params, graph, stage)
+    return result
+
+
+def run_stage(script: str, fn: StageFunction, argv: Sequence[str] | None = None) -> None:
+    """Entry point of ``stages/<script>.py``: parse the stage name, run it, one-line errors."""
+    parser = argparse.ArgumentParser(prog=f"stages/{script}.py")
+    parser.add_argument("stage", help="the DVC stage to run, as named in dvc.yaml")
+    parser.add_argument("--params", default=PARAMS_FILE, help="params file (default: params.yaml)")
+    args = parser.parse_args(argv)
+    configure_logging()
+    try:
+        params = load_params(args.params)
+        _check_pipeline_file(params)
+        graph = build(params)
+        stage = graph.stage(args.stage)
+        if stage.script != script:
+            raise ConfigError(
+                f"stage {stage.name!r} is run by stages/{stage.script}.py, not stages/{script}.py"
+            )
+        result = execute(params, stage.name, fn, graph)
+    except SpinflowError as exc:
+        print(f"error: {args.stage}: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
+    if result is not None:
+        logging.getLogger("spinflow").info("%s done: %s", args.stage, result)
+
+
+def _check_pipeline_file(params: Params) -> None:
+    """A stage run by DVC stops when dvc.yaml no longer matches params.yaml (for example after
+    `dvc exp run -S spin.iterations=5`): the stage list itself would be stale."""
+    from spinflow import pipeline
+
+    if os.environ.get("DVC_ROOT") and os.path.exists(pipeline.DVC_FILE):
+        problem = pipeline.check(params, pipeline.DVC_FILE)
+        if problem:
+            raise ConfigError(problem)
+
+
+def configure_logging() -> None:
+    logging.basicConfig(
+        level=os.environ.get("SPINFLOW_LOG_LEVEL", "INFO"),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -1,0 +1,120 @@
+"""Where runs go: the tracking URI, the artifact location, and whether MLflow can be used."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from spinflow.config import Params
+from spinflow.errors import SpinflowError
+
+DB_FILE = "mlflow.db"
+ARTIFACTS_DIR = "mlartifacts"
+SQLITE = "sqlite:///"
+
+# Tags by which runs and registered versions are found again: stages are separate processes
+TAG_KEY = "spinflow.pipeline_key"
+TAG_ROLE = "spinflow.role"
+TAG_ITERATION = "spinflow.iteration"
+TAG_MODEL_HASH = "spinflow.model_hash"
+TAG_VERSION = "spinflow.model_version"
+TAG_MANAGED = "spinflow.managed"
+TAG_SUPERSEDED = "spinflow.superseded_by"
+TAG_STAGES = "dvc.stages"
+TAG_PARENT = "mlflow.parentRunId"
+TAG_NOTE = "mlflow.note.content"
+
+
+class TrackingError(SpinflowError):
+    """MLflow cannot be reached or refused what a stage logged."""
+
+
+def project_root() -> Path:
+    """The DVC repository root that owns the tracking database.
+
+    ``DVC_ROOT`` when DVC runs the stage (for queued and temporary experiments DVC points it at
+    the original repository), else the nearest directory above the working directory holding a
+    ``.dvc`` folder, else the working directory. A path inside ``<repo>/.dvc/tmp/exps/`` (a
+    temporary experiment workspace) resolves to ``<repo>``.
+    """
+    env = os.environ.get("DVC_ROOT")
+    if env:
+        base = Path(env).resolve()
+    else:
+        cwd = Path.cwd().resolve()
+        base = next((d for d in (cwd, *cwd.parents) if (d / ".dvc").is_dir()), cwd)
+    parts = base.parts
+    for i in range(len(parts) - 2):
+        if parts[i : i + 3] == (".dvc", "tmp", "exps"):
+            return Path(*parts[:i])
+    return base
+
+
+def tracking_uri() -> str:
+    """``MLFLOW_TRACKING_URI`` (a relative SQLite path made absolute against the project root),
+    else ``sqlite:///<root>/mlflow.db``."""
+    root = project_root()
+    env = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
+    if not env:
+        return f"{SQLITE}{root / DB_FILE}"
+    if env.startswith(SQLITE):
+        rest = env[len(SQLITE) :]
+        if rest and not rest.startswith(("/", ":memory:")):
+            return SQLITE + str(root / rest)
+    return env
+
+
+def artifact_location(uri: str) -> str | None:
+    """For a SQLite store: ``mlartifacts/`` beside the database file; else the server decides."""
+    if not uri.startswith(SQLITE):
+        return None
+    db = Path(uri[len(SQLITE) :].split("?", 1)[0])
+    if not db.is_absolute():
+        return None
+    return (db.parent / ARTIFACTS_DIR).as_uri()
+
+
+def pipeline_key(params: Params) -> str:
+    """12 hex digits identifying a pipeline: a hash of every parameter except ``tracking``."""
+    data = params.model_dump(mode="json")
+    data.pop("tracking", None)
+    text = json.dumps(data, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def check_reachable(uri: str, timeout: float = 10.0) -> None:
+    """Raise TrackingError when an http(s) tracking server does not answer at all."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout):
+            pass
+    except urllib.error.HTTPError:
+        return  # something answered; authentication or routing is MLflow's business
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", None) or exc
+        raise TrackingError(
+            f"MLflow tracking server {uri} is unreachable ({reason}); start it, point "
+            "MLFLOW_TRACKING_URI at a running server, or set tracking.enabled: false"
+        ) from None
+
+
+def require_mlflow() -> None:
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    try:
+        import mlflow  # noqa: F401
+    except ImportError:
+        raise TrackingError(
+            "tracking.enabled is true but mlflow is not installed; install it "
+            "(pip install mlflow) or set tracking.enabled: false"
+        ) from None
+
+
+def is_main_process() -> bool:
+    """Rank 0 of a distributed launch (the only process that logs), or a plain process."""
+    return int(os.environ.get("RANK", "0") or 0) == 0

@@ -1,0 +1,173 @@
+"""Tests for spinflow.recipes.spin: pairs, mixing, the reference pass and the loss wiring."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from conftest import make_optim
+from spinflow import training
+from spinflow.chat import answer_ids, prompt_ids
+from spinflow.config import PromptParams
+from spinflow.recipes import spin
+
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
+
+PROMPT = PromptParams(system_prompt=None, max_prompt_length=128, max_length=256)
+
+PAIRS = [
+    {"prompt": f"What is {i} plus {i}?", "real": f"{i} plus {i} is {2 * i}.", "generated": g}
+    for i, g in enumerate(["zq xx", "banana yes", "no idea at all", "7", "well, maybe 3", "qq"])
+]
+
+
+def _pair_examples(tokenizer, accelerator, model, pairs=PAIRS):
+    examples = spin.encode_pairs(tokenizer, pairs, PROMPT)
+    return spin.reference_logps(accelerator, model, examples, 4, tokenizer.pad_token_id)
+
+
+def _policy_logps(model, tokenizer, examples) -> tuple[list[float], list[float]]:
+    batch = spin.pair_collate(tokenizer.pad_token_id)(examples)
+    model.eval()
+    with torch.no_grad():
+        logps = training.forward_logps(model, batch)
+    n = len(examples)
+    return logps[:n].tolist(), logps[n:].tolist()
+
+
+def test_encode_pairs_share_the_prompt(tiny_tokenizer_session):
+    tok = tiny_tokenizer_session
+    (example,) = spin.encode_pairs(tok, PAIRS[:1], PROMPT)
+    expected_prompt = prompt_ids(tok, PAIRS[0]["prompt"], None, 128)
+    for encoded, text in ((example.real, PAIRS[0]["real"]), (example.generated, "zq xx")):
+        assert encoded.prompt_length == len(expected_prompt)
+        assert encoded.input_ids == expected_prompt + answer_ids(tok, text, 256)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference log-probs and one SPIN step
+
+
+def test_reference_logps_equal_one_pair_at_a_time(tiny_tokenizer_session, tiny_model):
+    tok = tiny_tokenizer_session
+    accelerator = training.make_accelerator(make_optim())
+    examples = _pair_examples(tok, accelerator, tiny_model)
+    assert [e.index for e in examples] == list(range(len(PAIRS)))
+    for example in examples:
+        real, generated = _policy_logps(tiny_model, tok, [example])
+        assert example.reference_real_logps == pytest.approx(real[0], abs=1e-4)
+        assert example.reference_generated_logps == pytest.approx(generated[0], abs=1e-4)
+        assert example.reference_real_logps < 0 and example.reference_generated_logps < 0
+
+
+@pytest.mark.parametrize("kind", ["sigmoid", "hinge"])
+def test_one_spin_step_raises_real_over_generated(tiny_tokenizer_session, tiny_model, kind):
+    tok = tiny_tokenizer_session
+    optim = make_optim(learning_rate=1e-3, batch_size=len(PAIRS), optimizer="adamw")
+    accelerator = training.make_accelerator(optim)
+    examples = _pair_examples(tok, accelerator, tiny_model)
+    before = [e.reference_real_logps - e.reference_generated_logps for e in examples]
+
+    result = training.train_loop(
+        accelerator,
+        tiny_model,
+        examples,
+        spin.pair_collate(tok.pad_token_id),
+        spin.spin_loss_fn(0.1, kind),
+        optim,
+        seed=0,
+        desc="spin",
+    )
+
+    assert result.steps == 1
+    (row,) = result.history
+    # the policy equals the opponent θk at the first step: zero margin, loss log 2 (or 1)
+    assert row["loss"] == pytest.approx(math.log(2.0) if kind == "sigmoid" else 1.0, abs=1e-4)
+    assert row["reward_margin"] == pytest.approx(0.0, abs=1e-4)
+    real, generated = _policy_logps(tiny_model, tok, examples)
+    after = [r - g for r, g in zip(real, generated, strict=True)]
+    gain = sum(after) - sum(before)
+    assert gain > 1.0, f"margin before {before}, after {after}"
+    assert sum(a > b for a, b in zip(after, before, strict=True)) >= len(PAIRS) - 1
+
+
+def test_spin_training_rewards_grow_over_steps(tiny_tokenizer_session, tiny_model):
+    tok = tiny_tokenizer_session
+    optim = make_optim(learning_rate=1e-3, batch_size=3, epochs=3, optimizer="rmsprop")
+    accelerator = training.make_accelerator(optim)
+    examples = _pair_examples(tok, accelerator, tiny_model)
+    result = training.train_loop(
+        accelerator,
+        tiny_model,
+        examples,
+        spin.pair_collate(tok.pad_token_id),
+        spin.spin_loss_fn(0.1, "sigmoid"),
+        optim,
+        seed=0,
+        desc="spin",
+    )
+    assert result.steps == 6
+    assert result.history[-1]["reward_margin"] > result.history[0]["reward_margin"]
+    assert result.history[-1]["loss"] < math.log(2.0)
+    assert result.history[-1]["reward_accuracy"] > 0.5
+    summary = result.summary()
+    assert summary["optimizer_steps"] == 6
+    assert summary["examples_seen"] == 18
+    assert summary["final_loss"] == result.history[-1]["loss"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Pairs on disk and mixing
+
+
+def _params(iterations=3, mix_previous=1):
+    from spinflow.config import default_params_dict, validate_params
+
+    raw = default_params_dict()
+    raw["spin"].update(iterations=iterations, mix_previous=mix_previous)
+    return validate_params(raw)
+
+
+def _write_pairs(k: int, count: int = 2) -> None:
+    from spinflow.graph import pairs_file
+    from spinflow.io import write_jsonl
+
+    pool = [
+        {"id": f"p{i}", "task": "t", "prompt": f"q{i}", "answer": f"a{i}"} for i in range(count)
+    ]
+    write_jsonl(pairs_file(k), spin.make_pairs(pool, [f"g{k}-{i}" for i in range(count)], k))
+
+
+def test_make_pairs_keeps_real_and_generated_apart():
+    pool = [{"id": "x", "task": "sum", "prompt": "1+1?", "answer": "2"}]
+    assert spin.make_pairs(pool, ["3"], 4) == [
+        {"id": "x", "iteration": 4, "task": "sum", "prompt": "1+1?", "real": "2", "generated": "3"}
+    ]
+    with pytest.raises(ValueError):
+        spin.make_pairs(pool, ["3", "4"], 0)
+
+
+@pytest.mark.parametrize("mix_previous", [0, 1, 2])
+def test_training_pairs_mix_previous_iterations_oldest_first(tmp_path, monkeypatch, mix_previous):
+    monkeypatch.chdir(tmp_path)
+    for k in range(3):
+        _write_pairs(k)
+    pairs = spin.training_pairs(_params(mix_previous=mix_previous), 2)
+    first = max(0, 2 - mix_previous)
+    assert [p["iteration"] for p in pairs] == [j for j in range(first, 3) for _ in range(2)]
+    assert pairs[-1]["generated"] == "g2-1"
+
+
+def test_training_pairs_name_the_stage_that_makes_missing_pairs(tmp_path, monkeypatch):
+    from spinflow.errors import SpinflowError
+
+    monkeypatch.chdir(tmp_path)
+    _write_pairs(1)
+    with pytest.raises(SpinflowError) as err:
+        spin.training_pairs(_params(mix_previous=1), 1)
+    assert str(err.value) == (
+        "generated/iter_0/pairs.jsonl: missing; it is made by stage 'generate_iter_0' "
+        "(run `dvc repro generate_iter_0`)"
+    )

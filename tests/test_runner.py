@@ -1,0 +1,99 @@
+"""Tests for spinflow.runner: one stage of the graph, its arguments, its tracking hook, its errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from spinflow import pipeline, runner, tracking
+from spinflow.config import default_params_dict, validate_params
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _write_params(tmp_path, **spin) -> str:
+    raw = default_params_dict()
+    raw["spin"].update(iterations=2, **spin)
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw), encoding="utf-8")
+    return str(path)
+
+
+@pytest.fixture
+def hooks(monkeypatch):
+    calls = []
+    monkeypatch.setattr(tracking, "preflight", lambda params: calls.append(("preflight",)))
+    monkeypatch.setattr(
+        tracking,
+        "after_stage",
+        lambda params, graph, stage: calls.append(("after", stage.name)),
+        raising=False,
+    )
+    return calls
+
+
+def test_execute_passes_the_graph_arguments_and_logs_afterwards(hooks):
+    params = validate_params(default_params_dict())
+    seen = []
+    result = runner.execute(params, "train_iter_1", lambda p, k: seen.append(k) or "done")
+    assert result == "done" and seen == [1]
+    assert hooks == [("preflight",), ("after", "train_iter_1")]
+
+
+def test_untracked_stage_calls_no_tracking(hooks):
+    params = validate_params(default_params_dict())
+    assert runner.execute(params, "generate_iter_0", lambda p, k: k) == 0
+    assert hooks == []
+
+
+def test_a_failing_stage_is_not_logged(hooks):
+    params = validate_params(default_params_dict())
+
+    def broken(p, name):
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError):
+        runner.execute(params, "eval_sft", broken)
+    assert hooks == [("preflight",)]
+
+
+def test_run_stage_unknown_stage_is_one_line(tmp_path, capsys, hooks):
+    params = _write_params(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        runner.run_stage("train", lambda p, k: None, ["train_iter_7", "--params", params])
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert err.startswith("error: train_iter_7: no stage 'train_iter_7' in the pipeline")
+
+
+def test_run_stage_refuses_a_stage_of_another_script(tmp_path, capsys, hooks):
+    params = _write_params(tmp_path)
+    with pytest.raises(SystemExit):
+        runner.run_stage("train", lambda p, k: None, ["generate_iter_0", "--params", params])
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        "error: generate_iter_0: stage 'generate_iter_0' is run by stages/generate.py, "
+        "not stages/train.py"
+    )
+
+
+def test_run_stage_under_dvc_stops_on_a_stale_dvc_yaml(tmp_path, capsys, monkeypatch, hooks):
+    params_file = _write_params(tmp_path)
+    for folder in ("src", "stages"):  # dvc.yaml lists the scripts and the modules they import
+        (tmp_path / folder).symlink_to(REPO / folder)
+    monkeypatch.chdir(tmp_path)
+    raw = yaml.safe_load((tmp_path / "params.yaml").read_text())
+    raw["spin"]["iterations"] = 3
+    pipeline.write(validate_params(raw), tmp_path / "dvc.yaml")
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
+    called = []
+    with pytest.raises(SystemExit):
+        runner.run_stage(
+            "generate", lambda p, k: called.append(k), ["generate_iter_0", "--params", params_file]
+        )
+    assert called == []
+    err = capsys.readouterr().err
+    assert "does not match params.yaml" in err and "run `spinflow pipeline write`" in err

@@ -1,0 +1,99 @@
+"""Where runs go and whether MLflow is used at all (spinflow.tracking.store and the CLI)."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from spinflow import tracking
+from spinflow.graph import build
+from spinflow.runner import execute
+from spinflow.tracking.__main__ import main
+from test_tracking import tiny_params
+
+
+def test_tracking_uri_resolution(tmp_path, monkeypatch):
+    repo = tmp_path / "repo"
+    workspace = repo / ".dvc" / "tmp" / "exps" / "tmpabc123"
+    (workspace / ".dvc").mkdir(parents=True)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+    monkeypatch.chdir(workspace)
+    assert tracking.project_root() == repo.resolve()
+    assert tracking.tracking_uri() == f"sqlite:///{repo.resolve() / 'mlflow.db'}"
+    monkeypatch.setenv("DVC_ROOT", str(workspace))
+    assert tracking.project_root() == repo.resolve()
+    monkeypatch.setenv("DVC_ROOT", str(repo))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///runs/m.db")
+    assert tracking.tracking_uri() == f"sqlite:///{repo.resolve() / 'runs/m.db'}"
+    assert (
+        tracking.artifact_location(tracking.tracking_uri()) == (repo / "runs/mlartifacts").as_uri()
+    )
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    assert tracking.tracking_uri() == "http://127.0.0.1:5000"
+    assert tracking.artifact_location("http://127.0.0.1:5000") is None
+
+
+def test_unreachable_server_fails_with_one_line(tiny_checkpoint_session, tmp_path, monkeypatch):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    uri = f"http://127.0.0.1:{port}"
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    params = tiny_params(tiny_checkpoint_session)
+    graph = build(params)
+    ran = []
+    for call in (
+        lambda: tracking.preflight(params),
+        lambda: tracking.after_stage(params, graph, graph.stage("eval_sft")),
+        lambda: execute(params, "eval_sft", lambda p, name: ran.append(name)),
+    ):
+        with pytest.raises(tracking.TrackingError) as err:
+            call()
+        assert uri in str(err.value) and "\n" not in str(err.value)
+    assert ran == []  # the stage never started: the server is checked first
+
+
+def test_disabled_tracking_touches_nothing(tiny_checkpoint_session, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")  # would fail if used
+    params = tiny_params(tiny_checkpoint_session, tracking={"enabled": False})
+    graph = build(params)
+    tracking.preflight(params)
+    for stage in ("train_iter_0", "eval_sft", "report"):
+        tracking.after_stage(params, graph, graph.stage(stage))
+    tracking.sync(params)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_pipeline_key_ignores_tracking_params(tiny_checkpoint_session):
+    params = tiny_params(tiny_checkpoint_session)
+    renamed = tiny_params(tiny_checkpoint_session, tracking={"experiment": "other"})
+    other_beta = tiny_params(tiny_checkpoint_session, spin={"beta": 0.2})
+    assert tracking.pipeline_key(params) == tracking.pipeline_key(renamed)
+    assert tracking.pipeline_key(params) != tracking.pipeline_key(other_beta)
+
+
+def test_cli_prints_the_uri_and_reports_errors_in_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///runs/m.db")
+    expected = f"sqlite:///{tmp_path.resolve() / 'runs/m.db'}"
+    assert main(["uri"]) == 0
+    assert capsys.readouterr().out.strip() == expected
+    assert main(["sync", "--params", str(tmp_path / "missing.yaml")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1
+    assert list(tmp_path.iterdir()) == []
+    out = subprocess.run(
+        [sys.executable, "-m", "spinflow.tracking", "uri"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    )
+    assert out.stdout.strip() == expected
