@@ -605,20 +605,21 @@ def _bwrap_arguments(bwrap: str, scratch: Path, seccomp_module: str | None) -> l
 
 
 def _remove_tree(path: Path) -> None:
-    """Remove a directory tree, restoring permissions that untrusted code may have taken away."""
+    """Remove a directory tree, first giving back permissions untrusted code may have taken away."""
 
-    def make_writable_and_retry(function, failed_path, _exc_info):
+    def restore_permissions(directory: str) -> None:
         try:
-            parent = os.path.dirname(failed_path)
-            os.chmod(parent, stat.S_IRWXU)
-            if os.path.isdir(failed_path) and not os.path.islink(failed_path):
-                os.chmod(failed_path, stat.S_IRWXU)
-            function(failed_path)
+            os.chmod(directory, stat.S_IRWXU)
+            with os.scandir(directory) as entries:
+                subdirectories = [e.path for e in entries if e.is_dir(follow_symlinks=False)]
         except OSError:
-            pass
+            return
+        for subdirectory in subdirectories:
+            restore_permissions(subdirectory)
 
-    if path.exists():
-        shutil.rmtree(path, onerror=make_writable_and_retry)
+    if path.is_dir():
+        restore_permissions(str(path))
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def run_calls(calls: Iterable[Call | tuple[str, str]], **options) -> list[Result]:

@@ -38,6 +38,9 @@ MAX_REQUEST_BYTES = 64 * 1024 * 1024
 MAX_RESULT_BYTES = 64 * 1024
 MAX_MESSAGE_CHARS = 500
 
+# Builtins the worker uses after untrusted code ran, taken before it could replace them.
+BOOL, TYPE = bool, type
+
 PR_SET_PDEATHSIG = 1
 PR_GET_SECCOMP = 21
 CLONE_THREAD = 0x00010000
@@ -228,8 +231,8 @@ def evaluate_call(source, response):
         value = function(response)
     except BaseException as exc:
         return classify_exception(exc, "evaluate")
-    if type(value) is not bool:
-        return error("wrong_return_type", f"evaluate returned {type(value).__name__}, not bool")
+    if TYPE(value) is not BOOL:
+        return error("wrong_return_type", f"evaluate returned {TYPE(value).__name__}, not bool")
     return {"outcome": "pass" if value else "fail", "kind": None, "message": ""}
 
 
