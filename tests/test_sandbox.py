@@ -529,6 +529,21 @@ def test_seccomp_filter_is_loaded(sandbox, layers):
     assert sandbox.run([(source, "")])[0].outcome is Outcome.PASS
 
 
+def test_seccomp_guards_other_processes(sandbox, layers):
+    if not layers["seccomp"]:
+        pytest.skip("pyseccomp or libseccomp is not installed")
+    source = (
+        "import os, resource, signal\ndef evaluate(response):\n    refused = 0\n"
+        "    for attempt in (lambda: resource.prlimit(os.getppid(), resource.RLIMIT_CPU, (1, 1)),\n"
+        "                    lambda: signal.sigqueue(os.getppid(), signal.SIGKILL, 0)\n"
+        "                    if hasattr(signal, 'sigqueue') else os.kill(os.getppid(), 9)):\n"
+        "        try:\n            attempt()\n        except PermissionError:\n"
+        "            refused += 1\n"
+        "    return refused == 2 and resource.getrlimit(resource.RLIMIT_NPROC) == (0, 0)\n"
+    )
+    assert run_then_good(sandbox, source).outcome is Outcome.PASS
+
+
 def test_seccomp_refuses_writes_in_scratch_too(sandbox, layers):
     if not layers["seccomp"]:
         pytest.skip("pyseccomp or libseccomp is not installed")

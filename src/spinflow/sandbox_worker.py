@@ -110,6 +110,13 @@ DENIED_SYSCALLS = (
     "name_to_handle_at",
     "mount",
     "umount2",
+    "open_tree",
+    "move_mount",
+    "fsopen",
+    "fsconfig",
+    "fsmount",
+    "fspick",
+    "mount_setattr",
     "pivot_root",
     "chroot",
     "swapon",
@@ -140,6 +147,9 @@ DENIED_SYSCALLS = (
     "syslog",
     "personality",
 )
+
+# System calls that send a signal, their first argument the target: allowed only to the caller.
+SIGNAL_SYSCALLS = ("kill", "tgkill", "rt_sigqueueinfo", "rt_tgsigqueueinfo")
 
 # System calls refused with ENOSYS, so that the C library falls back to a call the filter can read
 # (clone3 passes its flags in memory, where seccomp cannot look; openat2 likewise).
@@ -253,7 +263,7 @@ def build_filter(pyseccomp):
     """
     deny = pyseccomp.ERRNO(errno.EPERM)
     known = syscall_numbers(
-        pyseccomp, (*DENIED_SYSCALLS, *UNSUPPORTED_SYSCALLS, "clone", "open", "openat")
+        pyseccomp, (*DENIED_SYSCALLS, *UNSUPPORTED_SYSCALLS, "clone", "open", "openat", "prlimit64")
     )
     syscall_filter = pyseccomp.SyscallFilter(pyseccomp.ALLOW)
     for name in DENIED_SYSCALLS:
@@ -262,6 +272,9 @@ def build_filter(pyseccomp):
     for name in UNSUPPORTED_SYSCALLS:
         if name in known:
             syscall_filter.add_rule(pyseccomp.ERRNO(errno.ENOSYS), known[name])
+    # prlimit64 on another process (pid 0 is the caller: setrlimit and getrlimit use that).
+    if "prlimit64" in known:
+        syscall_filter.add_rule(deny, known["prlimit64"], pyseccomp.Arg(0, pyseccomp.NE, 0))
     # clone without CLONE_THREAD creates a process; with it, a thread (allowed).
     if "clone" in known:
         syscall_filter.add_rule(
@@ -285,8 +298,8 @@ def build_filter(pyseccomp):
 
 
 def restrict_signals(syscall_filter, pyseccomp, numbers, pid):
-    """Allow signals only to the calling process itself: ``kill``/``tgkill`` to another pid (or to
-    a group, 0 or a negative pid) are refused."""
+    """Allow signals only to the calling process itself: sending one to another pid (or to a
+    group: 0 or a negative pid) is refused."""
     deny = pyseccomp.ERRNO(errno.EPERM)
     for number in numbers.values():
         syscall_filter.add_rule(deny, number, pyseccomp.Arg(0, pyseccomp.NE, pid))
@@ -424,7 +437,7 @@ class Worker:
             module = importlib.util.module_from_spec(spec)
             spec.loader.exec_module(module)
             self.syscall_filter = build_filter(module)
-            self.signal_syscalls = syscall_numbers(module, ("kill", "tgkill"))
+            self.signal_syscalls = syscall_numbers(module, SIGNAL_SYSCALLS)
         except Exception as exc:  # a missing libseccomp raises RuntimeError, others OSError
             self.syscall_filter = None
             return f"unavailable: {describe(exc)}"
