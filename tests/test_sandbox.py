@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import socket
 import stat
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -597,8 +598,10 @@ def test_bwrap_view_is_read_only_outside_scratch():
 
 def test_required_bwrap_fails_clearly_when_missing(monkeypatch):
     monkeypatch.setattr(sandbox_module.shutil, "which", lambda name: None)
+    scratch_dirs = set(Path(tempfile.gettempdir()).glob("spinflow-sandbox-*"))
     with pytest.raises(SandboxError, match="bwrap"):
         Sandbox(bwrap=True)
+    assert set(Path(tempfile.gettempdir()).glob("spinflow-sandbox-*")) == scratch_dirs
 
 
 def test_layers_can_be_turned_off():

@@ -159,8 +159,8 @@ class Sandbox:
             "open_files": int(open_files),
         }
         self._seccomp_module, self._seccomp_reason = _choose_seccomp(seccomp)
-        self.scratch_dir = Path(tempfile.mkdtemp(prefix="spinflow-sandbox-"))
         self._bwrap, self._bwrap_reason = _choose_bwrap(bwrap, self._seccomp_module)
+        self.scratch_dir = Path(tempfile.mkdtemp(prefix="spinflow-sandbox-"))
         self._slots: list[_Worker | None] = [None] * workers
         self._handshake: dict | None = None
         self._closed = False
