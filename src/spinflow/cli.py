@@ -42,6 +42,11 @@ def _cmd_pipeline(args) -> int:
 
 
 def _cmd_benchmark(args) -> int:
+    if args.sandbox:
+        from spinflow import sandbox
+
+        sandbox.benchmark_sandbox()
+        return 0
     from spinflow.benchmark import run_benchmark
 
     run_benchmark(load_params(args.params), model_dir=args.model, pairs=args.pairs)
@@ -72,6 +77,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--model", default=None, help="checkpoint dir (default: models/base, else a tiny model)"
     )
     b.add_argument("--pairs", type=int, default=16, help="training pairs to time")
+    b.add_argument(
+        "--sandbox", action="store_true", help="time only the sandbox for model-written code"
+    )
     b.set_defaults(fn=_cmd_benchmark)
 
     args = parser.parse_args(argv)
