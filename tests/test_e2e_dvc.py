@@ -258,3 +258,47 @@ def test_pipeline_runs_and_reruns_only_what_changed(workspace: Workspace):
     assert _lock_outs(ws, "train_iter_0") == theta_1_before
 
     print(f"durations: {ws.durations()}")
+
+
+def test_lobass_stages_and_what_their_fraction_reruns(workspace: Workspace):
+    ws = workspace
+    raw = _params()
+    raw["spin"]["iterations"] = 1
+    raw["data"]["num_sft"] = 24
+    raw["lobass"].update(enabled=True, fraction=0.25, min_examples=4)
+    ws.write_params(raw)
+    ws.run("spinflow", "pipeline", "write")
+    lobass_stages = {
+        "lobass_score",
+        "lobass_select",
+        "sft_lobass",
+        "sft_random",
+        "eval_sft_lobass",
+        "eval_sft_random",
+    }
+    ran = ws.repro("repro (lobass)")
+    expected = {"prepare_model", "prepare_data", "sft", "eval_sft", "report"}
+    expected |= {"generate_iter_0", "train_iter_0", "eval_iter_0"} | lobass_stages
+    assert ran == expected, f"ran {sorted(ran)} [{ws.durations()}]"
+
+    scores = _lines(ws.path("lobass/scores/scores.jsonl"))
+    assert len(scores) == 24 and sorted(r["rank"] for r in scores) == list(range(1, 25))
+    selected = _lines(ws.path("lobass/selection/selected.jsonl"))
+    control = _lines(ws.path("lobass/selection/random.jsonl"))
+    best = {r["id"] for r in scores if r["rank"] <= 6}
+    assert {r["id"] for r in selected} == best and len(control) == 6
+    assert ws.json("metrics/sft_lobass.json")["examples"] == 6
+    assert ws.json("metrics/sft_random.json")["examples"] == 6
+    for name in ("sft_lobass", "sft_random"):
+        assert ws.json(f"metrics/eval_{name}.json")["model"] == name
+    results = ws.path("reports/results.md").read_text(encoding="utf-8")
+    assert "SFT on the LoBaSS selection" in results and "## LoBaSS selection" in results
+    assert ws.path("reports/lobass_scores.png").read_bytes()[:4] == b"\x89PNG"
+
+    # the fraction reaches the selection and what is trained on it, nothing upstream
+    raw["lobass"]["fraction"] = 0.5
+    ws.write_params(raw)
+    ws.run("spinflow", "pipeline", "check")
+    ran = ws.repro("repro (lobass.fraction)")
+    assert ran == lobass_stages - {"lobass_score"} | {"report"}, f"ran {sorted(ran)}"
+    assert ws.json("metrics/sft_lobass.json")["examples"] == 12

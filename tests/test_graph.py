@@ -114,3 +114,36 @@ def test_per_iteration_override_is_read_only_by_its_iteration():
     g = _graph(iterations=3, per_iteration={"iter_1": {"beta": 0.3}})
     readers = {s.name for s in g.stages.values() if "spin.per_iteration.iter_1" in s.params}
     assert readers == {"train_iter_1", "eval_iter_1"}
+
+
+def _lobass_graph(start="sft"):
+    raw = default_params_dict()
+    raw["lobass"]["enabled"] = True
+    raw["spin"].update(iterations=2, start=start)
+    return pipeline_graph.build(validate_params(raw))
+
+
+def test_lobass_stages_and_models_beside_theta_0():
+    g = _lobass_graph()
+    assert g.stage("lobass_score").inputs == ("models/base", "models/theta_0", "data/prepared")
+    assert g.stage("lobass_select").outs == ("lobass/selection",)
+    for name in ("sft_lobass", "sft_random"):
+        stage = g.stage(name)
+        assert stage.script == "sft_selection" and stage.inputs[0] == "models/base"
+        assert "lobass/selection" in stage.inputs
+        model = g.model(name)
+        assert model.index is None and model.chart == name and model.step == 0
+        assert g.evaluation(name).opponent is None
+    assert g.chain[0] == "theta_0"
+    assert [m.name for m, _ in g.evaluated()][-3:] == ["sft_lobass", "sft_random", "sft_extra"]
+    assert "lobass/scores" in g.stage("report").inputs
+
+
+def test_spin_can_start_from_the_lobass_model():
+    g = _lobass_graph(start="lobass")
+    assert g.chain == ["sft_lobass", "theta_1", "theta_2"]
+    assert g.theta(0).chart == "eval" and g.theta(0).label.startswith("θ0")
+    assert g.model("theta_0").index is None and g.model("theta_0").chart == "sft"
+    assert g.stage("generate_iter_0").inputs[0] == "models/sft_lobass"
+    assert g.evaluation("iter_0").opponent == "sft_lobass"
+    assert g.model("sft_extra").opponent == "sft_lobass"

@@ -180,6 +180,10 @@ class TrainOverride(Section):
 
 
 class SpinParams(Section):
+    start: Literal["sft", "lobass"] = Field(
+        "sft",
+        description="θ0 of the SPIN chain: the SFT model, or the model fine-tuned on the LoBaSS selection",
+    )
     iterations: PositiveInt = Field(3, description="Number of SPIN iterations N (θ1 … θN)")
     beta: Annotated[float, Field(gt=0.0)] = Field(0.1, description="β of the SPIN loss")
     loss: Literal["sigmoid", "hinge"] = Field(
@@ -223,6 +227,19 @@ class SftExtraParams(Section):
     )
 
 
+class LobassParams(Section):
+    """LoBaSS (arXiv 2310.13008): fine-tune on the SFT examples the model learns most from."""
+
+    enabled: bool = Field(
+        False,
+        description="Score SFT examples by learnability, fine-tune the base model on the top ones",
+    )
+    fraction: Annotated[float, Field(gt=0.0, le=1.0)] = Field(
+        0.06, description="Share of the SFT split kept, by score (paper: 6%)"
+    )
+    min_examples: PositiveInt = Field(8, description="Keep at least this many examples")
+
+
 class EvalParams(Section):
     batch_size: PositiveInt = Field(16, description="Examples per evaluation batch")
     max_new_tokens: PositiveInt = Field(32, description="Longest greedy answer, in tokens")
@@ -254,8 +271,20 @@ class Params(Section):
     generate: GenerateParams = Field(default_factory=GenerateParams)
     spin: SpinParams = Field(default_factory=SpinParams)
     sft_extra: SftExtraParams = Field(default_factory=SftExtraParams)
+    lobass: LobassParams = Field(default_factory=LobassParams)
     eval: EvalParams = Field(default_factory=EvalParams)
     tracking: TrackingParams = Field(default_factory=TrackingParams)
+
+    @model_validator(mode="after")
+    def _lobass_needs_its_models(self) -> Params:
+        if self.lobass.enabled and not self.sft.enabled:
+            raise ValueError(
+                "lobass.enabled needs sft.enabled: true (the score compares the base model with "
+                "θ0 fine-tuned on the whole SFT split)"
+            )
+        if self.spin.start == "lobass" and not self.lobass.enabled:
+            raise ValueError("spin.start: lobass needs lobass.enabled: true")
+        return self
 
     def train_for(self, iteration: int) -> tuple[OptimParams, float]:
         """The optimisation settings and β of ``train_iter_<iteration>``, overrides applied."""
@@ -298,6 +327,8 @@ def _describe_error(err: dict[str, Any], raw: Any) -> str:
     message = err["msg"]
     if message.startswith("Value error, "):
         message = message[len("Value error, ") :]
+    if not path:
+        return message
     if isinstance(value, dict):
         return f"'{path}': {message}"
     return f"'{path}' = {value!r}: {message}"

@@ -28,6 +28,8 @@ REPORT_FILES = ("results.md", "metrics.png", "by_iteration.csv")
 
 # What a model node is, for tracking and the report.
 BASE, BASELINE, ITERATION, SFT_EXTRA = "base", "baseline", "iteration", "sft_extra"
+LOBASS, RANDOM_SELECTION = "lobass", "random_selection"
+LOBASS_DIR = Path("lobass")
 # What the stage runner hands to tracking after a stage.
 TRAINING, EVALUATION, REPORT = "training", "evaluation", "report"
 
@@ -50,6 +52,8 @@ class Model:
     steps_csv: Path | None = None  # per-step training metrics
     pairs: tuple[Path, ...] = ()  # generated pairs it was trained on (SPIN)
     opponent: str | None = None  # the model it learned to tell itself apart from
+    chart: str = "eval"  # prefix of its evaluation metrics in the pipeline run's charts
+    step: int = 0  # x of its evaluation in those charts (k for θk)
 
 
 @dataclass(frozen=True)
@@ -141,6 +145,7 @@ class Graph:
         self.stages: dict[str, Stage] = {}
         self._prepare()
         self._sft()
+        self._lobass()
         self._spin()
         self._sft_extra()
         self._report()
@@ -181,8 +186,10 @@ class Graph:
         return [m.name for m in ordered]
 
     def evaluated(self) -> list[tuple[Model, Evaluation]]:
-        """Every evaluated model with its evaluation: θ0 … θN, then the baselines."""
-        return [(self.models[e.model], e) for e in self.evaluations.values()]
+        """Every evaluated model with its evaluation: θ0 … θN, then the models off the chain."""
+        pairs = [(self.models[e.model], e) for e in self.evaluations.values()]
+        on_chain = sorted((p for p in pairs if p[0].index is not None), key=lambda p: p[0].index)
+        return on_chain + [p for p in pairs if p[0].index is None]
 
     def evaluation_of(self, model: str) -> Evaluation | None:
         return next((e for e in self.evaluations.values() if e.model == model), None)
@@ -245,19 +252,25 @@ class Graph:
         )
 
     def _sft(self) -> None:
-        """θ0: the base model fine-tuned on the SFT split, or the base model itself."""
+        """θ0: the base model fine-tuned on the SFT split, or the base model itself.
+
+        With ``spin.start: lobass`` the SFT model stays (LoBaSS scores against it) but the SPIN
+        chain starts from the model fine-tuned on the LoBaSS selection instead.
+        """
         p = self.params
+        on_chain = p.spin.start == "sft"
         if p.sft.enabled:
             self.models["theta_0"] = Model(
                 "theta_0",
                 Path("models/theta_0"),
                 "sft",
-                "θ0 (SFT)",
+                "θ0 (SFT)" if on_chain else "SFT (all data)",
                 BASELINE,
-                index=0,
+                index=0 if on_chain else None,
                 run_name="theta_0 (sft)",
                 train_metrics=train_metrics("sft"),
                 steps_csv=steps_csv("sft"),
+                chart="eval" if on_chain else "sft",
             )
             self._add(
                 Stage(
@@ -315,6 +328,7 @@ class Graph:
                 ITERATION,
                 index=k + 1,
                 iteration=k,
+                step=k + 1,
                 run_name=f"iter_{k}",
                 train_metrics=train_metrics(stage),
                 steps_csv=steps_csv(stage),
@@ -341,6 +355,74 @@ class Graph:
             opponent = self.evaluation_of(theta_k.name)
             self._evaluate(f"iter_{k}", name, opponent.name, ("spin.beta", *override))
 
+    def _lobass(self) -> None:
+        """LoBaSS: score every SFT example by learnability (base model vs θ0 trained on all of
+        them), keep the top fraction, fine-tune the base model on it; the same on a random
+        selection of the same size is the control."""
+        p = self.params
+        if not p.lobass.enabled:
+            return
+        scores = LOBASS_DIR / "scores"
+        self._add(
+            Stage(
+                "lobass_score",
+                "lobass_score",
+                (str(BASE_MODEL), "models/theta_0", str(DATA_DIR)),
+                ("prompt", "eval.batch_size"),
+                outs=(str(scores),),
+                metrics=(str(train_metrics("lobass_score")),),
+            )
+        )
+        selection = LOBASS_DIR / "selection"
+        self._add(
+            Stage(
+                "lobass_select",
+                "lobass_select",
+                (str(scores), str(DATA_DIR)),
+                ("lobass.fraction", "lobass.min_examples", "sft.batch_size", "seed"),
+                outs=(str(selection),),
+                metrics=(str(train_metrics("lobass_select")),),
+            )
+        )
+        start = p.spin.start == "lobass"
+        for name, role, label in (
+            (
+                "sft_lobass",
+                LOBASS,
+                "θ0 (SFT on the LoBaSS selection)" if start else "SFT on the LoBaSS selection",
+            ),
+            ("sft_random", RANDOM_SELECTION, "SFT on a random selection (control)"),
+        ):
+            on_chain = start and role == LOBASS
+            self.models[name] = Model(
+                name,
+                Path(f"models/{name}"),
+                name,
+                label,
+                role,
+                index=0 if on_chain else None,
+                run_name=name,
+                train_metrics=train_metrics(name),
+                steps_csv=steps_csv(name),
+                chart="eval" if on_chain else name,
+            )
+            self._add(
+                Stage(
+                    name,
+                    "sft_selection",
+                    (str(BASE_MODEL), str(selection)),
+                    ("sft", *PROMPT_KEYS),
+                    outs=(f"models/{name}",),
+                    metrics=(str(train_metrics(name)),),
+                    plots=(steps_plot(name),),
+                    accelerate=True,
+                    args={"role": role},
+                    track=TRAINING,
+                    subject=name,
+                )
+            )
+            self._evaluate(name, name, None, ())
+
     def _sft_extra(self) -> None:
         """Baseline: θ0 trained further with plain SFT for as many steps as all of SPIN."""
         p = self.params
@@ -357,6 +439,8 @@ class Graph:
             train_metrics=train_metrics("sft_extra"),
             steps_csv=steps_csv("sft_extra"),
             opponent=theta_0.name,
+            chart="sft_extra",
+            step=p.spin.iterations,
         )
         self._add(
             Stage(
@@ -381,13 +465,28 @@ class Graph:
         )
 
     def _report(self) -> None:
+        scores = (str(LOBASS_DIR / "scores"),) if "lobass_score" in self.stages else ()
         self._add(
             Stage(
                 "report",
                 "report",
-                tuple(str(e.metrics) for e in self.evaluations.values()),
+                (
+                    *(str(e.metrics) for e in self.evaluations.values()),
+                    *(str(e.directory) for e in self.evaluations.values()),
+                    str(DATA_DIR),
+                    *scores,
+                    *(
+                        (str(train_metrics("lobass_score")), str(train_metrics("lobass_select")))
+                        if scores
+                        else ()
+                    ),
+                ),
                 ("spin.iterations",),
-                uncached_outs=(str(REPORT_DIR / "results.md"), str(REPORT_DIR / "metrics.png")),
+                uncached_outs=(
+                    str(REPORT_DIR / "results.md"),
+                    str(REPORT_DIR / "metrics.png"),
+                    *((str(REPORT_DIR / "lobass_scores.png"),) if scores else ()),
+                ),
                 plots=(Plot(str(REPORT_DIR / "by_iteration.csv"), "iteration"),),
                 track=REPORT,
             )

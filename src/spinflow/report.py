@@ -1,13 +1,22 @@
-"""All iterations in one table (markdown), one DVC plot (CSV) and one chart (PNG)."""
+"""Every evaluated model in one table (markdown), one DVC plot (CSV) and one chart (PNG).
+
+Exact match and verifier pass rate come with 95% bootstrap intervals over the test examples, so
+a difference of one or two examples is not read as a result. With LoBaSS on, the report adds the
+selection's statistics and a histogram of the learnability scores.
+"""
 
 from __future__ import annotations
 
 import csv
+import random
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from spinflow.graph import REPORT_DIR, Graph
-from spinflow.io import atomic_path, read_json, write_text
+from spinflow.graph import DATA_DIR, LOBASS_DIR, METRICS_DIR, REPORT_DIR, SFT_EXTRA, Graph
+from spinflow.io import atomic_path, read_json, read_jsonl, write_text
+
+BOOTSTRAP_RESAMPLES = 2000
 
 COLUMNS = [
     ("verifier_pass_rate", "verifier pass rate", "{:.3f}"),
@@ -26,9 +35,58 @@ def collect(graph: Graph) -> list[dict[str, Any]]:
     ``iteration`` is k for θk on the SPIN chain and None for a baseline off it.
     """
     return [
-        {"label": model.label, "iteration": model.index, **read_json(evaluation.metrics)}
+        {
+            "label": model.label,
+            "iteration": model.index,
+            "role": model.role,
+            "generations": evaluation.generations,
+            **read_json(evaluation.metrics),
+        }
         for model, evaluation in graph.evaluated()
     ]
+
+
+def bootstrap_interval(
+    values: Sequence[float], *, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0
+) -> tuple[float, float]:
+    """95% percentile bootstrap interval of the mean of ``values``."""
+    if not values:
+        raise ValueError("no values to resample")
+    rng = random.Random(seed)
+    n = len(values)
+    means = sorted(sum(rng.choices(values, k=n)) / n for _ in range(resamples))
+    return means[int(0.025 * resamples)], means[min(resamples - 1, int(0.975 * resamples))]
+
+
+def per_example_scores(generations: Path, test: Sequence[dict]) -> dict[str, list[float]]:
+    """1/0 per test example: exact match, and verifier pass where the example has a verifier."""
+    from spinflow.verifiers import exact_match, verify
+
+    answers = {row["id"]: row["generated"] for row in read_jsonl(generations)}
+    scores: dict[str, list[float]] = {"exact_match": [], "verifier_pass_rate": []}
+    for record in test:
+        answer = answers[record["id"]]
+        scores["exact_match"].append(float(exact_match(answer, record["answer"])))
+        if record.get("verifier"):
+            scores["verifier_pass_rate"].append(float(verify(answer, record["verifier"])))
+    return scores
+
+
+def interval_table(rows: list[dict[str, Any]], test: Sequence[dict]) -> str:
+    header = "| model | verifier pass rate [95% CI] | exact match [95% CI] |"
+    body = [header, "|---|---:|---:|"]
+    for row in rows:
+        scores = per_example_scores(row["generations"], test)
+        cells = []
+        for key in ("verifier_pass_rate", "exact_match"):
+            values = scores[key]
+            if not values:
+                cells.append("–")
+                continue
+            low, high = bootstrap_interval(values)
+            cells.append(f"{sum(values) / len(values):.3f} [{low:.3f}, {high:.3f}]")
+        body.append(f"| {row['label']} | " + " | ".join(cells) + " |")
+    return "\n".join(body)
 
 
 def _cell(row: dict[str, Any], key: str, fmt: str) -> str:
@@ -70,7 +128,7 @@ def write_chart(rows: list[dict[str, Any]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     spin_rows = [r for r in rows if r["iteration"] is not None]
-    baseline = next((r for r in rows if r["iteration"] is None), None)
+    baseline = next((r for r in rows if r["role"] == SFT_EXTRA), None)
     fig, axes = plt.subplots(1, len(CHART_METRICS), figsize=(4.2 * len(CHART_METRICS), 3.4))
     for ax, metric in zip(axes, CHART_METRICS, strict=True):
         xs = [r["iteration"] for r in spin_rows if r.get(metric) is not None]
@@ -111,9 +169,72 @@ def write_report(graph: Graph) -> dict[str, Any]:
         markdown_table(rows),
         "",
     ]
+    test = read_jsonl(DATA_DIR / "test.jsonl")
+    text += [
+        f"## 95% bootstrap intervals ({len(test)} test examples, {BOOTSTRAP_RESAMPLES} resamples)",
+        "",
+        interval_table(rows, test),
+        "",
+    ]
     tasks = per_task_table(rows)
     if tasks:
         text += ["## Verifier pass rate per task", "", tasks, ""]
+    if "lobass_select" in graph.stages:
+        text += lobass_section()
+        write_score_histogram(REPORT_DIR / "lobass_scores.png")
     write_text(REPORT_DIR / "results.md", "\n".join(text))
     write_chart(rows, REPORT_DIR / "metrics.png")
     return {"rows": len(rows)}
+
+
+def _lobass_scores() -> list[dict[str, Any]]:
+    return read_jsonl(LOBASS_DIR / "scores" / "scores.jsonl")
+
+
+def lobass_section() -> list[str]:
+    scored = read_json(METRICS_DIR / "lobass_score.json")
+    selected = read_json(METRICS_DIR / "lobass_select.json")
+    return [
+        "## LoBaSS selection",
+        "",
+        "Learnability S = 1 − L_after / L_before of each SFT example (mean answer-token loss "
+        "under the base model, then under θ0 fine-tuned on all of them).",
+        "",
+        "| | value |",
+        "|---|---:|",
+        f"| SFT examples scored | {scored['examples']} |",
+        f"| mean loss before / after | {scored['mean_loss_before']:.4f} / "
+        f"{scored['mean_loss_after']:.4f} |",
+        f"| mean score | {scored['mean_score']:.4f} |",
+        f"| examples whose loss rose (S < 0) | {scored['negative_scores']} |",
+        f"| selected | {selected['selected']} ({selected['selected_fraction']:.1%}) |",
+        f"| mean score: selected / random control | {selected['mean_score_selected']:.4f} / "
+        f"{selected['mean_score_random']:.4f} |",
+        f"| selected examples also in the random control | {selected['overlap_with_random']} |",
+        "",
+        "![LoBaSS scores](lobass_scores.png)",
+        "",
+    ]
+
+
+def write_score_histogram(path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = _lobass_scores()
+    size = read_json(METRICS_DIR / "lobass_select.json")["selected"]
+    chosen = [r["score"] for r in rows if r["rank"] <= size]
+    rest = [r["score"] for r in rows if r["rank"] > size]
+    fig, ax = plt.subplots(figsize=(6, 3.4))
+    bins = 20
+    ax.hist([rest, chosen], bins=bins, stacked=True, label=["not selected", "selected"])
+    ax.set_xlabel("learnability S = 1 − L_after / L_before")
+    ax.set_ylabel("SFT examples")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)

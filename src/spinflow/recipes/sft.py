@@ -19,7 +19,7 @@ from spinflow.recipes.common import require
 from spinflow.seeds import stage_seed
 
 
-def _supervised(
+def supervised(
     params: Params,
     target: Model,
     *,
@@ -28,6 +28,8 @@ def _supervised(
     max_steps: int | None,
     extra_inputs: dict[str, Path],
 ) -> dict[str, Any]:
+    """Fine-tune ``source`` on ``records`` with the ``sft`` settings into ``target``'s path;
+    writes its provenance, training summary and per-step CSV."""
     from spinflow.models import load_model, load_tokenizer
     from spinflow.training import (
         apply_lora,
@@ -90,9 +92,9 @@ def sft(params: Params) -> dict[str, Any]:
         raise SpinflowError(
             "data/prepared/sft.jsonl is empty: raise data.num_sft or set sft.enabled: false"
         )
-    return _supervised(
+    return supervised(
         params,
-        graph.theta(0),
+        graph.model("theta_0"),  # θ0 of the chain unless spin.start picks another model
         source=require(graph, graph.model("base").path),
         records=records,
         max_steps=None,
@@ -116,7 +118,7 @@ def sft_extra(params: Params) -> dict[str, Any]:
     from spinflow.data import load_split
 
     graph = pipeline_graph.build(params)
-    return _supervised(
+    return supervised(
         params,
         graph.model("sft_extra"),
         source=require(graph, graph.theta(0).path),

@@ -21,13 +21,11 @@ from typing import Any
 from spinflow.config import Params
 from spinflow.graph import (
     BASE,
-    BASELINE,
     DATA_DIR,
     ITERATION,
     REPORT,
     REPORT_DIR,
     REPORT_FILES,
-    SFT_EXTRA,
     Evaluation,
     Graph,
     Model,
@@ -348,9 +346,9 @@ class Tracker:
         return self._model_hashes[directory]
 
     def chart_step(self, model: Model) -> int:
-        """x of ``model``'s evaluation in the parent's charts: k for θk; the SFT-extra baseline
-        (off the chain) at ``spin.iterations``, the steps of all iterations it matches."""
-        return model.index if model.index is not None else self.params.spin.iterations
+        """x of ``model``'s evaluation in the parent's charts (the graph says): k for θk; the
+        SFT-extra baseline at ``spin.iterations``, the steps of all iterations it matches."""
+        return model.step
 
     # -- stages ----------------------------------------------------------------------------------
 
@@ -501,13 +499,13 @@ class Tracker:
             step = self.chart_step(model)
             if upto is None:
                 current = True
-            elif upto.role == SFT_EXTRA:
-                current = model.role in (SFT_EXTRA, BASELINE)
+            elif upto.index is None:  # off the chain: its own evaluation and θ0's
+                current = model.name == upto.name or model.index == 0
             else:
-                current = model.role != SFT_EXTRA and step <= self.chart_step(upto)
+                current = model.index is not None and model.index <= upto.index
             if not current or not evaluation.metrics.is_file():
                 continue
-            prefix = "sft_extra" if model.role == SFT_EXTRA else "eval"
+            prefix = model.chart
             for key, value in eval_scalars(read_json(evaluation.metrics)).items():
                 desired.setdefault(f"{prefix}/{key}", {})[step] = value
         return desired

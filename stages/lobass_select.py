@@ -1,0 +1,7 @@
+"""DVC stage lobass_select: the most learnable SFT examples, and a random control of equal size."""
+
+from spinflow.recipes.lobass import lobass_select
+from spinflow.runner import run_stage
+
+if __name__ == "__main__":
+    run_stage("lobass_select", lobass_select)
