@@ -30,6 +30,7 @@ def _supervised(
 ) -> dict[str, Any]:
     from spinflow.models import load_model, load_tokenizer
     from spinflow.training import (
+        answer_tokens,
         apply_lora,
         encode_sft,
         make_accelerator,
@@ -58,6 +59,7 @@ def _supervised(
         seed=seed,
         desc=stage,
         max_steps=max_steps,
+        items=answer_tokens,
     )
     save_checkpoint(accelerator, model, tokenizer, target.path)
     summary = {"examples": len(examples), **result.summary()}
