@@ -2,23 +2,66 @@
 
 from __future__ import annotations
 
+import math
+import time
+
+import pytest
+
+from spinflow import generation
 from spinflow.benchmark import run_benchmark
 from spinflow.config import Params
+from spinflow.recipes import spin
+
+PAIRS = 4
 
 
-def test_benchmark_times_generation_and_training(tiny_checkpoint_session, capsys):
+def test_benchmark_figures_are_the_counts_over_the_measured_seconds(
+    tiny_checkpoint_session, capsys, monkeypatch
+):
+    """Each figure is what was counted divided by the time measured for it: the counts are
+    recorded here, independently of the statistics the benchmark keeps."""
+    generated_tokens = []
+    runs = []
+    real_generate_batch, real_spin_iteration = generation.generate_batch, spin.spin_iteration
+
+    def counting_generate_batch(*args, **kwargs):
+        answers = real_generate_batch(*args, **kwargs)
+        generated_tokens.extend(len(a) for a in answers)
+        return answers
+
+    def recording_spin_iteration(accelerator, model, tokenizer, examples, *args, **kwargs):
+        out = real_spin_iteration(accelerator, model, tokenizer, examples, *args, **kwargs)
+        runs.append((len(examples), out[1], out[2]))
+        return out
+
+    monkeypatch.setattr(generation, "generate_batch", counting_generate_batch)
+    monkeypatch.setattr(spin, "spin_iteration", recording_spin_iteration)
     params = Params()
     params.generate.max_new_tokens = 4
     params.spin.train.batch_size = 2
-    results = run_benchmark(params, model_dir=str(tiny_checkpoint_session), pairs=4)
-    for key in (
-        "generation_tokens_per_second",
-        "reference_pairs_per_second",
-        "train_pairs_per_second",
-        "train_tokens_per_second",
-        "peak_memory_mb",
-    ):
-        assert results[key] > 0, key
-    assert results["train_seconds_per_step"] > 0
+    started = time.perf_counter()
+    results = run_benchmark(params, model_dir=str(tiny_checkpoint_session), pairs=PAIRS)
+    elapsed = time.perf_counter() - started
+
+    assert len(generated_tokens) == PAIRS
+    new_tokens = sum(generated_tokens)
+    assert new_tokens > 0
+    # both generation figures share one measured duration, within the call's own
+    seconds = PAIRS / results["generation_prompts_per_second"]
+    assert 0 < seconds < elapsed
+    assert results["generation_tokens_per_second"] == pytest.approx(new_tokens / seconds)
+
+    ((pairs, result, reference_seconds),) = runs
+    assert pairs == PAIRS
+    assert result.steps == math.ceil(PAIRS / 2)  # one epoch, batch 2
+    assert result.examples_seen == PAIRS and result.tokens_seen > 0
+    assert 0 < reference_seconds < elapsed and 0 < result.seconds < elapsed
+    assert results["reference_pairs_per_second"] == pytest.approx(PAIRS / reference_seconds)
+    assert results["train_pairs_per_second"] == pytest.approx(PAIRS / result.seconds)
+    assert results["train_tokens_per_second"] == pytest.approx(result.tokens_seen / result.seconds)
+    assert results["train_seconds_per_step"] == pytest.approx(result.seconds / result.steps)
+    assert results["peak_memory_mb"] > 0
+
     printed = capsys.readouterr().out
-    assert "train_pairs_per_second" in printed and "generation_tokens_per_second" in printed
+    for key, value in results.items():
+        assert f"{key:<32} {value:10.2f}" in printed, key

@@ -7,6 +7,7 @@ messages (stage processes take seconds each to start on this machine).
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import os
 import re
@@ -59,6 +60,9 @@ def _params() -> dict:
     raw["generate"]["max_new_tokens"] = 12
     raw["spin"]["iterations"] = ITERATIONS
     raw["spin"]["train"].update(batch_size=4, learning_rate=1e-4)
+    # present from the start, so changing it and changing it back are both value changes (DVC
+    # does not notice a params key that dvc.yaml no longer lists)
+    raw["spin"]["per_iteration"] = {"iter_0": {"learning_rate": 1e-4}}
     raw["sft_extra"]["enabled"] = False
     raw["eval"]["max_new_tokens"] = 12
     raw["tracking"]["enabled"] = False
@@ -156,6 +160,24 @@ def _module_path(module: str) -> str:
     return str(path / "__init__.py") if (REPO / path).is_dir() else f"{path}.py"
 
 
+# outputs whose bytes depend only on params, inputs and code (training summaries and the chart
+# also record timings and memory, so they are left out)
+DETERMINISTIC = ("models", "data", "generated", "eval")
+UPSTREAM = ("models/base/", "models/theta_0/", "data/", "eval/sft/", "metrics/eval_sft.json")
+
+
+def _digests(ws: Workspace) -> dict[str, str]:
+    """sha256 of every deterministic output file, by path relative to the project."""
+    files = [p for folder in DETERMINISTIC for p in sorted(ws.path(folder).rglob("*"))]
+    files += sorted(ws.path("metrics").glob("eval_*.json"))
+    files += [ws.path("reports/results.md"), ws.path("reports/by_iteration.csv")]
+    return {
+        p.relative_to(ws.root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in files
+        if p.is_file()
+    }
+
+
 def _lock_outs(ws: Workspace, stage: str) -> list:
     lock = yaml.safe_load(ws.path("dvc.lock").read_text(encoding="utf-8"))
     return lock["stages"][stage]["outs"]
@@ -243,7 +265,7 @@ def test_pipeline_runs_and_reruns_only_what_changed(workspace: Workspace):
 
     # ---- one iteration's learning rate: that iteration's training and evaluation, the report
     before = _eval_metrics(ws)
-    raw["spin"]["per_iteration"] = {"iter_1": {"learning_rate": 1e-3}}
+    raw["spin"]["per_iteration"]["iter_1"] = {"learning_rate": 1e-3}
     ws.write_params(raw)
     ws.run("spinflow", "pipeline", "write")
     ran = ws.repro("repro (per_iteration.iter_1)")
@@ -256,6 +278,37 @@ def test_pipeline_runs_and_reruns_only_what_changed(workspace: Workspace):
     assert ws.json("metrics/train_iter_1.json")["learning_rate"] == 1e-3
     assert ws.json("metrics/train_iter_0.json")["learning_rate"] == 1e-4
     assert _lock_outs(ws, "train_iter_0") == theta_1_before
+
+    # ---- an early iteration's learning rate: that iteration and every later one, the report
+    before = _digests(ws)
+    params_before = ws.path("params.yaml").read_text(encoding="utf-8")
+    raw["spin"]["per_iteration"]["iter_0"] = {"learning_rate": 1e-3}
+    ws.write_params(raw)
+    ws.run("spinflow", "pipeline", "write")
+    ran = ws.repro("repro (per_iteration.iter_0)")
+    downstream = {"train_iter_0", "eval_iter_0", "generate_iter_1", "train_iter_1", "eval_iter_1"}
+    assert ran == downstream | {"report"}, f"ran {sorted(ran)} [{ws.durations()}]"
+    changed = _digests(ws)
+    assert changed["models/theta_1/model.safetensors"] != before["models/theta_1/model.safetensors"]
+    assert changed["models/theta_2/model.safetensors"] != before["models/theta_2/model.safetensors"]
+    assert {k: v for k, v in changed.items() if k.startswith(UPSTREAM)} == {
+        k: v for k, v in before.items() if k.startswith(UPSTREAM)
+    }
+
+    # ---- back to the previous params: the same bytes everywhere (run or restored from cache)
+    ws.path("params.yaml").write_text(params_before, encoding="utf-8")
+    ws.run("spinflow", "pipeline", "write")
+    ran = ws.repro("repro (reverted)")
+    assert ran == downstream | {"report"}, f"ran or restored {sorted(ran)} [{ws.durations()}]"
+    assert _digests(ws) == before
+
+    # ---- recomputing θ0 and its evaluation from scratch gives the same bytes
+    for stage in ("sft", "eval_sft"):
+        output = ws.run("dvc", "repro", "--force", "--single-item", stage, label=f"force {stage}")
+        ran, restored = zip(*RAN.findall(output), strict=True)
+        assert set(ran) == {stage} and not any(restored), output[-3000:]  # run, not restored
+    assert _digests(ws) == before
+    assert "Data and pipelines are up to date" in ws.run("dvc", "status", label="status")
 
     print(f"durations: {ws.durations()}")
 

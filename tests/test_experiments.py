@@ -11,6 +11,7 @@ import json
 import numbers
 
 import pytest
+import yaml
 
 pytestmark = pytest.mark.slow
 
@@ -59,10 +60,14 @@ def sweep(tiny_dvc_repo, tmp_path_factory):
     repo.run("git", "init", "-q", "--bare", str(hub))
     repo.run("git", "remote", "add", "origin", str(hub))
     repo.run("dvc", "remote", "add", "-d", "storage", str(base / "storage"))
+    (repo.root / ".gitignore").write_text("mlflow.db\nmlartifacts/\n", encoding="utf-8")
+    repo.run("git", "add", ".gitignore")
     repo.run("git", "commit", "-q", "-am", "DVC remote")
     repo.run("git", "push", "-q", "origin", "HEAD")
     repo.run("dvc", "push")
-    output = repo.run("dvc", "exp", "run", "-n", EXPERIMENT, "-S", "spin.beta=0.2", timeout=600)
+    # with tracking on: the stages that re-run log to MLflow from inside `dvc exp run`
+    sweep = ("-S", "spin.beta=0.2", "-S", "tracking.enabled=true")
+    output = repo.run("dvc", "exp", "run", "-n", EXPERIMENT, *sweep, timeout=600)
     return repo, output, hub
 
 
@@ -71,6 +76,60 @@ def test_exp_run_reruns_only_what_beta_reaches(sweep):
     ran = repo.ran(output)
     assert {"train_iter_0", "eval_iter_0"} <= ran, output
     assert not ran & {"prepare_model", "prepare_data", "sft", "eval_sft", "generate_iter_0"}
+
+
+def _tracked(repo):
+    """The MLflow store at the repository root: client, this pipeline's runs, model versions."""
+    from mlflow import MlflowClient
+
+    from spinflow.config import load_params
+    from spinflow.tracking import pipeline_key
+
+    params = load_params(repo.root / "params.yaml")
+    client = MlflowClient(f"sqlite:///{repo.root / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name(params.tracking.experiment)
+    runs = client.search_runs(
+        [experiment.experiment_id],
+        f"tags.`spinflow.pipeline_key` = '{pipeline_key(params)}'",
+        max_results=100,
+    )
+    versions = client.search_model_versions(f"name = '{params.tracking.registered_model}'")
+    return client, runs, versions
+
+
+def test_exp_run_tracks_into_the_repository_store_with_dvc_lock_hashes(sweep):
+    repo, _, _ = sweep
+    assert (repo.root / "mlflow.db").is_file()
+    stray = [p for p in (repo.root / ".dvc").rglob("*") if p.name in ("mlflow.db", "mlartifacts")]
+    assert not stray, stray  # nothing in DVC's temporary experiment workspaces
+    _, runs, versions = _tracked(repo)
+    by_role = {}
+    for run in runs:
+        role = run.data.tags["spinflow.role"]
+        assert role not in by_role, f"two active {role} runs"
+        by_role[role] = run
+    assert set(by_role) == {"pipeline", "baseline", "iteration"}
+    assert len(versions) == 1
+    assert by_role["pipeline"].data.tags["dvc.exp_name"] == EXPERIMENT
+    lock = yaml.safe_load((repo.root / "dvc.lock").read_text(encoding="utf-8"))["stages"]
+    tagged = 0
+    for role, stages in (("iteration", ("train_iter_0", "eval_iter_0")), ("baseline", ("sft",))):
+        tags = by_role[role].data.tags
+        for stage in stages:
+            for dep in lock[stage]["deps"]:
+                assert tags[f"stage.{stage}.dvc_lock.{dep['path']}"] == dep["md5"], (stage, dep)
+                tagged += 1
+    assert tagged > 10
+
+
+def test_rerunning_tracked_stages_adds_no_run_or_version(sweep):
+    repo, _, _ = sweep
+    _, runs, versions = _tracked(repo)
+    before = (sorted(r.info.run_id for r in runs), sorted(v.version for v in versions))
+    output = repo.run("dvc", "repro", "--force", "--single-item", "train_iter_0", "eval_iter_0")
+    assert repo.ran(output) == {"train_iter_0", "eval_iter_0"}, output
+    _, runs, versions = _tracked(repo)
+    assert (sorted(r.info.run_id for r in runs), sorted(v.version for v in versions)) == before
 
 
 def test_exp_show_lists_the_experiment_with_its_eval_metrics(sweep):

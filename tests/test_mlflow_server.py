@@ -113,7 +113,10 @@ def test_pipeline_through_tracking_server(
     monkeypatch.chdir(project)
     monkeypatch.delenv("DVC_ROOT", raising=False)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    params = tiny_params(tiny_checkpoint_session, sft={"enabled": False})  # θ0 = the base model
+    # θ0 = the base model; the baseline is tested in test_tracking.py
+    params = tiny_params(
+        tiny_checkpoint_session, sft={"enabled": False}, sft_extra={"enabled": False}
+    )
     prepare_inputs(params)  # these two stages log nothing: run them while the server starts
     mlflow_server.wait_until_healthy()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)

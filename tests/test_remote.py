@@ -32,6 +32,13 @@ S3_ENV = {
 AWS_UNSET = ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3")
 
 
+def torch_device() -> str:
+    """The device kind torch reports here, which the stage processes also see."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def _publish(origin, dest: Path, remote_args: list[list[str]], env: dict[str, str] | None = None):
     """A copy of ``origin`` whose committed DVC config names a default remote, pushed to it."""
     repo = origin.copy(dest)
@@ -115,7 +122,7 @@ def test_outputs_record_what_produced_them(local_origin):
     for folder, stage in expected.items():
         record = local_origin.json(f"{folder}/{PROVENANCE_FILE}")
         assert record["stage"] == stage
-        assert record["params"] and record["device"] == "cpu"
+        assert record["params"] and record["device"] == torch_device()
         assert {"spinflow", "torch", "transformers"} <= set(record["libraries"])
         for name, entry in record["inputs"].items():
             actual = tree_hash(local_origin.root / entry["path"])

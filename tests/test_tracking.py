@@ -9,6 +9,7 @@ test_tracking_lineage.py.
 from __future__ import annotations
 
 import ast
+import csv
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -33,7 +34,7 @@ def tiny_params(model_source: Path, **overrides) -> Params:
         "sft": {"batch_size": 4},
         "generate": {"max_new_tokens": 8, "batch_size": 8},
         "spin": {"iterations": ITERATIONS, "train": {"batch_size": 4, "epochs": 1}},
-        "sft_extra": {"enabled": False},
+        "sft_extra": {"enabled": True},
         "eval": {"max_new_tokens": 8, "batch_size": 8, "num_samples": 4},
         "tracking": {"experiment": "spinflow-test", "registered_model": MODEL_NAME},
     }
@@ -53,6 +54,9 @@ def run_tiny_pipeline(params: Params, *, prepare: bool = True) -> None:
         execute(params, f"generate_iter_{k}", spin.generate)
         execute(params, f"train_iter_{k}", spin.train)
         execute(params, f"eval_iter_{k}", evaluate.evaluate)
+    if params.sft_extra.enabled:
+        execute(params, "sft_extra", sft.sft_extra)
+        execute(params, "eval_sft_extra", evaluate.evaluate)
     execute(params, "report", evaluate.report)
 
 
@@ -90,7 +94,8 @@ def steps_of(client, run_id: str, key: str) -> list[int]:
 
 @pytest.fixture(scope="module")
 def tracked(tiny_checkpoint_session, tmp_path_factory):
-    """The tiny pipeline, run once with tracking into ``<tmp>/mlflow.db``."""
+    """The tiny pipeline with the SFT-extra baseline, run once with tracking into
+    ``<tmp>/mlflow.db``."""
     from mlflow import MlflowClient
 
     root = tmp_path_factory.mktemp("tracked")
@@ -107,15 +112,16 @@ def tracked(tiny_checkpoint_session, tmp_path_factory):
 
 def test_runs_are_nested_and_tagged(tracked):
     runs = pipeline_runs(tracked.client, tracked.params)
-    assert set(runs) == {"pipeline", "baseline", "iter_0", "iter_1"}
+    assert set(runs) == {"pipeline", "baseline", "iter_0", "iter_1", "sft_extra"}
     assert not (tracked.root / "mlruns").exists()  # every artifact went beside the database
     assert (tracked.root / "mlartifacts").is_dir()
     parent = runs["pipeline"]
     assert parent.info.status == "FINISHED"
     assert parent.data.params["spin.iterations"] == str(ITERATIONS)
-    for name in ("baseline", "iter_0", "iter_1"):
+    for name in ("baseline", "iter_0", "iter_1", "sft_extra"):
         assert runs[name].data.tags["mlflow.parentRunId"] == parent.info.run_id
     assert runs["baseline"].data.tags["dvc.stages"] == "sft,eval_sft"
+    assert runs["sft_extra"].data.tags["dvc.stages"] == "sft_extra,eval_sft_extra"
     for k in range(ITERATIONS):
         tags = runs[f"iter_{k}"].data.tags
         assert tags["spinflow.iteration"] == str(k)
@@ -160,6 +166,45 @@ def test_metric_histories(tracked):
     for key in ("eval/exact_match", "eval/answer_logprob_per_token"):
         assert steps_of(client, parent, key) == [0, 1, 2]
     assert steps_of(client, parent, "eval/reward_margin") == [1, 2]  # θ0 has no opponent
+
+
+def test_sft_extra_baseline_matches_spin_steps(tracked):
+    """The baseline trains θ0 for as many optimizer steps as all SPIN iterations together, is
+    evaluated against θ0, has a report row and its own run."""
+    client, root = tracked.client, tracked.root
+    graph = build(tracked.params)
+    baseline = graph.model("sft_extra")
+    spin_steps = [
+        json.loads((root / graph.theta(k + 1).train_metrics).read_text())["optimizer_steps"]
+        for k in range(ITERATIONS)
+    ]
+    assert spin_steps == [2, 4]  # 8 pairs, then 16 (mixed with the previous iteration's), batch 4
+    summary = json.loads((root / baseline.train_metrics).read_text())
+    assert summary["optimizer_steps"] == sum(spin_steps)
+    provenance = json.loads((root / baseline.path / "provenance.json").read_text())
+    assert provenance["params"]["max_steps"] == sum(spin_steps)
+    assert provenance["inputs"]["model"]["path"] == str(graph.theta(0).path)
+    with open(root / baseline.steps_csv, newline="") as f:
+        assert [int(float(r["step"])) for r in csv.DictReader(f)] == list(range(1, 7))
+
+    evaluated = json.loads((root / graph.evaluation("sft_extra").metrics).read_text())
+    assert evaluated["model"] == "sft_extra"
+    assert {"reward_margin", "reward_accuracy", "exact_match"} <= set(evaluated)  # against θ0
+    results = (root / "reports" / "results.md").read_text(encoding="utf-8")
+    row = next(line for line in results.splitlines() if line.startswith("| SFT-extra"))
+    assert f"{evaluated['exact_match']:.3f}" in row and f"{evaluated['reward_margin']:+.4f}" in row
+
+    run = pipeline_runs(client, tracked.params)["sft_extra"]
+    assert run.info.run_name == "sft_extra"
+    assert steps_of(client, run.info.run_id, "train/loss") == list(range(1, sum(spin_steps) + 1))
+    assert run.data.metrics["eval/exact_match"] == pytest.approx(evaluated["exact_match"])
+    assert run.data.metrics["train_summary/optimizer_steps"] == sum(spin_steps)
+    assert "spinflow.model_version" not in run.data.tags  # only SPIN iterations are registered
+    parent = pipeline_runs(client, tracked.params)["pipeline"].info.run_id
+    history = client.get_metric_history(parent, "sft_extra/reward_margin")
+    assert [(m.step, m.value) for m in history] == [
+        (ITERATIONS, pytest.approx(evaluated["reward_margin"]))
+    ]
 
 
 def test_samples_tables_and_report(tracked):
@@ -251,7 +296,7 @@ def test_new_pipeline_key_backfills_from_disk(tracked, monkeypatch):
     versions = len(client.search_model_versions(f"name = '{MODEL_NAME}'"))
     tracking.sync(changed)
     runs = pipeline_runs(client, changed)
-    assert set(runs) == {"pipeline", "baseline", "iter_0", "iter_1"}
+    assert set(runs) == {"pipeline", "baseline", "iter_0", "iter_1", "sft_extra"}
     assert steps_of(client, runs["pipeline"].info.run_id, "eval/exact_match") == [0, 1, 2]
     assert len(client.get_metric_history(runs["iter_0"].info.run_id, "train/loss")) > 0
     assert len(client.search_model_versions(f"name = '{MODEL_NAME}'")) == versions  # reused

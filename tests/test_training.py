@@ -311,3 +311,88 @@ def test_save_checkpoint_merges_lora(
     assert set(reloaded.state_dict()) == original_keys
     with torch.no_grad():
         torch.testing.assert_close(reloaded(input_ids=ids).logits, adapted_logits)
+
+
+# ---------------------------------------------------------------------------------------------
+# Settings verified by their effect on the weights
+
+
+def _one_sft_step(tok, checkpoint, records, **optim_changes):
+    """The weights after one SGD optimizer step of plain SFT on ``records``, and the loop's result."""
+    optim = make_optim(
+        **{"learning_rate": 0.5, "optimizer": "sgd", "max_grad_norm": None, **optim_changes}
+    )
+    model = load_model(checkpoint)
+    result = training.train_loop(
+        training.make_accelerator(optim),
+        model,
+        training.encode_sft(tok, records, PROMPT),
+        training.sft_collate(tok.pad_token_id),
+        training.sft_loss_fn,
+        optim,
+        seed=0,
+        desc="sft",
+        items=training.answer_tokens,
+    )
+    return model, result
+
+
+def test_gradient_accumulation_matches_the_larger_batch(
+    tiny_tokenizer_session, tiny_checkpoint_session
+):
+    records = SFT_RECORDS[:4]  # answers of 8, 8, 8 and 7 tokens: the micro-batches differ
+    whole, whole_result = _one_sft_step(
+        tiny_tokenizer_session, tiny_checkpoint_session, records, batch_size=4
+    )
+    split, split_result = _one_sft_step(
+        tiny_tokenizer_session,
+        tiny_checkpoint_session,
+        records,
+        batch_size=2,
+        gradient_accumulation_steps=2,
+    )
+    assert whole_result.steps == split_result.steps == 1
+    # the logged loss is the loss of the whole step, not the mean of the two halves' losses
+    assert split_result.history[0]["loss"] == pytest.approx(whole_result.history[0]["loss"])
+    start = load_model(tiny_checkpoint_session).state_dict()
+    split_state = split.state_dict()
+    moved = 0
+    for key, value in whole.state_dict().items():
+        torch.testing.assert_close(split_state[key], value, rtol=1e-4, atol=1e-6, msg=key)
+        moved += not torch.equal(value, start[key])
+    assert moved > 0  # the step did change the weights
+
+
+def test_clipping_logs_the_norm_before_clipping_and_clips_the_update(
+    tiny_tokenizer_session, tiny_checkpoint_session
+):
+    tok = tiny_tokenizer_session
+    records = SFT_RECORDS[:4]
+    # the gradient of the whole batch's loss, by hand
+    model = load_model(tiny_checkpoint_session)
+    batch = training.sft_collate(tok.pad_token_id)(training.encode_sft(tok, records, PROMPT))
+    loss, _ = training.sft_loss_fn(model, batch)
+    loss.backward()
+    gradient = {name: p.grad.clone() for name, p in model.named_parameters()}
+    norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in gradient.values()])).item()
+    start = {name: p.detach().clone() for name, p in model.named_parameters()}
+
+    max_norm = 1e-3
+    assert norm > 100 * max_norm  # clipping must bite
+    clipped, result = _one_sft_step(tok, tiny_checkpoint_session, records, batch_size=4)
+    assert "grad_norm" not in result.history[0]  # clipping off: nothing to log
+    clipped, result = _one_sft_step(
+        tok, tiny_checkpoint_session, records, batch_size=4, max_grad_norm=max_norm
+    )
+    assert result.history[0]["grad_norm"] == pytest.approx(norm, rel=1e-4)
+    learning_rate = 0.5  # _one_sft_step's SGD rate
+    scale = max_norm / (norm + 1e-6)  # torch's clip_grad_norm_
+    names = list(start)
+    update = torch.cat(
+        [(dict(clipped.named_parameters())[n].detach() - start[n]).flatten() for n in names]
+    )
+    expected = torch.cat([(-learning_rate * scale * gradient[n]).flatten() for n in names])
+    # the update is the gradient scaled down to max_grad_norm: its norm is lr × max_grad_norm and
+    # it points along the gradient (float32 rounding of w + Δ limits each element to ~1e-7·|w|)
+    assert update.norm().item() == pytest.approx(learning_rate * max_norm, rel=1e-3)
+    assert torch.nn.functional.cosine_similarity(update, expected, dim=0).item() > 0.9999

@@ -7,6 +7,7 @@ function and its loss function (:data:`LossFn`); :func:`train_loop` does the res
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import resource
@@ -168,8 +169,62 @@ def sft_loss_fn(model, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
     return loss, {"loss": loss.item()}
 
 
+def batch_rows(batch: dict) -> int:
+    """Examples in a batch: pairs for SPIN (``index``), sequences otherwise."""
+    return batch["index"].numel() if "index" in batch else batch["input_ids"].size(0)
+
+
+def answer_tokens(batch: dict) -> int:
+    """Tokens the SFT loss averages over: the answer tokens (each one predicted from before)."""
+    return int(batch["loss_mask"][:, 1:].sum())
+
+
 # ---------------------------------------------------------------------------------------------
 # The loop
+
+
+def _windows(loader, size: int):
+    """(index of the last micro-batch, micro-batches) of each optimizer step of one epoch; the
+    last step of an epoch may have fewer micro-batches."""
+    window: list[dict] = []
+    for micro, batch in enumerate(loader):
+        window.append(batch)
+        if len(window) == size:
+            yield micro, window
+            window = []
+    if window:
+        yield micro, window
+
+
+def _optimizer_step(accelerator, model, optimizer, window, loss_fn, count, optim, where):
+    """Accumulate the gradients of ``window``'s micro-batches, clip, step once.
+
+    Returns the step's metrics (weighted by each micro-batch's items) and the gradient norm
+    before clipping (None when clipping is off).
+    """
+    weights = [count(batch) for batch in window]
+    total = sum(weights) or 1
+    # accelerate divides every loss by gradient_accumulation_steps; undo that and weight instead
+    scales = [w * accelerator.gradient_accumulation_steps / total for w in weights]
+    row: dict[str, float] = {}
+    for i, batch in enumerate(window):
+        last = i + 1 == len(window)
+        accelerator.sync_gradients = last  # gates the optimizer step and DeepSpeed's boundary
+        with contextlib.nullcontext() if last else accelerator.no_sync(model):
+            loss, metrics = loss_fn(model, batch)
+            if not torch.isfinite(loss):
+                raise TrainingError(
+                    where.format(loss.item()) + "; lower the learning rate or check the data"
+                )
+            accelerator.backward(loss * scales[i] if scales[i] != 1.0 else loss)
+        for key, value in metrics.items():
+            row[key] = row.get(key, 0.0) + value * weights[i] / total
+    grad_norm = None
+    if optim.max_grad_norm is not None:
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), optim.max_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad()
+    return row, grad_norm
 
 
 def train_loop(
@@ -184,10 +239,16 @@ def train_loop(
     desc: str,
     max_steps: int | None = None,
     on_step: Callable[[dict[str, float]], None] | None = None,
+    items: Callable[[dict], int] | None = None,
 ) -> TrainResult:
     """Optimise ``model`` on ``examples``; ``max_steps`` (if set) replaces ``optim.epochs``.
 
-    Each logged row averages the micro-batches of one optimizer step. A non-finite loss stops
+    ``loss_fn`` returns a mean over a batch's items: its rows (the default ``items``) or, for a
+    per-token loss, what ``items`` counts (:func:`answer_tokens` for the SFT loss). An optimizer
+    step over several micro-batches (gradient accumulation) weights each micro-batch's loss by
+    its share of the step's items, so it takes the step one batch of them all would take (per
+    process: with several processes, each process's share is averaged as usual). Each logged
+    row is the same weighted mean of the micro-batches' metrics. A non-finite loss stops
     training with a TrainingError.
     """
     from transformers import get_scheduler
@@ -219,9 +280,9 @@ def train_loop(
         num_training_steps=total_steps,
     )
     model.train()
+    count = items or batch_rows
 
     result = TrainResult()
-    window: list[dict[str, float]] = []
     started = time.perf_counter()
     bar = tqdm(
         total=total_steps,
@@ -231,48 +292,40 @@ def train_loop(
         disable=not accelerator.is_local_main_process,
     )
     epoch = 0
-    while result.steps < total_steps:
-        for micro, batch in enumerate(loader):
-            with accelerator.accumulate(model):
-                loss, metrics = loss_fn(model, batch)
-                if not torch.isfinite(loss):
-                    raise TrainingError(
-                        f"{desc}: loss is {loss.item()} at optimizer step {result.steps + 1} "
-                        f"(epoch {epoch + 1}); lower the learning rate or check the data"
-                    )
-                accelerator.backward(loss)
+    try:
+        while result.steps < total_steps:
+            for last_micro, window in _windows(loader, optim.gradient_accumulation_steps):
                 step_lr = scheduler.get_last_lr()[0]  # the rate this update uses
-                grad_norm = None
-                if accelerator.sync_gradients and optim.max_grad_norm is not None:
-                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), optim.max_grad_norm)
-                optimizer.step()
-                if accelerator.sync_gradients:
-                    scheduler.step()
-                optimizer.zero_grad()
-            window.append(metrics)
-            rows = batch["index"].numel() if "index" in batch else batch["input_ids"].size(0)
-            result.examples_seen += rows * accelerator.num_processes
-            result.tokens_seen += int(batch["attention_mask"].sum()) * accelerator.num_processes
-            last_micro = micro + 1 == micro_per_epoch
-            if accelerator.sync_gradients or last_micro:
+                where = (
+                    f"{desc}: loss is {{}} at optimizer step {result.steps + 1} (epoch {epoch + 1})"
+                )
+                row, grad_norm = _optimizer_step(
+                    accelerator, model, optimizer, window, loss_fn, count, optim, where
+                )
+                scheduler.step()
+                for batch in window:
+                    rows = batch_rows(batch)
+                    result.examples_seen += rows * accelerator.num_processes
+                    tokens = int(batch["attention_mask"].sum())
+                    result.tokens_seen += tokens * accelerator.num_processes
                 result.steps += 1
-                row = {key: sum(m[key] for m in window) / len(window) for key in window[0]}
                 row.update(
                     step=result.steps,
-                    epoch=epoch + (micro + 1) / micro_per_epoch,
+                    epoch=epoch + (last_micro + 1) / micro_per_epoch,
                     learning_rate=step_lr,
                 )
                 if grad_norm is not None:
                     row["grad_norm"] = float(grad_norm)
                 result.history.append(row)
-                window = []
                 if on_step is not None:
                     on_step(row)
                 bar.update(1)
                 bar.set_postfix(loss=f"{row['loss']:.4f}")
                 if result.steps >= total_steps:
                     break
-        epoch += 1
+            epoch += 1
+    finally:
+        accelerator.sync_gradients = True  # leave accelerate's shared state as a fresh loop expects
     bar.close()
     result.seconds = time.perf_counter() - started
     return result

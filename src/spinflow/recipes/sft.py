@@ -32,6 +32,7 @@ def supervised(
     writes its provenance, training summary and per-step CSV."""
     from spinflow.models import load_model, load_tokenizer
     from spinflow.training import (
+        answer_tokens,
         apply_lora,
         encode_sft,
         make_accelerator,
@@ -60,6 +61,7 @@ def supervised(
         seed=seed,
         desc=stage,
         max_steps=max_steps,
+        items=answer_tokens,
     )
     save_checkpoint(accelerator, model, tokenizer, target.path)
     summary = {"examples": len(examples), **result.summary()}

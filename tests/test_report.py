@@ -1,0 +1,136 @@
+"""Tests for spinflow.report: the table, the DVC plot and the chart from hand-made metrics."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+from spinflow.config import validate_params
+from spinflow.graph import REPORT_DIR, build
+from spinflow.report import collect, write_report
+
+METRICS = {
+    "sft": {
+        "model": "sft",
+        "verifier_pass_rate": 0.25,
+        "exact_match": 0.125,
+        "answer_logprob_per_token": -2.5,
+        "answer_length": 6.0,
+        "per_task_pass_rate": {"addition": 0.5, "no_commas": 0.0},
+    },
+    "iter_0": {
+        "model": "iter_0",
+        "verifier_pass_rate": 0.5,
+        "exact_match": 0.25,
+        "answer_logprob_per_token": -2.0,
+        "reward_margin": 0.0123,
+        "reward_accuracy": 0.75,
+        "answer_length": 5.5,
+        "per_task_pass_rate": {"addition": 1.0, "no_commas": 0.0},
+    },
+    "iter_1": {
+        "model": "iter_1",
+        "verifier_pass_rate": None,  # data without verifiers
+        "exact_match": 0.375,
+        "answer_logprob_per_token": -1.75,
+        "reward_margin": -0.5,
+        "reward_accuracy": 0.25,
+        "answer_length": 4.25,
+        "per_task_pass_rate": {},
+    },
+    "sft_extra": {
+        "model": "sft_extra",
+        "verifier_pass_rate": 0.375,
+        "exact_match": 0.5,
+        "answer_logprob_per_token": -1.5,
+        "reward_margin": 0.25,
+        "reward_accuracy": 1.0,
+        "answer_length": 7.0,
+        "per_task_pass_rate": {"addition": 0.75},
+    },
+}
+
+
+@pytest.fixture
+def report(tmp_path, monkeypatch):
+    """The graph of a two-iteration pipeline with the baseline, its metrics written by hand in
+    a temporary project directory, and the report written there."""
+    monkeypatch.chdir(tmp_path)
+    graph = build(validate_params({"spin": {"iterations": 2}, "sft_extra": {"enabled": True}}))
+    for name, metrics in METRICS.items():
+        path = graph.evaluation(name).metrics
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(metrics), encoding="utf-8")
+    result = write_report(graph)
+    return graph, result
+
+
+def test_collect_orders_the_chain_then_the_baseline(report):
+    graph, result = report
+    rows = collect(graph)
+    assert result == {"rows": 4}
+    assert [(r["label"], r["iteration"]) for r in rows] == [
+        ("θ0 (SFT)", 0),
+        ("θ1 (SPIN iter 0)", 1),
+        ("θ2 (SPIN iter 1)", 2),
+        ("SFT-extra (same steps)", None),
+    ]
+    assert [r["model"] for r in rows] == ["sft", "iter_0", "iter_1", "sft_extra"]
+
+
+def test_markdown_tables(report):
+    text = (REPORT_DIR / "results.md").read_text(encoding="utf-8")
+    lines = text.splitlines()
+    header = (
+        "| model | verifier pass rate | exact match | log-lik / token | reward margin "
+        "| reward acc. | answer length |"
+    )
+    start = lines.index(header)
+    assert lines[start + 1] == "|---|---:|---:|---:|---:|---:|---:|"
+    assert lines[start + 2 : start + 6] == [
+        "| θ0 (SFT) | 0.250 | 0.125 | -2.5000 | – | – | 6.0 |",
+        "| θ1 (SPIN iter 0) | 0.500 | 0.250 | -2.0000 | +0.0123 | 0.750 | 5.5 |",
+        "| θ2 (SPIN iter 1) | – | 0.375 | -1.7500 | -0.5000 | 0.250 | 4.2 |",
+        "| SFT-extra (same steps) | 0.375 | 0.500 | -1.5000 | +0.2500 | 1.000 | 7.0 |",
+    ]
+    assert lines[start + 6] == ""
+    per_task = lines.index("## Verifier pass rate per task")
+    assert lines[per_task + 2 : per_task + 6] == [
+        "| task | θ0 (SFT) | θ1 (SPIN iter 0) | θ2 (SPIN iter 1) | SFT-extra (same steps) |",
+        "|---|---:|---:|---:|---:|",
+        "| addition | 0.50 | 1.00 | – | 0.75 |",
+        "| no_commas | 0.00 | 0.00 | – | – |",
+    ]
+
+
+def test_csv_holds_the_chain_for_dvc_plots(report):
+    with open(REPORT_DIR / "by_iteration.csv", newline="", encoding="utf-8") as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == [
+        "iteration",
+        "verifier_pass_rate",
+        "exact_match",
+        "answer_logprob_per_token",
+        "reward_margin",
+        "reward_accuracy",
+        "answer_length",
+    ]
+    assert rows[1:] == [  # the baseline is off the chain: not a point of this plot
+        ["0", "0.25", "0.125", "-2.5", "", "", "6.0"],
+        ["1", "0.5", "0.25", "-2.0", "0.0123", "0.75", "5.5"],
+        ["2", "", "0.375", "-1.75", "-0.5", "0.25", "4.25"],
+    ]
+
+
+def test_chart_is_a_png(report):
+    data = (REPORT_DIR / "metrics.png").read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(data) > 10_000  # three panels drawn, not an empty canvas
+    # written atomically: no temporary file is left beside the three
+    assert sorted(p.name for p in REPORT_DIR.iterdir()) == [
+        "by_iteration.csv",
+        "metrics.png",
+        "results.md",
+    ]
