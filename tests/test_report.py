@@ -9,7 +9,32 @@ import pytest
 
 from spinflow.config import validate_params
 from spinflow.graph import REPORT_DIR, build
-from spinflow.report import collect, write_report
+from spinflow.io import write_jsonl
+from spinflow.report import bootstrap_interval, collect, write_report
+
+TEST = [
+    {
+        "id": "t0",
+        "task": "addition",
+        "answer": "7",
+        "verifier": {"name": "equals", "args": {"answer": "7"}},
+    },
+    {
+        "id": "t1",
+        "task": "addition",
+        "answer": "9",
+        "verifier": {"name": "equals", "args": {"answer": "9"}},
+    },
+    {"id": "t2", "task": "chat", "answer": "hello there"},
+    {"id": "t3", "task": "chat", "answer": "bye"},
+]
+# greedy answers per evaluation, by test id (the rows are written in another order on purpose)
+ANSWERS = {
+    "sft": {"t0": "7", "t1": "8", "t2": "hello there", "t3": "no"},
+    "iter_0": {"t0": "7", "t1": "9", "t2": "hello there", "t3": "bye"},
+    "iter_1": {"t0": "1", "t1": "2", "t2": "x", "t3": "y"},
+    "sft_extra": {"t0": "7", "t1": "9", "t2": "nope", "t3": "bye"},
+}
 
 METRICS = {
     "sft": {
@@ -63,6 +88,9 @@ def report(tmp_path, monkeypatch):
         path = graph.evaluation(name).metrics
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(metrics), encoding="utf-8")
+        rows = [{"id": i, "generated": a} for i, a in sorted(ANSWERS[name].items(), reverse=True)]
+        write_jsonl(graph.evaluation(name).generations, rows)
+    write_jsonl("data/prepared/test.jsonl", TEST)
     result = write_report(graph)
     return graph, result
 
@@ -134,3 +162,33 @@ def test_chart_is_a_png(report):
         "metrics.png",
         "results.md",
     ]
+
+
+def test_bootstrap_intervals_per_model(report):
+    lines = (REPORT_DIR / "results.md").read_text(encoding="utf-8").splitlines()
+    start = lines.index("## 95% bootstrap intervals (4 test examples, 2000 resamples)")
+    assert lines[start + 2 : start + 4] == [
+        "| model | verifier pass rate [95% CI] | exact match [95% CI] |",
+        "|---|---:|---:|",
+    ]
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in lines[start + 4 : start + 8]}
+    # every answer right: no spread; every answer wrong: none either
+    assert rows["θ1 (SPIN iter 0)"] == (
+        "| θ1 (SPIN iter 0) | 1.000 [1.000, 1.000] | 1.000 [1.000, 1.000] |"
+    )
+    assert rows["θ2 (SPIN iter 1)"] == (
+        "| θ2 (SPIN iter 1) | 0.000 [0.000, 0.000] | 0.000 [0.000, 0.000] |"
+    )
+    # θ0: one of two verified answers passes, two of four match exactly
+    assert rows["θ0 (SFT)"].startswith("| θ0 (SFT) | 0.500 [0.000, 1.000] | 0.500 [")
+
+
+def test_bootstrap_interval_brackets_the_mean_and_is_reproducible():
+    values = [1.0] * 30 + [0.0] * 70
+    low, high = bootstrap_interval(values)
+    assert low < 0.3 < high
+    assert 0.18 < low < 0.24 and 0.36 < high < 0.42  # ±1.96·sqrt(0.21/100) ≈ ±0.09
+    assert bootstrap_interval(values) == (low, high)
+    assert bootstrap_interval([0.5, 0.5]) == (0.5, 0.5)
+    with pytest.raises(ValueError):
+        bootstrap_interval([])
