@@ -21,7 +21,8 @@ from tqdm.auto import tqdm
 from spinflow.chat import collate, encode_example
 from spinflow.config import EvalParams, PromptParams
 from spinflow.generation import SamplingParams, generate_answers
-from spinflow.losses import sequence_logps, spin_logits
+from spinflow.logprobs import segment_logps
+from spinflow.losses import spin_logits
 from spinflow.verifiers import exact_match, verify
 
 
@@ -55,12 +56,7 @@ def answer_logps(
             k: v.to(device)
             for k, v in collate(encoded[start : start + batch_size], tokenizer.pad_token_id).items()
         }
-        out = model(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
-        )
-        logps.extend(
-            sequence_logps(out.logits, batch["input_ids"], batch["loss_mask"]).float().tolist()
-        )
+        logps.extend(segment_logps(model, batch).tolist())
     counts = [len(e.input_ids) - e.prompt_length for e in encoded]
     return logps, counts
 

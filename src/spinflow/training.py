@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from spinflow.chat import Encoded, collate, encode_example
 from spinflow.config import OptimParams, PromptParams
 from spinflow.errors import TrainingError
-from spinflow.losses import masked_nll, sequence_logps
+from spinflow.logprobs import mean_nll, segment_logps
 
 LossFn = Callable[[torch.nn.Module, dict], tuple[torch.Tensor, dict[str, float]]]
 
@@ -154,17 +154,13 @@ def sft_collate(pad_token_id: int):
 
 
 def forward_logps(model, batch: dict) -> torch.Tensor:
-    out = model(
-        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
-    )
-    return sequence_logps(out.logits, batch["input_ids"], batch["loss_mask"])
+    """Summed log-prob of every scored sequence of ``batch`` (answers only, see
+    :mod:`spinflow.logprobs`)."""
+    return segment_logps(model, batch)
 
 
 def sft_loss_fn(model, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
-    out = model(
-        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
-    )
-    loss = masked_nll(out.logits, batch["input_ids"], batch["loss_mask"])
+    loss = mean_nll(model, batch)
     return loss, {"loss": loss.item()}
 
 
@@ -252,7 +248,9 @@ def train_loop(
             window.append(metrics)
             rows = batch["index"].numel() if "index" in batch else batch["input_ids"].size(0)
             result.examples_seen += rows * accelerator.num_processes
-            result.tokens_seen += int(batch["attention_mask"].sum()) * accelerator.num_processes
+            # tokens of the sequences scored (a prompt shared by two answers counts twice)
+            tokens = batch["tokens"] if "tokens" in batch else batch["attention_mask"].sum()
+            result.tokens_seen += int(tokens) * accelerator.num_processes
             last_micro = micro + 1 == micro_per_epoch
             if accelerator.sync_gradients or last_micro:
                 result.steps += 1

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from spinflow import graph as pipeline_graph
-from spinflow.chat import Encoded, collate, encode_example
+from spinflow.chat import Encoded, collate_shared, encode_example
 from spinflow.config import OptimParams, Params, PromptParams
 from spinflow.graph import DATA_DIR, Graph
 from spinflow.io import atomic_path, read_jsonl, write_json, write_jsonl, write_rows_csv
@@ -95,10 +95,11 @@ def encode_pairs(tokenizer, pairs: Sequence[dict], prompt: PromptParams) -> list
 
 
 def pair_collate(pad_token_id: int):
-    """Real answers first, generated ones second, in one padded batch (one forward pass)."""
+    """One row per pair: the prompt once, then the real and the generated answer, both scored in
+    one forward pass (:func:`spinflow.chat.collate_shared`); real sums first, generated second."""
 
     def fn(examples: list[PairExample]) -> dict:
-        batch = collate([e.real for e in examples] + [e.generated for e in examples], pad_token_id)
+        batch = collate_shared([[e.real, e.generated] for e in examples], pad_token_id)
         batch["index"] = torch.tensor([e.index for e in examples])
         batch["reference_real_logps"] = torch.tensor([e.reference_real_logps for e in examples])
         batch["reference_generated_logps"] = torch.tensor(
