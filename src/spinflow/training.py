@@ -129,6 +129,10 @@ def save_checkpoint(accelerator, model, tokenizer, out_dir: Path) -> None:
 class SftExample:
     encoded: Encoded
 
+    @property
+    def length(self) -> int:
+        return len(self.encoded.input_ids)
+
 
 def encode_sft(tokenizer, records: Sequence[dict], prompt: PromptParams) -> list[SftExample]:
     return [
@@ -168,6 +172,62 @@ def sft_loss_fn(model, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
 # The loop
 
 
+class LengthGroupedBatches(torch.utils.data.Sampler):
+    """Batches of indices of similar length, in a seeded random order.
+
+        Each epoch: shuffle all indices, cut them into windows of ``window`` batches, sort each
+        window by length (longest first) and cut it into batches, then shuffle the full batches (a
+    short one stays last, as with a plain shuffled loader). Which
+        examples meet in a batch stays random across windows; within a batch there is little
+        padding. Same seed, same batches.
+    """
+
+    def __init__(
+        self, lengths: Sequence[int], batch_size: int, generator: torch.Generator, window: int = 50
+    ):
+        self.lengths = list(lengths)
+        self.batch_size = batch_size
+        self.generator = generator
+        self.window = window
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.lengths) / self.batch_size)
+
+    def __iter__(self):
+        order = torch.randperm(len(self.lengths), generator=self.generator).tolist()
+        span = self.batch_size * self.window
+        batches = []
+        for start in range(0, len(order), span):
+            window = sorted(order[start : start + span], key=lambda i: -self.lengths[i])
+            batches.extend(
+                window[i : i + self.batch_size] for i in range(0, len(window), self.batch_size)
+            )
+        # a short batch (there is at most one) stays last, as with a plain shuffled loader
+        short = [b for b in batches if len(b) < self.batch_size]
+        full = [b for b in batches if len(b) == self.batch_size]
+        for b in torch.randperm(len(full), generator=self.generator).tolist():
+            yield full[b]
+        yield from short
+
+
+def make_loader(examples: Sequence, collate_fn, optim: OptimParams, seed: int) -> DataLoader:
+    """Shuffled (seeded) batches; grouped by length when ``optim.group_by_length`` and the
+    examples have a ``length``."""
+    generator = torch.Generator().manual_seed(seed)
+    examples = list(examples)
+    if optim.group_by_length and all(hasattr(e, "length") for e in examples):
+        sampler = LengthGroupedBatches([e.length for e in examples], optim.batch_size, generator)
+        return DataLoader(examples, batch_sampler=sampler, collate_fn=collate_fn)
+    return DataLoader(
+        examples,
+        batch_size=optim.batch_size,
+        shuffle=True,
+        generator=generator,
+        collate_fn=collate_fn,
+        drop_last=False,
+    )
+
+
 def train_loop(
     accelerator,
     model,
@@ -190,15 +250,7 @@ def train_loop(
 
     if len(examples) == 0:
         raise TrainingError(f"{desc}: no training examples")
-    generator = torch.Generator().manual_seed(seed)
-    loader = DataLoader(
-        list(examples),
-        batch_size=optim.batch_size,
-        shuffle=True,
-        generator=generator,
-        collate_fn=collate_fn,
-        drop_last=False,
-    )
+    loader = make_loader(examples, collate_fn, optim, seed)
     if optim.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     raw_optimizer = build_optimizer(model, optim)

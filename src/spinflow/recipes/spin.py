@@ -55,6 +55,11 @@ class PairExample:
     reference_real_logps: float = 0.0
     reference_generated_logps: float = 0.0
 
+    @property
+    def length(self) -> int:
+        """Tokens of the pair's row: the prompt once, then both answers."""
+        return len(self.real.input_ids) + len(self.generated.input_ids) - self.real.prompt_length
+
 
 def make_pairs(pool: Sequence[dict], answers: Sequence[str], k: int) -> list[dict]:
     """Pool records and θk's answers as pair records (real = the human answer)."""
@@ -151,6 +156,7 @@ def reference_logps(
     """
     model.to(accelerator.device).eval()
     mine = examples[accelerator.process_index :: accelerator.num_processes]
+    mine = sorted(mine, key=lambda e: e.length)  # similar lengths share a batch: little padding
     loader = DataLoader(
         mine, batch_size=batch_size, shuffle=False, collate_fn=pair_collate(pad_token_id)
     )
