@@ -396,3 +396,38 @@ def test_clipping_logs_the_norm_before_clipping_and_clips_the_update(
     # it points along the gradient (float32 rounding of w + Δ limits each element to ~1e-7·|w|)
     assert update.norm().item() == pytest.approx(learning_rate * max_norm, rel=1e-3)
     assert torch.nn.functional.cosine_similarity(update, expected, dim=0).item() > 0.9999
+
+
+# ---------------------------------------------------------------------------------------------
+# Length-grouped batches
+
+
+def test_length_grouped_batches_are_seeded_and_cover_every_example():
+    lengths = [5, 90, 7, 88, 6, 91, 89, 87, 86, 3]
+
+    def epochs(seed):
+        sampler = training.LengthGroupedBatches(lengths, 2, torch.Generator().manual_seed(seed))
+        return [list(sampler) for _ in range(2)]
+
+    first = epochs(0)
+    assert first == epochs(0)
+    assert first != epochs(1)
+    for batches in first:
+        assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+        assert len(batches) == len(training.LengthGroupedBatches(lengths, 2, torch.Generator()))
+    padding = sum(
+        max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in first[0]
+    )
+    assert padding < 10  # random pairs of these lengths would pad by hundreds
+
+
+def test_group_by_length_off_keeps_the_plain_shuffled_loader(tiny_tokenizer_session):
+    examples = training.encode_sft(tiny_tokenizer_session, SFT_RECORDS, PROMPT)
+    loader = training.make_loader(
+        examples, training.sft_collate(0), make_optim(batch_size=2, group_by_length=False), 0
+    )
+    assert loader.batch_size == 2
+    grouped = training.make_loader(
+        examples, training.sft_collate(0), make_optim(batch_size=2, group_by_length=True), 0
+    )
+    assert isinstance(grouped.batch_sampler, training.LengthGroupedBatches)

@@ -1,12 +1,18 @@
 """Speed and memory of the current params on this machine: ``spinflow benchmark``.
 
 Prints generation tokens/s (sampling, as generate_iter_k does), SPIN training pairs/s and
-tokens/s (reference pass excluded, as train_iter_k does it once per iteration), and peak memory.
+tokens/s (reference pass excluded, as train_iter_k does it once per iteration), and peak memory
+of full fine-tuning beside an estimate of what it needs. When TRL is installed (dev extra), it
+also runs TRL's DPOTrainer as SPIN on the same pairs and settings, with a reference model and
+with precomputed reference log-probs, and prints spinflow's speed over each (setup and reference
+log-probs included on both sides; model loading excluded).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import tempfile
+import time
 from pathlib import Path
 
 from spinflow.config import Params
@@ -19,15 +25,130 @@ def _records(params: Params, count: int) -> list[dict]:
     return generate_examples(count, seed=params.data.seed)
 
 
+# ---------------------------------------------------------------------------------------------
+# TRL's DPOTrainer set up as SPIN, on the same tokens (a dev dependency: pip install -e .[dev])
+
+
+def trl_dataset(examples):
+    """spinflow's pairs as TRL's tokenised columns (chosen = real, rejected = generated)."""
+    from datasets import Dataset
+
+    return Dataset.from_list(
+        [
+            {
+                "prompt_ids": e.real.input_ids[: e.real.prompt_length],
+                "chosen_ids": e.real.input_ids[e.real.prompt_length :],
+                "rejected_ids": e.generated.input_ids[e.generated.prompt_length :],
+            }
+            for e in examples
+        ]
+    )
+
+
+def trl_spin_trainer(
+    model,
+    tokenizer,
+    examples,
+    optim,
+    *,
+    beta: float,
+    loss: str,
+    seed: int,
+    out_dir: str | Path,
+    precompute_ref_log_probs: bool = False,
+    ref_model=None,
+    max_steps: int = -1,
+):
+    """TRL's DPOTrainer as SPIN: sigmoid or hinge loss, chosen = real, rejected = generated.
+
+    It is handed spinflow's token ids (its own tokenisation step is skipped), so both score
+    exactly the same tokens; everything else (collation, reference model or precomputed
+    reference log-probs, loss, optimizer step) is TRL's.
+    """
+    from trl import DPOConfig, DPOTrainer
+
+    class PretokenizedDPOTrainer(DPOTrainer):
+        def _prepare_dataset(self, dataset, *args, **kwargs):
+            return dataset
+
+    optimizers = {"adamw": "adamw_torch", "rmsprop": "rmsprop", "sgd": "sgd"}
+    args = DPOConfig(
+        output_dir=str(out_dir),
+        beta=beta,
+        loss_type=[loss],
+        per_device_train_batch_size=optim.batch_size,
+        gradient_accumulation_steps=optim.gradient_accumulation_steps,
+        learning_rate=optim.learning_rate,
+        lr_scheduler_type=optim.scheduler,
+        warmup_steps=optim.warmup_ratio,
+        weight_decay=optim.weight_decay,
+        optim=optimizers[optim.optimizer],
+        max_grad_norm=optim.max_grad_norm or 0.0,
+        num_train_epochs=optim.epochs,
+        max_steps=max_steps,
+        max_length=None,
+        precompute_ref_log_probs=precompute_ref_log_probs,
+        bf16=optim.bf16,
+        use_cpu=not _cuda(),
+        seed=seed,
+        report_to="none",
+        save_strategy="no",
+        logging_steps=1,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+    return PretokenizedDPOTrainer(
+        model=model,
+        ref_model=ref_model,
+        args=args,
+        train_dataset=trl_dataset(examples),
+        processing_class=tokenizer,
+    )
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def memory_estimate_mb(model, optim, batch_tokens: int) -> dict[str, float]:
+    """What one full fine-tuning step must hold: weights, gradients, optimizer state, and the
+    activations autograd keeps for one batch (llama-style layer: about 9 hidden-size and 5
+    intermediate-size values a token, in the weights' dtype; attention scores not counted)."""
+    params = sum(p.numel() for p in model.parameters())
+    size = next(model.parameters()).element_size()
+    states = {"adamw": 2, "rmsprop": 1, "sgd": 0}[optim.optimizer]
+    config = model.config
+    per_token = config.num_hidden_layers * (
+        9 * config.hidden_size + 5 * getattr(config, "intermediate_size", 4 * config.hidden_size)
+    )
+    mb = 2**20
+    parts = {
+        "weights": params * size / mb,
+        "gradients": params * size / mb,
+        "optimizer_state": states * params * 4 / mb,
+        "activations": batch_tokens * per_token * size / mb,
+    }
+    parts["total"] = sum(parts.values())
+    return parts
+
+
 def run_benchmark(
-    params: Params, *, model_dir: str | None = None, pairs: int = 16
+    params: Params,
+    *,
+    model_dir: str | None = None,
+    pairs: int = 16,
+    pairs_file: str | None = None,
+    compare_trl: bool = True,
 ) -> dict[str, float]:
     import torch
 
     from spinflow.generation import GenerationStats, SamplingParams, generate_answers
+    from spinflow.io import read_jsonl
     from spinflow.models import build_tiny_model, load_model, load_tokenizer
-    from spinflow.recipes.spin import encode_pairs, spin_iteration
-    from spinflow.training import make_accelerator, peak_memory_mb
+    from spinflow.recipes.spin import encode_pairs, pair_collate, spin_iteration
+    from spinflow.training import make_accelerator, peak_memory_mb, seed_everything
 
     if model_dir is None:
         model_dir = str(BASE_MODEL) if BASE_MODEL.exists() else None
@@ -36,42 +157,45 @@ def run_benchmark(
         print("models/base not found: timing a tiny model (run `dvc repro prepare_model` first)")
     tokenizer = load_tokenizer(model_dir)
     model = load_model(model_dir)
-    records = _records(params, pairs)
     g = params.generate
     print(
         f"model: {model_dir} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters), "
         f"threads: {torch.get_num_threads()}, device: {'cuda' if torch.cuda.is_available() else 'cpu'}"
     )
 
-    stats = GenerationStats()
-    answers = generate_answers(
-        model,
-        tokenizer,
-        records,
-        sampling=SamplingParams(g.temperature, g.top_p, g.max_new_tokens),
-        seed=params.seed,
-        batch_size=g.batch_size,
-        system_prompt=params.prompt.system_prompt,
-        max_prompt_length=params.prompt.max_prompt_length,
-        desc="benchmark generate",
-        stats=stats,
-    )
-    results = {
-        "generation_tokens_per_second": stats.tokens_per_second,
-        "generation_prompts_per_second": stats.prompts / stats.seconds,
-    }
+    results: dict[str, float] = {}
+    if pairs_file is not None:
+        pair_records = read_jsonl(Path(pairs_file))[:pairs]
+        print(f"pairs: {len(pair_records)} from {pairs_file} (generation not timed)")
+    else:
+        records = _records(params, pairs)
+        stats = GenerationStats()
+        answers = generate_answers(
+            model,
+            tokenizer,
+            records,
+            sampling=SamplingParams(g.temperature, g.top_p, g.max_new_tokens),
+            seed=params.seed,
+            batch_size=g.batch_size,
+            system_prompt=params.prompt.system_prompt,
+            max_prompt_length=params.prompt.max_prompt_length,
+            desc="benchmark generate",
+            stats=stats,
+        )
+        results["generation_tokens_per_second"] = stats.tokens_per_second
+        results["generation_prompts_per_second"] = stats.prompts / stats.seconds
+        pair_records = [
+            {"prompt": r["prompt"], "real": r["answer"], "generated": a}
+            for r, a in zip(records, answers, strict=True)
+        ]
 
     optim, beta = params.train_for(0)
     optim = optim.model_copy(update={"epochs": 1})
+    examples = encode_pairs(tokenizer, pair_records, params.prompt)
+    model = load_model(model_dir)  # a fresh copy: generation must not warm anything up
+    seed_everything(params.seed)
     accelerator = make_accelerator(optim)
-    examples = encode_pairs(
-        tokenizer,
-        [
-            {"prompt": r["prompt"], "real": r["answer"], "generated": a}
-            for r, a in zip(records, answers, strict=True)
-        ],
-        params.prompt,
-    )
+    started = time.perf_counter()
     _, result, reference_seconds = spin_iteration(
         accelerator,
         model,
@@ -83,19 +207,63 @@ def run_benchmark(
         seed=params.seed,
         desc="benchmark train",
     )
+    total_seconds = time.perf_counter() - started
+    widest = max(
+        int(pair_collate(tokenizer.pad_token_id)(examples[i : i + optim.batch_size])["tokens"])
+        for i in range(0, len(examples), optim.batch_size)
+    )
+    estimate = memory_estimate_mb(model, optim, widest)
     results.update(
         {
             "reference_pairs_per_second": len(examples) / reference_seconds,
             "train_pairs_per_second": result.examples_seen / result.seconds,
             "train_tokens_per_second": result.tokens_seen / result.seconds,
             "train_seconds_per_step": result.seconds / max(result.steps, 1),
+            "spin_pairs_per_second": len(examples) / total_seconds,
             "peak_memory_mb": peak_memory_mb(),
+            "estimated_memory_mb": estimate["total"],
         }
     )
     print(
         f"\nbatch sizes: generate {g.batch_size}, train {optim.batch_size} pairs "
-        f"(x{optim.gradient_accumulation_steps} accumulation), bf16 {optim.bf16}, lora {optim.lora.enabled}"
+        f"(x{optim.gradient_accumulation_steps} accumulation), bf16 {optim.bf16}, "
+        f"lora {optim.lora.enabled}, optimizer {optim.optimizer}, "
+        f"group_by_length {optim.group_by_length}"
     )
+    print(
+        "memory estimate (MB): "
+        + ", ".join(f"{k} {v:.0f}" for k, v in estimate.items())
+        + " (process memory such as libraries not included)"
+    )
+
+    if compare_trl and importlib.util.find_spec("trl") is not None:
+        for name, precompute in (("trl", False), ("trl_precompute", True)):
+            trl_model = load_model(model_dir)
+            seed_everything(params.seed)
+            started = time.perf_counter()
+            trainer = trl_spin_trainer(
+                trl_model,
+                tokenizer,
+                examples,
+                optim,
+                beta=beta,
+                loss=params.spin.loss,
+                seed=params.seed,
+                out_dir=tempfile.mkdtemp(),
+                precompute_ref_log_probs=precompute,
+            )
+            trainer.train()
+            results[f"{name}_pairs_per_second"] = len(examples) / (time.perf_counter() - started)
+            del trainer, trl_model
+    elif compare_trl:
+        print("TRL is not installed (pip install -e .[dev]): no comparison with it")
+
+    print(f"spin pairs/s counts setup and the reference pass ({len(examples)} pairs, one epoch)")
     for key, value in results.items():
         print(f"{key:<32} {value:10.2f}")
+    for name in ("trl", "trl_precompute"):
+        if f"{name}_pairs_per_second" in results:
+            ratio = results["spin_pairs_per_second"] / results[f"{name}_pairs_per_second"]
+            results[f"ratio_{name}"] = ratio
+            print(f"ratio train/{name}: {ratio:.2f}")
     return results

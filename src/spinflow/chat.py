@@ -69,3 +69,64 @@ def collate(encoded: list[Encoded], pad_token_id: int) -> dict[str, torch.Tensor
         attention_mask[row, :n] = 1
         loss_mask[row, e.prompt_length : n] = 1
     return {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask}
+
+
+def collate_shared(groups: list[list[Encoded]], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """One row per group of answers to the same prompt: the prompt once, then every answer.
+
+    Answer k of group i (k = 0, 1, …) is scored as sequence ``k·len(groups) + i``: with pairs
+    (real, generated) the first half of the sums are the real answers, the second the generated
+    ones, as with :func:`collate` over reals then generateds. See :mod:`spinflow.logprobs` for
+    the ``branch``/``position_ids`` layout and why it scores each answer exactly as its own
+    prompt + answer row would.
+    """
+    rows = len(groups)
+    prompt_lengths = [g[0].prompt_length for g in groups]
+    for group, p in zip(groups, prompt_lengths, strict=True):
+        if any(e.prompt_length != p or e.input_ids[:p] != group[0].input_ids[:p] for e in group):
+            raise ValueError("collate_shared: the answers of a group must share their prompt")
+    width = max(
+        p + sum(len(e.input_ids) - p for e in g)
+        for g, p in zip(groups, prompt_lengths, strict=True)
+    )
+    input_ids = torch.full((rows, width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((rows, width), dtype=torch.long)
+    branch = torch.full((rows, width), -1, dtype=torch.long)
+    position_ids = torch.zeros((rows, width), dtype=torch.long)
+    positions: list[int] = []
+    targets: list[int] = []
+    segments: list[int] = []
+    tokens = 0
+    for row, (group, p) in enumerate(zip(groups, prompt_lengths, strict=True)):
+        input_ids[row, :p] = torch.tensor(group[0].input_ids[:p], dtype=torch.long)
+        branch[row, :p] = 0
+        position_ids[row, :p] = torch.arange(p)
+        start = p
+        for k, e in enumerate(group):
+            answer = e.input_ids[p:]
+            n = len(answer)
+            tokens += len(e.input_ids)
+            input_ids[row, start : start + n] = torch.tensor(answer, dtype=torch.long)
+            branch[row, start : start + n] = k + 1
+            position_ids[row, start : start + n] = torch.arange(p, p + n)
+            # answer token j is predicted by the prompt's last token (j = 0) or by answer token j−1
+            predictors = [p - 1] + list(range(start, start + n - 1))
+            for j, (at, target) in enumerate(zip(predictors, answer, strict=True)):
+                if j == 0 and p == 0:
+                    continue
+                positions.append(row * width + at)
+                targets.append(target)
+                segments.append(k * rows + row)
+            start += n
+        attention_mask[row, :start] = 1
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "branch": branch,
+        "position_ids": position_ids,
+        "score_positions": torch.tensor(positions, dtype=torch.long),
+        "score_targets": torch.tensor(targets, dtype=torch.long),
+        "score_segments": torch.tensor(segments, dtype=torch.long),
+        "segments": torch.tensor(rows * max(len(g) for g in groups)),
+        "tokens": torch.tensor(tokens),
+    }

@@ -49,7 +49,13 @@ def _cmd_benchmark(args) -> int:
         return 0
     from spinflow.benchmark import run_benchmark
 
-    run_benchmark(load_params(args.params), model_dir=args.model, pairs=args.pairs)
+    run_benchmark(
+        load_params(args.params),
+        model_dir=args.model,
+        pairs=args.pairs,
+        pairs_file=args.pairs_file,
+        compare_trl=not args.no_trl,
+    )
     return 0
 
 
@@ -77,6 +83,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--model", default=None, help="checkpoint dir (default: models/base, else a tiny model)"
     )
     b.add_argument("--pairs", type=int, default=16, help="training pairs to time")
+    b.add_argument(
+        "--pairs-file",
+        default=None,
+        help="pairs.jsonl to train on (default: generate answers to built-in prompts)",
+    )
+    b.add_argument(
+        "--no-trl", action="store_true", help="skip the comparison with TRL's DPOTrainer"
+    )
     b.add_argument(
         "--sandbox", action="store_true", help="time only the sandbox for model-written code"
     )

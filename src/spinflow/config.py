@@ -126,6 +126,10 @@ class OptimParams(Section):
         False, description="bfloat16 autocast: for GPUs (on CPU it was measured 12x slower here)"
     )
     gradient_checkpointing: bool = Field(False, description="Trade compute for memory")
+    group_by_length: bool = Field(
+        True,
+        description="Batch examples of similar length together (less padding; order still seeded)",
+    )
     lora: LoraParams = Field(default_factory=LoraParams)
 
 

@@ -21,7 +21,8 @@ from tqdm.auto import tqdm
 from spinflow.chat import collate, encode_example
 from spinflow.config import EvalParams, PromptParams
 from spinflow.generation import SamplingParams, generate_answers
-from spinflow.losses import sequence_logps, spin_logits
+from spinflow.logprobs import segment_logps
+from spinflow.losses import spin_logits
 from spinflow.verifiers import exact_match, verify
 
 
@@ -49,18 +50,17 @@ def answer_logps(
         )
         for r, a in zip(records, answers, strict=True)
     ]
-    logps: list[float] = []
-    for start in tqdm(range(0, len(encoded), batch_size), desc=desc, dynamic_ncols=True):
+    # scored in order of length, so that a batch holds little padding
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].input_ids))
+    logps = [0.0] * len(encoded)
+    for start in tqdm(range(0, len(order), batch_size), desc=desc, dynamic_ncols=True):
+        rows = order[start : start + batch_size]
         batch = {
             k: v.to(device)
-            for k, v in collate(encoded[start : start + batch_size], tokenizer.pad_token_id).items()
+            for k, v in collate([encoded[i] for i in rows], tokenizer.pad_token_id).items()
         }
-        out = model(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
-        )
-        logps.extend(
-            sequence_logps(out.logits, batch["input_ids"], batch["loss_mask"]).float().tolist()
-        )
+        for i, value in zip(rows, segment_logps(model, batch).tolist(), strict=True):
+            logps[i] = value
     counts = [len(e.input_ids) - e.prompt_length for e in encoded]
     return logps, counts
 

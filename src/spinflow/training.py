@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from spinflow.chat import Encoded, collate, encode_example
 from spinflow.config import OptimParams, PromptParams
 from spinflow.errors import TrainingError
-from spinflow.losses import masked_nll, sequence_logps
+from spinflow.logprobs import mean_nll, segment_logps
 
 LossFn = Callable[[torch.nn.Module, dict], tuple[torch.Tensor, dict[str, float]]]
 
@@ -130,6 +130,10 @@ def save_checkpoint(accelerator, model, tokenizer, out_dir: Path) -> None:
 class SftExample:
     encoded: Encoded
 
+    @property
+    def length(self) -> int:
+        return len(self.encoded.input_ids)
+
 
 def encode_sft(tokenizer, records: Sequence[dict], prompt: PromptParams) -> list[SftExample]:
     return [
@@ -155,17 +159,13 @@ def sft_collate(pad_token_id: int):
 
 
 def forward_logps(model, batch: dict) -> torch.Tensor:
-    out = model(
-        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
-    )
-    return sequence_logps(out.logits, batch["input_ids"], batch["loss_mask"])
+    """Summed log-prob of every scored sequence of ``batch`` (answers only, see
+    :mod:`spinflow.logprobs`)."""
+    return segment_logps(model, batch)
 
 
 def sft_loss_fn(model, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
-    out = model(
-        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
-    )
-    loss = masked_nll(out.logits, batch["input_ids"], batch["loss_mask"])
+    loss = mean_nll(model, batch)
     return loss, {"loss": loss.item()}
 
 
@@ -227,6 +227,62 @@ def _optimizer_step(accelerator, model, optimizer, window, loss_fn, count, optim
     return row, grad_norm
 
 
+class LengthGroupedBatches(torch.utils.data.Sampler):
+    """Batches of indices of similar length, in a seeded random order.
+
+        Each epoch: shuffle all indices, cut them into windows of ``window`` batches, sort each
+        window by length (longest first) and cut it into batches, then shuffle the full batches (a
+    short one stays last, as with a plain shuffled loader). Which
+        examples meet in a batch stays random across windows; within a batch there is little
+        padding. Same seed, same batches.
+    """
+
+    def __init__(
+        self, lengths: Sequence[int], batch_size: int, generator: torch.Generator, window: int = 50
+    ):
+        self.lengths = list(lengths)
+        self.batch_size = batch_size
+        self.generator = generator
+        self.window = window
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.lengths) / self.batch_size)
+
+    def __iter__(self):
+        order = torch.randperm(len(self.lengths), generator=self.generator).tolist()
+        span = self.batch_size * self.window
+        batches = []
+        for start in range(0, len(order), span):
+            window = sorted(order[start : start + span], key=lambda i: -self.lengths[i])
+            batches.extend(
+                window[i : i + self.batch_size] for i in range(0, len(window), self.batch_size)
+            )
+        # a short batch (there is at most one) stays last, as with a plain shuffled loader
+        short = [b for b in batches if len(b) < self.batch_size]
+        full = [b for b in batches if len(b) == self.batch_size]
+        for b in torch.randperm(len(full), generator=self.generator).tolist():
+            yield full[b]
+        yield from short
+
+
+def make_loader(examples: Sequence, collate_fn, optim: OptimParams, seed: int) -> DataLoader:
+    """Shuffled (seeded) batches; grouped by length when ``optim.group_by_length`` and the
+    examples have a ``length``."""
+    generator = torch.Generator().manual_seed(seed)
+    examples = list(examples)
+    if optim.group_by_length and all(hasattr(e, "length") for e in examples):
+        sampler = LengthGroupedBatches([e.length for e in examples], optim.batch_size, generator)
+        return DataLoader(examples, batch_sampler=sampler, collate_fn=collate_fn)
+    return DataLoader(
+        examples,
+        batch_size=optim.batch_size,
+        shuffle=True,
+        generator=generator,
+        collate_fn=collate_fn,
+        drop_last=False,
+    )
+
+
 def train_loop(
     accelerator,
     model,
@@ -255,15 +311,7 @@ def train_loop(
 
     if len(examples) == 0:
         raise TrainingError(f"{desc}: no training examples")
-    generator = torch.Generator().manual_seed(seed)
-    loader = DataLoader(
-        list(examples),
-        batch_size=optim.batch_size,
-        shuffle=True,
-        generator=generator,
-        collate_fn=collate_fn,
-        drop_last=False,
-    )
+    loader = make_loader(examples, collate_fn, optim, seed)
     if optim.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     raw_optimizer = build_optimizer(model, optim)
@@ -306,8 +354,9 @@ def train_loop(
                 for batch in window:
                     rows = batch_rows(batch)
                     result.examples_seen += rows * accelerator.num_processes
-                    tokens = int(batch["attention_mask"].sum())
-                    result.tokens_seen += tokens * accelerator.num_processes
+                    # tokens of the sequences scored (a prompt shared by two answers counts twice)
+                    tokens = batch["tokens"] if "tokens" in batch else batch["attention_mask"].sum()
+                    result.tokens_seen += int(tokens) * accelerator.num_processes
                 result.steps += 1
                 row.update(
                     step=result.steps,

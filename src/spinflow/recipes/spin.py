@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from spinflow import graph as pipeline_graph
-from spinflow.chat import Encoded, collate, encode_example
+from spinflow.chat import Encoded, collate_shared, encode_example
 from spinflow.config import OptimParams, Params, PromptParams
 from spinflow.graph import DATA_DIR, Graph
 from spinflow.io import atomic_path, read_jsonl, write_json, write_jsonl, write_rows_csv
@@ -54,6 +54,11 @@ class PairExample:
     generated: Encoded
     reference_real_logps: float = 0.0
     reference_generated_logps: float = 0.0
+
+    @property
+    def length(self) -> int:
+        """Tokens of the pair's row: the prompt once, then both answers."""
+        return len(self.real.input_ids) + len(self.generated.input_ids) - self.real.prompt_length
 
 
 def make_pairs(pool: Sequence[dict], answers: Sequence[str], k: int) -> list[dict]:
@@ -95,10 +100,11 @@ def encode_pairs(tokenizer, pairs: Sequence[dict], prompt: PromptParams) -> list
 
 
 def pair_collate(pad_token_id: int):
-    """Real answers first, generated ones second, in one padded batch (one forward pass)."""
+    """One row per pair: the prompt once, then the real and the generated answer, both scored in
+    one forward pass (:func:`spinflow.chat.collate_shared`); real sums first, generated second."""
 
     def fn(examples: list[PairExample]) -> dict:
-        batch = collate([e.real for e in examples] + [e.generated for e in examples], pad_token_id)
+        batch = collate_shared([[e.real, e.generated] for e in examples], pad_token_id)
         batch["index"] = torch.tensor([e.index for e in examples])
         batch["reference_real_logps"] = torch.tensor([e.reference_real_logps for e in examples])
         batch["reference_generated_logps"] = torch.tensor(
@@ -150,6 +156,7 @@ def reference_logps(
     """
     model.to(accelerator.device).eval()
     mine = examples[accelerator.process_index :: accelerator.num_processes]
+    mine = sorted(mine, key=lambda e: e.length)  # similar lengths share a batch: little padding
     loader = DataLoader(
         mine, batch_size=batch_size, shuffle=False, collate_fn=pair_collate(pad_token_id)
     )
