@@ -64,4 +64,11 @@ def test_benchmark_figures_are_the_counts_over_the_measured_seconds(
 
     printed = capsys.readouterr().out
     for key, value in results.items():
-        assert f"{key:<32} {value:10.2f}" in printed, key
+        if key.startswith("ratio_"):  # the side-by-side lines: `ratio train/<peer>: R`
+            peer = key.removeprefix("ratio_")
+            assert f"ratio train/{peer}: {value:.2f}" in printed, key
+            assert value == pytest.approx(
+                results["spin_pairs_per_second"] / results[f"{peer}_pairs_per_second"]
+            )
+        else:
+            assert f"{key:<32} {value:10.2f}" in printed, key
