@@ -279,6 +279,15 @@ def test_pipeline_runs_and_reruns_only_what_changed(workspace: Workspace):
     assert ws.json("metrics/train_iter_0.json")["learning_rate"] == 1e-4
     assert _lock_outs(ws, "train_iter_0") == theta_1_before
 
+    # ---- removing that override: DVC sees the command change and brings θ2 back
+    del raw["spin"]["per_iteration"]["iter_1"]
+    ws.write_params(raw)
+    ws.run("spinflow", "pipeline", "write")
+    ran = ws.repro("repro (iter_1 override removed)")
+    assert ran == {"train_iter_1", "eval_iter_1", "report"}, f"ran {sorted(ran)} [{ws.durations()}]"
+    assert _eval_metrics(ws) == before
+    assert ws.json("metrics/train_iter_1.json")["learning_rate"] == 1e-4
+
     # ---- an early iteration's learning rate: that iteration and every later one, the report
     before = _digests(ws)
     params_before = ws.path("params.yaml").read_text(encoding="utf-8")

@@ -142,6 +142,18 @@ def test_stages_list_only_what_they_read():
     ]
 
 
+def test_removing_an_override_changes_the_command_dvc_compares():
+    """DVC compares only the params a stage lists, so an override that disappears from the list
+    must change something DVC does compare: the command."""
+    with_override = _params(spin={"iterations": 2, "per_iteration": {"iter_1": {"beta": 0.3}}})
+    stages = pipeline.render(with_override)["stages"]
+    plain = pipeline.render(_params(spin={"iterations": 2}))["stages"]
+    for name in ("train_iter_1", "eval_iter_1"):
+        assert stages[name]["cmd"].endswith(" --override spin.per_iteration.iter_1"), name
+        assert stages[name]["cmd"] != plain[name]["cmd"]
+    assert stages["train_iter_0"]["cmd"] == plain["train_iter_0"]["cmd"]
+
+
 def test_per_iteration_override_is_listed_only_by_its_iteration():
     params = _params(spin={"iterations": 4, "per_iteration": {"iter_2": {"learning_rate": 1e-7}}})
     stages = pipeline.render(params)["stages"]
@@ -155,7 +167,11 @@ def test_per_iteration_override_is_listed_only_by_its_iteration():
     # the rest of those stages is as without the override
     plain = pipeline.render(_params(spin={"iterations": 4}))["stages"]
     for name in ("train_iter_2", "eval_iter_2"):
-        without = {**stages[name], "params": [p for p in stages[name]["params"] if p != key]}
+        without = {
+            **stages[name],
+            "params": [p for p in stages[name]["params"] if p != key],
+            "cmd": stages[name]["cmd"].removesuffix(f" --override {key}"),
+        }
         assert without == plain[name]
     for name in set(stages) - {"train_iter_2", "eval_iter_2"}:
         assert stages[name] == plain[name], name

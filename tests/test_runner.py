@@ -97,3 +97,22 @@ def test_run_stage_under_dvc_stops_on_a_stale_dvc_yaml(tmp_path, capsys, monkeyp
     assert called == []
     err = capsys.readouterr().err
     assert "does not match params.yaml" in err and "run `spinflow pipeline write`" in err
+
+
+def test_run_stage_checks_the_overrides_its_command_names(tmp_path, capsys, hooks):
+    params = _write_params(tmp_path, per_iteration={"iter_1": {"learning_rate": 1e-6}})
+    ran = []
+    runner.run_stage(
+        "train",
+        lambda p, k: ran.append(k),
+        ["train_iter_1", "--params", params, "--override", "spin.per_iteration.iter_1"],
+    )
+    assert ran == [1]
+    with pytest.raises(SystemExit):  # rendered before the override was added
+        runner.run_stage("train", lambda p, k: ran.append(k), ["train_iter_1", "--params", params])
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        "error: train_iter_1: the command names overrides [] but params.yaml gives "
+        "['spin.per_iteration.iter_1']; run `spinflow pipeline write`"
+    )
+    assert ran == [1]

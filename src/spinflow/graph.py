@@ -34,6 +34,7 @@ LOBASS_DIR = Path("lobass")
 TRAINING, EVALUATION, REPORT = "training", "evaluation", "report"
 
 PROMPT_KEYS = ("prompt", "seed")
+OVERRIDE_PREFIX = "spin.per_iteration."  # params that exist only while params.yaml sets them
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ import yaml
 
 from spinflow.config import Params
 from spinflow.errors import SpinflowError
-from spinflow.graph import REPORT_DIR, Graph, Stage, build
+from spinflow.graph import OVERRIDE_PREFIX, REPORT_DIR, Graph, Stage, build
 
 DVC_FILE = "dvc.yaml"
 PACKAGE = "spinflow"
@@ -122,7 +122,11 @@ def _cmd(stage: Stage, accelerate_config: str | None) -> str:
         if stage.accelerate and accelerate_config
         else "python"
     )
-    return f"{launcher} {STAGES_DIR / stage.script}.py {stage.name}"
+    # A per-iteration override is a param that exists only while params.yaml holds it. DVC does
+    # not re-run a stage whose param list merely shrank, so the override is named in the command
+    # too: removing it changes the command, which DVC does compare.
+    overrides = [f" --override {key}" for key in stage.params if key.startswith(OVERRIDE_PREFIX)]
+    return f"{launcher} {STAGES_DIR / stage.script}.py {stage.name}" + "".join(overrides)
 
 
 def render_stage(stage: Stage, params: Params, code: dict[str, list[str]]) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from typing import Any
 
 from spinflow.config import PARAMS_FILE, Params, load_params
 from spinflow.errors import ConfigError, SpinflowError
-from spinflow.graph import Graph, build
+from spinflow.graph import OVERRIDE_PREFIX, Graph, build
 
 StageFunction = Callable[..., Any]
 
@@ -45,6 +45,13 @@ def run_stage(script: str, fn: StageFunction, argv: Sequence[str] | None = None)
     parser = argparse.ArgumentParser(prog=f"stages/{script}.py")
     parser.add_argument("stage", help="the DVC stage to run, as named in dvc.yaml")
     parser.add_argument("--params", default=PARAMS_FILE, help="params file (default: params.yaml)")
+    parser.add_argument(
+        "--override",
+        action="append",
+        default=[],
+        metavar="KEY",
+        help="a spin.per_iteration entry the stage was rendered with (dvc.yaml names it)",
+    )
     args = parser.parse_args(argv)
     configure_logging()
     try:
@@ -55,6 +62,12 @@ def run_stage(script: str, fn: StageFunction, argv: Sequence[str] | None = None)
         if stage.script != script:
             raise ConfigError(
                 f"stage {stage.name!r} is run by stages/{stage.script}.py, not stages/{script}.py"
+            )
+        expected = sorted(k for k in stage.params if k.startswith(OVERRIDE_PREFIX))
+        if sorted(args.override) != expected:
+            raise ConfigError(
+                f"the command names overrides {sorted(args.override)} but params.yaml gives "
+                f"{expected}; run `spinflow pipeline write`"
             )
         result = execute(params, stage.name, fn, graph)
     except SpinflowError as exc:
