@@ -115,36 +115,33 @@ def test_no_examples_raises_training_error(tiny_tokenizer_session, tiny_model):
         )
 
 
-def _train_sft(tok, model, optim, *, accelerator=None, examples=None, desc="sft"):
-    """Plain SFT on the fixture records with ``optim``; returns the accelerator it used."""
-    accelerator = accelerator or training.make_accelerator(optim)
-    training.train_loop(
-        accelerator,
+def _sft_loop(
+    tok, model, optim, records=SFT_RECORDS, *, examples=None, accelerator=None, **loop_args
+):
+    """``train_loop`` with the SFT loss on ``records`` (or ready ``examples``), seed 0."""
+    return training.train_loop(
+        accelerator or training.make_accelerator(optim),
         model,
-        training.encode_sft(tok, SFT_RECORDS, PROMPT) if examples is None else examples,
+        training.encode_sft(tok, records, PROMPT) if examples is None else examples,
         training.sft_collate(tok.pad_token_id),
         training.sft_loss_fn,
         optim,
         seed=0,
-        desc=desc,
+        **{"desc": "sft", **loop_args},
     )
+
+
+def _train_sft(tok, model, optim, *, accelerator=None, examples=None, desc="sft"):
+    """Plain SFT on the fixture records with ``optim``; returns the accelerator it used."""
+    accelerator = accelerator or training.make_accelerator(optim)
+    _sft_loop(tok, model, optim, examples=examples, accelerator=accelerator, desc=desc)
     return accelerator
 
 
 def _sft_run(tok, model, n_examples: int, max_steps: int | None = None, **optim_changes):
     optim = make_optim(learning_rate=1e-4, optimizer="sgd", **optim_changes)
     records = [SFT_RECORDS[i % len(SFT_RECORDS)] for i in range(n_examples)]
-    return training.train_loop(
-        training.make_accelerator(optim),
-        model,
-        training.encode_sft(tok, records, PROMPT),
-        training.sft_collate(tok.pad_token_id),
-        training.sft_loss_fn,
-        optim,
-        seed=0,
-        desc="sft",
-        max_steps=max_steps,
-    )
+    return _sft_loop(tok, model, optim, records, max_steps=max_steps)
 
 
 @pytest.mark.parametrize(
@@ -323,18 +320,7 @@ def _one_sft_step(tok, checkpoint, records, **optim_changes):
         **{"learning_rate": 0.5, "optimizer": "sgd", "max_grad_norm": None, **optim_changes}
     )
     model = load_model(checkpoint)
-    result = training.train_loop(
-        training.make_accelerator(optim),
-        model,
-        training.encode_sft(tok, records, PROMPT),
-        training.sft_collate(tok.pad_token_id),
-        training.sft_loss_fn,
-        optim,
-        seed=0,
-        desc="sft",
-        items=training.answer_tokens,
-    )
-    return model, result
+    return model, _sft_loop(tok, model, optim, records, items=training.answer_tokens)
 
 
 def test_gradient_accumulation_matches_the_larger_batch(

@@ -30,6 +30,8 @@ REPORT_FILES = ("results.md", "metrics.png", "by_iteration.csv")
 BASE, BASELINE, ITERATION, SFT_EXTRA = "base", "baseline", "iteration", "sft_extra"
 LOBASS, RANDOM_SELECTION = "lobass", "random_selection"
 LOBASS_DIR = Path("lobass")
+LOBASS_SCORES = LOBASS_DIR / "scores"  # lobass_score: scores.jsonl, provenance.json
+LOBASS_SELECTION = LOBASS_DIR / "selection"  # lobass_select: selected.jsonl, random.jsonl
 # What the stage runner hands to tracking after a stage.
 TRAINING, EVALUATION, REPORT = "training", "evaluation", "report"
 
@@ -108,6 +110,11 @@ class Stage:
     args: dict[str, object] = field(default_factory=dict)  # keyword arguments of the function
     track: str | None = None  # TRAINING, EVALUATION or REPORT: what tracking logs afterwards
     subject: str | None = None  # the model (TRAINING) or evaluation (EVALUATION) it concerns
+
+    @property
+    def overrides(self) -> list[str]:
+        """The per-iteration override keys it reads (named in its command too)."""
+        return sorted(key for key in self.params if key.startswith(OVERRIDE_PREFIX))
 
 
 def generated_dir(k: int) -> Path:
@@ -363,7 +370,7 @@ class Graph:
         p = self.params
         if not p.lobass.enabled:
             return
-        scores = LOBASS_DIR / "scores"
+        scores = LOBASS_SCORES
         self._add(
             Stage(
                 "lobass_score",
@@ -374,7 +381,7 @@ class Graph:
                 metrics=(str(train_metrics("lobass_score")),),
             )
         )
-        selection = LOBASS_DIR / "selection"
+        selection = LOBASS_SELECTION
         self._add(
             Stage(
                 "lobass_select",
@@ -466,7 +473,7 @@ class Graph:
         )
 
     def _report(self) -> None:
-        scores = (str(LOBASS_DIR / "scores"),) if "lobass_score" in self.stages else ()
+        scores = (str(LOBASS_SCORES),) if "lobass_score" in self.stages else ()
         self._add(
             Stage(
                 "report",

@@ -20,7 +20,7 @@ import yaml
 
 from spinflow.config import Params
 from spinflow.errors import SpinflowError
-from spinflow.graph import OVERRIDE_PREFIX, REPORT_DIR, Graph, Stage, build
+from spinflow.graph import REPORT_DIR, Graph, Stage, build
 
 DVC_FILE = "dvc.yaml"
 PACKAGE = "spinflow"
@@ -125,8 +125,8 @@ def _cmd(stage: Stage, accelerate_config: str | None) -> str:
     # A per-iteration override is a param that exists only while params.yaml holds it. DVC does
     # not re-run a stage whose param list merely shrank, so the override is named in the command
     # too: removing it changes the command, which DVC does compare.
-    overrides = [f" --override {key}" for key in stage.params if key.startswith(OVERRIDE_PREFIX)]
-    return f"{launcher} {STAGES_DIR / stage.script}.py {stage.name}" + "".join(overrides)
+    overrides = "".join(f" --override {key}" for key in stage.overrides)
+    return f"{launcher} {STAGES_DIR / stage.script}.py {stage.name}{overrides}"
 
 
 def render_stage(stage: Stage, params: Params, code: dict[str, list[str]]) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from spinflow.graph import DATA_DIR, LOBASS_DIR, METRICS_DIR, REPORT_DIR, SFT_EXTRA, Graph
+from spinflow.graph import DATA_DIR, LOBASS_SCORES, METRICS_DIR, REPORT_DIR, SFT_EXTRA, Graph
 from spinflow.io import atomic_path, read_json, read_jsonl, write_text
 
 BOOTSTRAP_RESAMPLES = 2000
@@ -188,7 +188,7 @@ def write_report(graph: Graph) -> dict[str, Any]:
 
 
 def _lobass_scores() -> list[dict[str, Any]]:
-    return read_jsonl(LOBASS_DIR / "scores" / "scores.jsonl")
+    return read_jsonl(LOBASS_SCORES / "scores.jsonl")
 
 
 def lobass_section() -> list[str]:

@@ -17,7 +17,7 @@ from typing import Any
 
 from spinflow.config import PARAMS_FILE, Params, load_params
 from spinflow.errors import ConfigError, SpinflowError
-from spinflow.graph import OVERRIDE_PREFIX, Graph, build
+from spinflow.graph import Graph, build
 
 StageFunction = Callable[..., Any]
 
@@ -63,7 +63,7 @@ def run_stage(script: str, fn: StageFunction, argv: Sequence[str] | None = None)
             raise ConfigError(
                 f"stage {stage.name!r} is run by stages/{stage.script}.py, not stages/{script}.py"
             )
-        expected = sorted(k for k in stage.params if k.startswith(OVERRIDE_PREFIX))
+        expected = stage.overrides
         if sorted(args.override) != expected:
             raise ConfigError(
                 f"the command names overrides {sorted(args.override)} but params.yaml gives "

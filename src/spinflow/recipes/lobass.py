@@ -28,15 +28,22 @@ from typing import Any
 from spinflow import graph as pipeline_graph
 from spinflow.config import Params, PromptParams
 from spinflow.errors import DataError, SpinflowError
-from spinflow.graph import BASE_MODEL, DATA_DIR, LOBASS, LOBASS_DIR, RANDOM_SELECTION
+from spinflow.graph import (
+    BASE_MODEL,
+    DATA_DIR,
+    LOBASS,
+    LOBASS_SCORES,
+    LOBASS_SELECTION,
+    RANDOM_SELECTION,
+)
 from spinflow.io import atomic_path, read_jsonl, write_json, write_jsonl
 from spinflow.provenance import PROVENANCE_FILE, provenance
 from spinflow.recipes.common import require
 from spinflow.seeds import derive_seed
 
-SCORES_DIR = LOBASS_DIR / "scores"
+SCORES_DIR = LOBASS_SCORES
 SCORES = SCORES_DIR / "scores.jsonl"
-SELECTION_DIR = LOBASS_DIR / "selection"
+SELECTION_DIR = LOBASS_SELECTION
 SELECTIONS = {
     LOBASS: SELECTION_DIR / "selected.jsonl",
     RANDOM_SELECTION: SELECTION_DIR / "random.jsonl",
