@@ -31,7 +31,8 @@ Layers (see :func:`active_layers` for what this machine has):
   ENOSYS so that the C library falls back to calls whose flags the filter can read.
 - ``bwrap`` (when bubblewrap is installed and works here): the worker sees only the system
   directories, the Python installation (read-only) and the scratch directory (writable), in new
-  user, PID, network, IPC and UTS namespaces, and dies with its parent.
+  user, PID, network, IPC and UTS namespaces, in a new session (no writing into the caller's
+  terminal), and dies with its parent.
 
 None of this is a virtual machine: a kernel exploit, or a bug in any of the layers, escapes it.
 """
@@ -582,7 +583,7 @@ def _bwrap_problem(bwrap: str, seccomp_module: str | None) -> str:
 
 def _bwrap_arguments(bwrap: str, scratch: Path, seccomp_module: str | None) -> list[str]:
     """bwrap and its options: system directories and Python read-only, the scratch dir writable."""
-    arguments = [bwrap, "--unshare-all", "--die-with-parent", "--dev", "/dev"]
+    arguments = [bwrap, "--unshare-all", "--die-with-parent", "--new-session", "--dev", "/dev"]
     for top in ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"):
         if os.path.islink(top):
             arguments += ["--symlink", os.readlink(top), top]
