@@ -26,7 +26,7 @@ def test_benchmark_figures_are_the_counts_over_the_measured_seconds(
 
     def counting_generate_batch(*args, **kwargs):
         answers = real_generate_batch(*args, **kwargs)
-        generated_tokens.extend(len(a) for a in answers)
+        generated_tokens.extend(len(a.token_ids) for a in answers)
         return answers
 
     def recording_spin_iteration(accelerator, model, tokenizer, examples, *args, **kwargs):
@@ -37,10 +37,13 @@ def test_benchmark_figures_are_the_counts_over_the_measured_seconds(
     monkeypatch.setattr(generation, "generate_batch", counting_generate_batch)
     monkeypatch.setattr(spin, "spin_iteration", recording_spin_iteration)
     params = Params()
+    params.generate.engine = "torch"  # the engine whose batches are counted here
     params.generate.max_new_tokens = 4
     params.spin.train.batch_size = 2
     started = time.perf_counter()
-    results = run_benchmark(params, model_dir=str(tiny_checkpoint_session), pairs=PAIRS)
+    results = run_benchmark(
+        params, model_dir=str(tiny_checkpoint_session), pairs=PAIRS, prompts=PAIRS
+    )
     elapsed = time.perf_counter() - started
 
     assert len(generated_tokens) == PAIRS
@@ -63,7 +66,13 @@ def test_benchmark_figures_are_the_counts_over_the_measured_seconds(
     assert results["peak_memory_mb"] > 0
 
     printed = capsys.readouterr().out
+    assert f"ratio generate/hf_generate: {results['ratio_generate_hf']:.2f}" in printed
+    assert results["ratio_generate_hf"] == pytest.approx(
+        results["generation_tokens_per_second"] / results["hf_generate_tokens_per_second"]
+    )
     for key, value in results.items():
+        if key == "ratio_generate_hf":
+            continue
         if key.startswith("ratio_"):  # the side-by-side lines: `ratio train/<peer>: R`
             peer = key.removeprefix("ratio_")
             assert f"ratio train/{peer}: {value:.2f}" in printed, key

@@ -12,8 +12,9 @@ from spinflow import chat, generation
 from spinflow.generation import (
     GenerationStats,
     SamplingParams,
-    _next_tokens,
-    _top_p_filter,
+    TorchEngine,
+    next_tokens,
+    top_p_filter,
     generate_answers,
     generate_batch,
 )
@@ -32,17 +33,27 @@ RECORDS = [
 
 
 def _answers(model, tokenizer, records=RECORDS, *, sampling=SAMPLING, seed=7, batch_size=1, **kw):
-    return generate_answers(
+    engine = TorchEngine(
         model,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        batch_size=batch_size,
+    )
+    completions = generate_answers(
+        engine,
         tokenizer,
         records,
         sampling=sampling,
         seed=seed,
-        batch_size=batch_size,
         system_prompt=None,
         max_prompt_length=128,
         **kw,
     )
+    return [c.text for c in completions]
+
+
+def _ids(completions) -> list[list[int]]:
+    return [c.token_ids for c in completions]
 
 
 @pytest.fixture(scope="module")
@@ -147,7 +158,7 @@ def test_greedy_equals_manual_argmax(tiny_model_session, tiny_tokenizer_session)
         tok.eos_token_id,
         tok.pad_token_id,
     )
-    assert got == [expected]
+    assert _ids(got) == [expected]
     text = _answers(tiny_model_session, tok, [RECORDS[3]], sampling=GREEDY)
     assert text == [tok.decode(expected, skip_special_tokens=True).strip()]
 
@@ -158,16 +169,18 @@ def test_left_padding_does_not_change_greedy_answers(tiny_model_session, tiny_to
     alone = [
         generate_batch(
             tiny_model_session, [p], GREEDY, [torch.Generator()], tok.eos_token_id, tok.pad_token_id
-        )[0]
+        )[0].token_ids
         for p in prompts
     ]
-    together = generate_batch(
-        tiny_model_session,
-        prompts,
-        GREEDY,
-        [torch.Generator() for _ in prompts],
-        tok.eos_token_id,
-        tok.pad_token_id,
+    together = _ids(
+        generate_batch(
+            tiny_model_session,
+            prompts,
+            GREEDY,
+            [torch.Generator() for _ in prompts],
+            tok.eos_token_id,
+            tok.pad_token_id,
+        )
     )
     assert len(prompts[0]) < len(prompts[2]) < len(prompts[1])
     assert together == alone
@@ -214,7 +227,11 @@ def test_generate_batch_stops_each_row_at_eos_and_drops_it():
     model = _CountingModel(vocab=10)
     eos, pad = 9, 0
     prompts = [[6, 7], [1, 2, 3], [5]]
-    answers = generate_batch(model, prompts, GREEDY, [torch.Generator() for _ in prompts], eos, pad)
+    completions = generate_batch(
+        model, prompts, GREEDY, [torch.Generator() for _ in prompts], eos, pad
+    )
+    answers = _ids(completions)
+    assert [c.ended for c in completions] == [True, True, True]
     # row 0: 8, then eos; row 1: 4..8 then eos at step 6; row 2: 6, 7, 8, eos
     assert answers == [[8], [4, 5, 6, 7, 8], [6, 7, 8]]
     # all rows finished after 6 steps: no forward pass beyond that
@@ -225,8 +242,9 @@ def test_generate_batch_left_pads_and_tracks_positions():
     model = _CountingModel(vocab=50)
     prompts = [[7], [1, 2, 3]]
     sampling = SamplingParams(temperature=0.0, max_new_tokens=3)
-    answers = generate_batch(model, prompts, sampling, [torch.Generator()] * 2, 49, 0)
-    assert answers == [[8, 9, 10], [4, 5, 6]]
+    completions = generate_batch(model, prompts, sampling, [torch.Generator()] * 2, 49, 0)
+    assert _ids(completions) == [[8, 9, 10], [4, 5, 6]]
+    assert [c.ended for c in completions] == [False, False]  # stopped at max_new_tokens
     first, second, third = model.calls
     assert first["input_ids"] == [[0, 0, 7], [1, 2, 3]]
     assert first["attention_mask"] == [[0, 0, 1], [1, 1, 1]]
@@ -250,14 +268,14 @@ def test_generate_uses_the_chat_prompt_ids():
 
 def test_top_p_one_keeps_everything():
     logits = torch.tensor([[0.3, -1.0, 2.0]])
-    assert torch.equal(_top_p_filter(logits, 1.0), logits)
+    assert torch.equal(top_p_filter(logits, 1.0), logits)
 
 
 def test_top_p_keeps_the_smallest_set_reaching_the_mass():
     # probabilities 0.5, 0.3, 0.15, 0.05, given in a shuffled order
     probs = torch.tensor([[0.15, 0.5, 0.05, 0.3]])
     logits = probs.log()
-    kept = lambda p: torch.isfinite(_top_p_filter(logits, p))[0].tolist()  # noqa: E731
+    kept = lambda p: torch.isfinite(top_p_filter(logits, p))[0].tolist()  # noqa: E731
     assert kept(0.4) == [False, True, False, False]
     assert kept(0.5) == [False, True, False, False]
     assert kept(0.51) == [False, True, False, True]
@@ -267,9 +285,9 @@ def test_top_p_keeps_the_smallest_set_reaching_the_mass():
     assert kept(1e-9) == [False, True, False, False]
 
 
-def test_top_p_filters_each_row_separately():
+def testtop_p_filters_each_row_separately():
     logits = torch.tensor([[0.6, 0.3, 0.1], [0.1, 0.3, 0.6]]).log()
-    filtered = _top_p_filter(logits, 0.7)
+    filtered = top_p_filter(logits, 0.7)
     assert torch.isfinite(filtered).tolist() == [[True, True, False], [False, True, True]]
     kept = torch.isfinite(filtered)
     assert torch.equal(filtered[kept], logits[kept])
@@ -280,7 +298,7 @@ def _sample_frequencies(
 ) -> list[float]:
     logits = torch.tensor([probs]).log().expand(draws, -1)
     generators = [torch.Generator().manual_seed(i) for i in range(draws)]
-    tokens = _next_tokens(logits, SamplingParams(temperature, top_p, 1), generators)
+    tokens = next_tokens(logits, SamplingParams(temperature, top_p, 1), generators)
     counts = torch.bincount(tokens, minlength=len(probs)).double()
     return (counts / draws).tolist()
 

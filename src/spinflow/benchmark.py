@@ -134,6 +134,93 @@ def memory_estimate_mb(model, optim, batch_tokens: int) -> dict[str, float]:
     return parts
 
 
+# ---------------------------------------------------------------------------------------------
+# Generation: the configured engine beside HF `generate`, on the same prompts and settings
+
+
+def hf_generate_answer_tokens(model, tokenizer, requests, sampling, batch_size: int) -> int:
+    """HF ``model.generate`` over ``requests`` (length-sorted, left-padded batches); the answer
+    tokens it produced, counted up to each row's end token."""
+    import torch
+
+    order = sorted(range(len(requests)), key=lambda i: len(requests[i].prompt_ids))
+    eos = tokenizer.eos_token_id
+    produced = 0
+    for start in range(0, len(order), batch_size):
+        rows = [requests[i].prompt_ids for i in order[start : start + batch_size]]
+        width = max(len(r) for r in rows)
+        input_ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(r)) + r for r in rows])
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+        torch.manual_seed(requests[order[start]].seed)
+        sample = sampling.temperature > 0
+        out = model.generate(
+            input_ids=input_ids,
+            attention_mask=mask,
+            max_new_tokens=sampling.max_new_tokens,
+            do_sample=sample,
+            temperature=sampling.temperature if sample else None,
+            top_p=sampling.top_p if sample else None,
+            top_k=0 if sample else None,
+            eos_token_id=eos,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        for row in out[:, width:].tolist():
+            produced += row.index(eos) if eos in row else len(row)
+    return produced
+
+
+def benchmark_generation(
+    params: Params, model, tokenizer, model_dir: str, *, prompts: int, compare_hf: bool = True
+) -> tuple[dict[str, float], list[dict]]:
+    """Answer tokens/s of ``generate.engine`` and, side by side, of HF ``generate`` on the same
+    prompts, seeds and settings; also the pairs the engine's answers make."""
+    from spinflow.chat import prompt_ids
+    from spinflow.engines import open_engine
+    from spinflow.generation import Request, SamplingParams
+    from spinflow.seeds import derive_seed
+
+    g = params.generate
+    sampling = SamplingParams(g.temperature, g.top_p, g.max_new_tokens)
+    records = _records(params, prompts)
+    requests = [
+        Request(
+            prompt_ids(
+                tokenizer, r["prompt"], params.prompt.system_prompt, params.prompt.max_prompt_length
+            ),
+            derive_seed(params.seed, r["id"]),
+        )
+        for r in records
+    ]
+    print(
+        f"generation: {len(requests)} built-in prompts, engine {g.engine} ({g.dtype}), "
+        f"batch {g.batch_size}, temperature {g.temperature}, top_p {g.top_p}, "
+        f"at most {g.max_new_tokens} new tokens"
+    )
+    engine = open_engine(g, model, tokenizer, model_dir=Path(model_dir))
+    started = time.perf_counter()
+    completions = engine.complete(requests, sampling, desc="benchmark generate")
+    seconds = time.perf_counter() - started
+    tokens = sum(len(c.token_ids) for c in completions)
+    results = {
+        "generation_tokens_per_second": tokens / seconds,
+        "generation_prompts_per_second": len(requests) / seconds,
+    }
+    if compare_hf:
+        started = time.perf_counter()
+        hf_tokens = hf_generate_answer_tokens(model, tokenizer, requests, sampling, g.batch_size)
+        results["hf_generate_tokens_per_second"] = hf_tokens / (time.perf_counter() - started)
+    for key, value in results.items():
+        print(f"{key:<32} {value:10.2f}")
+    if compare_hf:
+        ratio = results["generation_tokens_per_second"] / results["hf_generate_tokens_per_second"]
+        results["ratio_generate_hf"] = ratio
+        print(f"ratio generate/hf_generate: {ratio:.2f}")
+    return results, [
+        {"prompt": r["prompt"], "real": r["answer"], "generated": c.text}
+        for r, c in zip(records, completions, strict=True)
+    ]
+
+
 def run_benchmark(
     params: Params,
     *,
@@ -141,10 +228,12 @@ def run_benchmark(
     pairs: int = 16,
     pairs_file: str | None = None,
     compare_trl: bool = True,
+    prompts: int = 64,
+    compare_hf: bool = True,
+    train: bool = True,
 ) -> dict[str, float]:
     import torch
 
-    from spinflow.generation import GenerationStats, SamplingParams, generate_answers
     from spinflow.io import read_jsonl
     from spinflow.models import build_tiny_model, load_model, load_tokenizer
     from spinflow.recipes.spin import encode_pairs, pair_collate, spin_iteration
@@ -168,26 +257,13 @@ def run_benchmark(
         pair_records = read_jsonl(Path(pairs_file))[:pairs]
         print(f"pairs: {len(pair_records)} from {pairs_file} (generation not timed)")
     else:
-        records = _records(params, pairs)
-        stats = GenerationStats()
-        answers = generate_answers(
-            model,
-            tokenizer,
-            records,
-            sampling=SamplingParams(g.temperature, g.top_p, g.max_new_tokens),
-            seed=params.seed,
-            batch_size=g.batch_size,
-            system_prompt=params.prompt.system_prompt,
-            max_prompt_length=params.prompt.max_prompt_length,
-            desc="benchmark generate",
-            stats=stats,
+        generation, pair_records = benchmark_generation(
+            params, model, tokenizer, model_dir, prompts=prompts, compare_hf=compare_hf
         )
-        results["generation_tokens_per_second"] = stats.tokens_per_second
-        results["generation_prompts_per_second"] = stats.prompts / stats.seconds
-        pair_records = [
-            {"prompt": r["prompt"], "real": r["answer"], "generated": a}
-            for r, a in zip(records, answers, strict=True)
-        ]
+        results.update(generation)
+        pair_records = pair_records[:pairs]
+        if not train:
+            return results
 
     optim, beta = params.train_for(0)
     optim = optim.model_copy(update={"epochs": 1})
@@ -260,6 +336,8 @@ def run_benchmark(
 
     print(f"spin pairs/s counts setup and the reference pass ({len(examples)} pairs, one epoch)")
     for key, value in results.items():
+        if key.startswith(("generation_", "hf_generate_", "ratio_generate")):
+            continue  # printed with the generation figures
         print(f"{key:<32} {value:10.2f}")
     for name in ("trl", "trl_precompute"):
         if f"{name}_pairs_per_second" in results:

@@ -7,6 +7,7 @@ import sys
 from collections.abc import Sequence
 
 from spinflow.config import PARAMS_FILE, describe_schema, load_params
+from spinflow.engines import ENGINES
 from spinflow.errors import SpinflowError
 from spinflow.runner import configure_logging
 
@@ -49,12 +50,25 @@ def _cmd_benchmark(args) -> int:
         return 0
     from spinflow.benchmark import run_benchmark
 
+    params = load_params(args.params)
+    changes = {
+        "engine": args.engine,
+        "dtype": args.dtype,
+        "batch_size": args.generate_batch,
+        "max_new_tokens": args.max_new_tokens,
+    }
+    for key, value in changes.items():
+        if value is not None:
+            setattr(params.generate, key, value)
     run_benchmark(
-        load_params(args.params),
+        params,
         model_dir=args.model,
         pairs=args.pairs,
         pairs_file=args.pairs_file,
         compare_trl=not args.no_trl,
+        prompts=args.prompts,
+        compare_hf=not args.no_hf,
+        train=not args.generate_only,
     )
     return 0
 
@@ -94,6 +108,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     b.add_argument(
         "--sandbox", action="store_true", help="time only the sandbox for model-written code"
     )
+    b.add_argument("--prompts", type=int, default=64, help="built-in prompts to answer")
+    b.add_argument("--engine", choices=ENGINES, default=None, help="instead of generate.engine")
+    b.add_argument(
+        "--dtype", choices=["float32", "bfloat16"], default=None, help="instead of generate.dtype"
+    )
+    b.add_argument("--generate-batch", type=int, default=None, help="instead of generate.batch_size")
+    b.add_argument(
+        "--max-new-tokens", type=int, default=None, help="instead of generate.max_new_tokens"
+    )
+    b.add_argument("--no-hf", action="store_true", help="skip the comparison with HF generate")
+    b.add_argument("--generate-only", action="store_true", help="time generation only")
     b.set_defaults(fn=_cmd_benchmark)
 
     args = parser.parse_args(argv)

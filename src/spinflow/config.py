@@ -166,13 +166,46 @@ class SpinTrainParams(OptimParams):
     learning_rate: Annotated[float, Field(gt=0.0)] = Field(2e-6, description="Peak learning rate")
 
 
+class VllmParams(Section):
+    """vLLM settings (generate.engine: vllm)."""
+
+    tensor_parallel_size: PositiveInt = Field(1, description="GPUs per model replica")
+    data_parallel_size: PositiveInt = Field(
+        1, description="Model replicas, each answering a shard of the prompts on its own GPUs"
+    )
+    gpu_memory_utilization: Annotated[float, Field(gt=0.0, le=1.0)] = Field(
+        0.9, description="Share of each GPU's memory vLLM may take"
+    )
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="vLLM's model dtype (auto: the checkpoint's)"
+    )
+
+
 class GenerateParams(Section):
     temperature: Annotated[float, Field(ge=0.0)] = Field(
         1.0, description="Sampling temperature for θk's answers (0: greedy)"
     )
     top_p: Annotated[float, Field(gt=0.0, le=1.0)] = Field(1.0, description="Nucleus sampling mass")
     max_new_tokens: PositiveInt = Field(32, description="Longest generated answer, in tokens")
-    batch_size: PositiveInt = Field(32, description="Prompts per generation batch")
+    batch_size: PositiveInt = Field(
+        32, description="Prompts per generation batch (continuous engine: prompts decoding at once)"
+    )
+    engine: Literal["torch", "continuous", "vllm"] = Field(
+        "continuous",
+        description="Generation engine: continuous (static KV cache, continuous batching; "
+        "llama-style models), torch (the reference, any model) or vllm (GPUs, spinflow[vllm])",
+    )
+    dtype: Literal["float32", "bfloat16"] = Field(
+        "float32",
+        description="Compute precision of the continuous engine (bfloat16: a bf16 copy of the "
+        "weights, for CPUs and GPUs that compute bf16 natively)",
+    )
+    accelerate_config: str | None = Field(
+        None,
+        description="accelerate config that launches generate_iter_k in several processes; "
+        "each answers a shard of the pool and the file is written once, in pool order",
+    )
+    vllm: VllmParams = Field(default_factory=lambda: VllmParams())
 
 
 class TrainOverride(Section):
@@ -289,6 +322,13 @@ class Params(Section):
         if self.spin.start == "lobass" and not self.lobass.enabled:
             raise ValueError("spin.start: lobass needs lobass.enabled: true")
         return self
+
+    def value(self, key: str) -> Any:
+        """The value at a dotted key, e.g. ``generate.accelerate_config``."""
+        node: Any = self
+        for part in key.split("."):
+            node = getattr(node, part)
+        return node
 
     def train_for(self, iteration: int) -> tuple[OptimParams, float]:
         """The optimisation settings and β of ``train_iter_<iteration>``, overrides applied."""

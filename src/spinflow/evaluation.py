@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from spinflow.chat import collate, encode_example
 from spinflow.config import EvalParams, PromptParams
-from spinflow.generation import SamplingParams, generate_answers
+from spinflow.generation import SamplingParams, TorchEngine, generate_answers
 from spinflow.logprobs import segment_logps
 from spinflow.losses import spin_logits
 from spinflow.verifiers import exact_match, verify
@@ -66,19 +66,19 @@ def answer_logps(
 
 
 def greedy_answers(
-    model, tokenizer, records: Sequence[dict], prompt: PromptParams, params: EvalParams, seed: int
+    engine, tokenizer, records: Sequence[dict], prompt: PromptParams, params: EvalParams, seed: int
 ) -> list[str]:
-    return generate_answers(
-        model,
+    completions = generate_answers(
+        engine,
         tokenizer,
         records,
         sampling=SamplingParams(temperature=0.0, max_new_tokens=params.max_new_tokens),
         seed=seed,
-        batch_size=params.batch_size,
         system_prompt=prompt.system_prompt,
         max_prompt_length=prompt.max_prompt_length,
         desc="greedy answers",
     )
+    return [c.text for c in completions]
 
 
 def score_answers(tokenizer, records: Sequence[dict], answers: Sequence[str]) -> dict:
@@ -111,8 +111,12 @@ def evaluate(
     seed: int,
     reference: Sequence[dict] | None = None,
     beta: float = 0.1,
+    engine=None,
 ) -> tuple[dict, list[dict]]:
     """Evaluate ``model`` on ``records``; returns (metrics, one row per record).
+
+    Greedy answers come from ``engine`` (a generation engine over ``model``; by default the
+    reference :class:`~spinflow.generation.TorchEngine`).
 
     Each row holds the greedy answer and the model's log-probs of the real answer and of its own
     greedy answer, so the next evaluation can use it as the opponent (``reference``) without
@@ -149,7 +153,14 @@ def evaluate(
         ]
         metrics["reward_margin"] = sum(margins) / len(margins)
         metrics["reward_accuracy"] = sum(m > 0 for m in margins) / len(margins)
-    answers = greedy_answers(model, tokenizer, records, prompt, params, seed)
+    if engine is None:
+        engine = TorchEngine(
+            model,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            batch_size=params.batch_size,
+        )
+    answers = greedy_answers(engine, tokenizer, records, prompt, params, seed)
     own_logps, _ = answer_logps(
         model, tokenizer, records, answers, prompt, params.batch_size, desc="own answers"
     )

@@ -1,4 +1,8 @@
-"""θk answers prompts: batched, left-padded, length-sorted, reproducible per prompt.
+"""θk answers prompts, reproducibly per prompt, through a generation engine.
+
+An engine turns :class:`Request` s (prompt token ids and a seed) into :class:`Completion` s
+(answer token ids, θk's log-prob of them, whether the end token came); the engines are in
+:mod:`spinflow.engines`. This module holds what they share: the sampler and the reference engine.
 
 Sampling draws its noise from a generator seeded by (seed, prompt id), so an answer depends on
 the prompt and the seed alone, not on which batch the prompt landed in: the same params give the
@@ -25,6 +29,23 @@ class SamplingParams:
     max_new_tokens: int = 48
 
 
+@dataclass(frozen=True)
+class Request:
+    prompt_ids: list[int]
+    seed: int
+
+
+@dataclass
+class Completion:
+    """An answer: its tokens (without the end token), whether it ended with the end token, and
+    θk's log-prob of it, untempered, summed over its tokens and the end token when it came."""
+
+    token_ids: list[int]
+    logp: float
+    ended: bool
+    text: str = ""
+
+
 @dataclass
 class GenerationStats:
     prompts: int = 0
@@ -36,7 +57,7 @@ class GenerationStats:
         return self.new_tokens / self.seconds if self.seconds else 0.0
 
 
-def _top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     if top_p >= 1.0:
         return logits
     sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
@@ -47,11 +68,11 @@ def _top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     return logits.masked_fill(drop, float("-inf"))
 
 
-def _next_tokens(logits: torch.Tensor, sampling: SamplingParams, generators: list[torch.Generator]):
+def next_tokens(logits: torch.Tensor, sampling: SamplingParams, generators: list[torch.Generator]):
     logits = logits.float()
     if sampling.temperature == 0.0:
         return logits.argmax(-1)
-    logits = _top_p_filter(logits / sampling.temperature, sampling.top_p)
+    logits = top_p_filter(logits / sampling.temperature, sampling.top_p)
     # Gumbel-max sampling with each row's own noise stream
     noise = torch.stack(
         [torch.rand(logits.size(-1), generator=g, dtype=torch.float64) for g in generators]
@@ -68,8 +89,8 @@ def generate_batch(
     generators: list[torch.Generator],
     eos_token_id: int,
     pad_token_id: int,
-) -> list[list[int]]:
-    """Answer token ids (without the end token) for a batch of prompts, left-padded."""
+) -> list[Completion]:
+    """Completions of a batch of prompts, left-padded, all rows stepped until the last ends."""
     device = next(model.parameters()).device
     width = max(len(p) for p in prompt_token_ids)
     batch = len(prompt_token_ids)
@@ -82,6 +103,7 @@ def generate_batch(
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
 
     answers: list[list[int]] = [[] for _ in range(batch)]
+    logps = [0.0] * batch
     finished = torch.zeros(batch, dtype=torch.bool)
     past = None
     step_ids = input_ids
@@ -95,11 +117,14 @@ def generate_batch(
             logits_to_keep=1,  # only the next token's logits, also for the prompt pass
         )
         past = out.past_key_values
-        tokens = _next_tokens(out.logits[:, -1, :].cpu(), sampling, generators)
+        logits = out.logits[:, -1, :].float().cpu()
+        tokens = next_tokens(logits, sampling, generators)
+        token_logps = torch.log_softmax(logits, -1).gather(1, tokens.unsqueeze(1))[:, 0]
         for row in range(batch):
             if finished[row]:
                 continue
             token = int(tokens[row])
+            logps[row] += float(token_logps[row])
             if token == eos_token_id:
                 finished[row] = True
             else:
@@ -112,55 +137,75 @@ def generate_batch(
             dim=-1,
         )
         position_ids = position_ids[:, -1:] + 1
-    return answers
+    return [
+        Completion(answer, logp, bool(done))
+        for answer, logp, done in zip(answers, logps, finished.tolist(), strict=True)
+    ]
+
+
+class TorchEngine:
+    """The reference engine: HF forward passes with a growing cache, prompts sorted by length
+    and batched; every row of a batch steps until the batch's last row ends. Any model."""
+
+    name = "torch"
+
+    def __init__(self, model, *, eos_token_id: int, pad_token_id: int, batch_size: int):
+        self.model = model.eval()
+        self.eos_token_id, self.pad_token_id = eos_token_id, pad_token_id
+        self.batch_size = batch_size
+
+    def complete(
+        self, requests: Sequence[Request], sampling: SamplingParams, *, desc: str = "generate"
+    ) -> list[Completion]:
+        order = sorted(range(len(requests)), key=lambda i: (len(requests[i].prompt_ids), i))
+        completions: list[Completion | None] = [None] * len(requests)
+        with tqdm(total=len(requests), desc=desc, unit="prompt", dynamic_ncols=True) as bar:
+            for start in range(0, len(order), self.batch_size):
+                chunk = order[start : start + self.batch_size]
+                generators = [torch.Generator().manual_seed(requests[i].seed) for i in chunk]
+                batch = generate_batch(
+                    self.model,
+                    [requests[i].prompt_ids for i in chunk],
+                    sampling,
+                    generators,
+                    self.eos_token_id,
+                    self.pad_token_id,
+                )
+                for i, completion in zip(chunk, batch, strict=True):
+                    completions[i] = completion
+                bar.update(len(chunk))
+        return completions  # type: ignore[return-value]
 
 
 def generate_answers(
-    model,
+    engine,
     tokenizer,
     records: Sequence[dict],
     *,
     sampling: SamplingParams,
     seed: int,
-    batch_size: int,
     system_prompt: str | None,
     max_prompt_length: int,
     desc: str = "generate",
     stats: GenerationStats | None = None,
-) -> list[str]:
-    """Answer every record's prompt; returns answers in the order of ``records``.
+) -> list[Completion]:
+    """Every record's prompt answered by ``engine``, in the order of ``records``, with its text.
 
-    Prompts are sorted by length so batches carry little padding; each prompt's sampling noise
-    comes from ``derive_seed(seed, record["id"])``.
+    Each prompt's sampling noise comes from ``derive_seed(seed, record["id"])``.
     """
-    model.eval()
-    encoded = [
-        prompt_ids(tokenizer, r["prompt"], system_prompt, max_prompt_length) for r in records
+    requests = [
+        Request(
+            prompt_ids(tokenizer, r["prompt"], system_prompt, max_prompt_length),
+            derive_seed(seed, r["id"]),
+        )
+        for r in records
     ]
-    order = sorted(range(len(records)), key=lambda i: (len(encoded[i]), records[i]["id"]))
-    answers: list[str | None] = [None] * len(records)
     started = time.perf_counter()
-    new_tokens = 0
-    with tqdm(total=len(records), desc=desc, unit="prompt", dynamic_ncols=True) as bar:
-        for start in range(0, len(order), batch_size):
-            chunk = order[start : start + batch_size]
-            generators = [
-                torch.Generator().manual_seed(derive_seed(seed, records[i]["id"])) for i in chunk
-            ]
-            token_lists = generate_batch(
-                model,
-                [encoded[i] for i in chunk],
-                sampling,
-                generators,
-                tokenizer.eos_token_id,
-                tokenizer.pad_token_id,
-            )
-            for i, tokens in zip(chunk, token_lists, strict=True):
-                answers[i] = tokenizer.decode(tokens, skip_special_tokens=True).strip()
-                new_tokens += len(tokens)
-            bar.update(len(chunk))
+    completions = engine.complete(requests, sampling, desc=desc)
+    for completion in completions:
+        completion.text = tokenizer.decode(completion.token_ids, skip_special_tokens=True).strip()
     if stats is not None:
         stats.prompts += len(records)
-        stats.new_tokens += new_tokens
+        stats.new_tokens += sum(len(c.token_ids) for c in completions)
         stats.seconds += time.perf_counter() - started
-    return answers  # type: ignore[return-value]
+    return completions

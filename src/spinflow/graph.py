@@ -106,7 +106,7 @@ class Stage:
     metrics: tuple[str, ...] = ()  # small JSON files, not cached, still in the run cache
     plots: tuple[Plot, ...] = ()  # CSV plots, not cached
     uncached_outs: tuple[str, ...] = ()
-    accelerate: bool = False  # launched through `accelerate launch` when configured
+    accelerate: str | None = None  # the params key of the accelerate config that launches it
     args: dict[str, object] = field(default_factory=dict)  # keyword arguments of the function
     track: str | None = None  # TRAINING, EVALUATION or REPORT: what tracking logs afterwards
     subject: str | None = None  # the model (TRAINING) or evaluation (EVALUATION) it concerns
@@ -115,6 +115,10 @@ class Stage:
     def overrides(self) -> list[str]:
         """The per-iteration override keys it reads (named in its command too)."""
         return sorted(key for key in self.params if key.startswith(OVERRIDE_PREFIX))
+
+
+# what evaluation reads of the generate section: the engine that answers the test prompts
+ENGINE_KEYS = ("generate.engine", "generate.dtype", "generate.vllm")
 
 
 def generated_dir(k: int) -> Path:
@@ -228,7 +232,7 @@ class Graph:
                 evaluation.stage,
                 "evaluate",
                 tuple(inputs),
-                ("eval", *PROMPT_KEYS, *params),
+                ("eval", *PROMPT_KEYS, *ENGINE_KEYS, *params),
                 outs=(str(evaluation.directory),),
                 metrics=(str(evaluation.metrics),),
                 args={"name": name},
@@ -289,7 +293,7 @@ class Graph:
                     outs=("models/theta_0",),
                     metrics=(str(train_metrics("sft")),),
                     plots=(steps_plot("sft"),),
-                    accelerate=True,
+                    accelerate="spin.accelerate_config",
                     track=TRAINING,
                     subject="theta_0",
                 )
@@ -319,6 +323,7 @@ class Graph:
                     (str(theta_k.path), str(DATA_DIR)),
                     ("generate", "prompt.system_prompt", "prompt.max_prompt_length", "seed"),
                     outs=(str(generated_dir(k)),),
+                    accelerate="generate.accelerate_config",
                     args={"k": k},
                 )
             )
@@ -354,7 +359,7 @@ class Graph:
                     outs=(f"models/{name}",),
                     metrics=(str(train_metrics(stage)), str(spin_steps(k))),
                     plots=(steps_plot(stage),),
-                    accelerate=True,
+                    accelerate="spin.accelerate_config",
                     args={"k": k},
                     track=TRAINING,
                     subject=name,
@@ -423,7 +428,7 @@ class Graph:
                     outs=(f"models/{name}",),
                     metrics=(str(train_metrics(name)),),
                     plots=(steps_plot(name),),
-                    accelerate=True,
+                    accelerate="spin.accelerate_config",
                     args={"role": role},
                     track=TRAINING,
                     subject=name,
@@ -463,7 +468,7 @@ class Graph:
                 outs=("models/sft_extra",),
                 metrics=(str(train_metrics("sft_extra")),),
                 plots=(steps_plot("sft_extra"),),
-                accelerate=True,
+                accelerate="spin.accelerate_config",
                 track=TRAINING,
                 subject="sft_extra",
             )

@@ -116,11 +116,10 @@ def import_closure(script: str | Path, source_root: Path = SOURCE_ROOT) -> list[
 # Rendering
 
 
-def _cmd(stage: Stage, accelerate_config: str | None) -> str:
+def _cmd(stage: Stage, params: Params) -> str:
+    accelerate_config = params.value(stage.accelerate) if stage.accelerate else None
     launcher = (
-        f"accelerate launch --config_file {accelerate_config}"
-        if stage.accelerate and accelerate_config
-        else "python"
+        f"accelerate launch --config_file {accelerate_config}" if accelerate_config else "python"
     )
     # A per-iteration override is a param that exists only while params.yaml holds it. DVC does
     # not re-run a stage whose param list merely shrank, so the override is named in the command
@@ -134,7 +133,7 @@ def render_stage(stage: Stage, params: Params, code: dict[str, list[str]]) -> di
     if script not in code:
         code[script] = import_closure(script)
     entry: dict[str, Any] = {
-        "cmd": _cmd(stage, params.spin.accelerate_config),
+        "cmd": _cmd(stage, params),
         "deps": [script, *code[script], *stage.inputs],
         "params": list(stage.params),
     }

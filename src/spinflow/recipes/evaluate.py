@@ -26,8 +26,11 @@ def _beta(params: Params, model: pipeline_graph.Model) -> float:
 def evaluate(params: Params, name: str) -> dict[str, Any]:
     """Evaluate one model on the test split: metrics/eval_<name>.json and eval/<name>/."""
     from spinflow.data import load_split
+    from spinflow.engines import check_engine, open_engine
     from spinflow.evaluation import evaluate as run_eval
     from spinflow.models import load_model, load_tokenizer
+
+    check_engine(params.generate.engine)
 
     graph = pipeline_graph.build(params)
     evaluation = graph.evaluation(name)
@@ -48,6 +51,9 @@ def evaluate(params: Params, name: str) -> dict[str, Any]:
         seed=params.seed,
         reference=reference,
         beta=beta,
+        engine=open_engine(
+            params.generate, model, tokenizer, model_dir=source, batch_size=params.eval.batch_size
+        ),
     )
     metrics = {"model": name, **metrics}
     inputs = {"model": source, "test": DATA_DIR / "test.jsonl"}
@@ -61,6 +67,7 @@ def evaluate(params: Params, name: str) -> dict[str, Any]:
                 evaluation.stage,
                 {
                     "eval": params.eval.model_dump(),
+                    "engine": params.generate.engine,
                     "prompt": params.prompt.model_dump(),
                     "beta": beta,
                     "seed": params.seed,

@@ -61,19 +61,27 @@ class PairExample:
         return len(self.real.input_ids) + len(self.generated.input_ids) - self.real.prompt_length
 
 
-def make_pairs(pool: Sequence[dict], answers: Sequence[str], k: int) -> list[dict]:
-    """Pool records and θk's answers as pair records (real = the human answer)."""
-    return [
-        {
+def make_pairs(pool: Sequence[dict], answers: Sequence, k: int) -> list[dict]:
+    """Pool records and θk's answers as pair records (real = the human answer).
+
+    ``answers`` are :class:`spinflow.generation.Completion` s (their text, θk's log-prob of the
+    answer and whether it ended are kept) or plain strings.
+    """
+    pairs = []
+    for r, a in zip(pool, answers, strict=True):
+        pair = {
             "id": r["id"],
             "iteration": k,
             "task": r["task"],
             "prompt": r["prompt"],
             "real": r["answer"],
-            "generated": a,
+            "generated": a if isinstance(a, str) else a.text,
         }
-        for r, a in zip(pool, answers, strict=True)
-    ]
+        if not isinstance(a, str):
+            pair["generated_logp"] = round(a.logp, 4)
+            pair["generated_ended"] = a.ended
+        pairs.append(pair)
+    return pairs
 
 
 def training_pairs(params: Params, k: int, graph: Graph | None = None) -> list[dict]:
@@ -224,32 +232,56 @@ def spin_iteration(
 # Stages
 
 
-def generate(params: Params, k: int) -> dict[str, Any]:
-    """θk answers every prompt of the SPIN pool; writes generated/iter_k/pairs.jsonl."""
+def generate(params: Params, k: int) -> dict[str, Any] | None:
+    """θk answers every prompt of the SPIN pool; writes generated/iter_k/pairs.jsonl.
+
+    Launched in several processes (``generate.accelerate_config``), each answers every n-th
+    prompt and the main process writes the one file, in pool order: answers depend on the
+    prompt's seed only, so the file is the one a single process writes.
+    """
+    from accelerate import PartialState
+    from accelerate.utils import gather_object
+
     from spinflow.data import load_split
+    from spinflow.engines import check_engine, open_engine
     from spinflow.generation import GenerationStats, SamplingParams, generate_answers
     from spinflow.models import load_model, load_tokenizer
 
+    g = params.generate
+    check_engine(g.engine)
     graph = pipeline_graph.build(params)
     stage = f"generate_iter_{k}"
     source = require(graph, graph.theta(k).path)
     pool = load_split(DATA_DIR, "pool")
+    state = PartialState(cpu=not torch.cuda.is_available())
+    shard = list(range(state.process_index, len(pool), state.num_processes))
     tokenizer = load_tokenizer(source)
-    model = load_model(source)
-    g = params.generate
+    model = load_model(source) if g.engine != "vllm" else None
+    engine = open_engine(g, model, tokenizer, model_dir=source)
     stats = GenerationStats()
-    answers = generate_answers(
-        model,
+    completions = generate_answers(
+        engine,
         tokenizer,
-        pool,
+        [pool[i] for i in shard],
         sampling=SamplingParams(g.temperature, g.top_p, g.max_new_tokens),
         seed=stage_seed(params.seed, stage),
-        batch_size=g.batch_size,
         system_prompt=params.prompt.system_prompt,
         max_prompt_length=params.prompt.max_prompt_length,
-        desc=stage,
+        desc=stage if state.num_processes == 1 else f"{stage} [{state.process_index}]",
         stats=stats,
     )
+    answers: list = [None] * len(pool)
+    if state.num_processes > 1:
+        shares = gather_object([(shard, completions, stats.new_tokens)])
+        for indices, share, _ in shares:
+            for i, completion in zip(indices, share, strict=True):
+                answers[i] = completion
+        stats.prompts = len(pool)
+        stats.new_tokens = sum(tokens for _, _, tokens in shares)
+        if not state.is_main_process:
+            return None
+    else:
+        answers = completions
     pairs = make_pairs(pool, answers, k)
     out = pipeline_graph.generated_dir(k)
     with atomic_path(out, directory=True) as tmp:
@@ -259,7 +291,7 @@ def generate(params: Params, k: int) -> dict[str, Any]:
             provenance(
                 stage,
                 {
-                    "generate": g.model_dump(),
+                    "generate": g.model_dump(exclude={"accelerate_config"}),
                     "prompt": params.prompt.model_dump(),
                     "seed": params.seed,
                 },
@@ -267,10 +299,12 @@ def generate(params: Params, k: int) -> dict[str, Any]:
             ),
         )
     summary = {
+        "engine": g.engine,
+        "processes": state.num_processes,
         "prompts": stats.prompts,
         "answer_tokens": stats.new_tokens,
         "seconds": round(stats.seconds, 3),
-        "tokens_per_second": round(stats.tokens_per_second, 2),
+        "tokens_per_second": round(stats.new_tokens / stats.seconds, 2) if stats.seconds else 0.0,
         "identical_to_real": sum(p["generated"].strip() == p["real"].strip() for p in pairs),
     }
     log.info("%s: %s", stage, summary)

@@ -1,0 +1,73 @@
+"""Generation engines, one small module each, behind one interface.
+
+An engine has a ``name`` and ``complete(requests, sampling, desc=...) -> completions``
+(:class:`spinflow.generation.Request` in, :class:`spinflow.generation.Completion` out, in the
+same order). ``generate.engine`` picks one:
+
+- ``torch`` (:class:`spinflow.generation.TorchEngine`): the reference. HF forward passes, any
+  model, batches of prompts sorted by length.
+- ``continuous`` (:mod:`spinflow.engines.continuous`): a static KV cache and continuous batching
+  in plain torch, for llama-style models; the default on CPUs.
+- ``vllm`` (:mod:`spinflow.engines.vllm`): vLLM on GPUs, installed with ``spinflow[vllm]``.
+
+Every engine uses each prompt's own seed. :func:`check_engine` says, before a stage does any
+work, whether the chosen engine can run here.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+from spinflow.errors import SpinflowError
+
+ENGINES = ("torch", "continuous", "vllm")
+
+
+def check_engine(engine: str) -> None:
+    """Stop with one line when ``generate.engine`` cannot run on this machine."""
+    if engine not in ENGINES:
+        raise SpinflowError(
+            f"generate.engine: unknown engine {engine!r}; choose one of {', '.join(ENGINES)}"
+        )
+    if engine == "vllm":
+        if importlib.util.find_spec("vllm") is None:
+            raise SpinflowError(
+                "generate.engine: vllm is not installed: pip install 'spinflow[vllm]' "
+                "(GPU machines), or choose continuous or torch"
+            )
+        import torch
+
+        if not torch.cuda.is_available():
+            raise SpinflowError(
+                "generate.engine: vllm needs a CUDA GPU and none is visible here; "
+                "choose continuous or torch"
+            )
+
+
+def open_engine(generate, model, tokenizer, *, model_dir: Path, batch_size: int | None = None):
+    """The engine ``generate.engine`` names, for ``model`` (loaded from ``model_dir``).
+
+    ``generate`` is the ``generate`` section of the params; ``batch_size`` overrides its
+    ``batch_size`` (evaluation has its own).
+    """
+    check_engine(generate.engine)
+    slots = batch_size or generate.batch_size
+    if generate.engine == "torch":
+        from spinflow.generation import TorchEngine
+
+        return TorchEngine(
+            model,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            batch_size=slots,
+        )
+    if generate.engine == "continuous":
+        from spinflow.engines.continuous import ContinuousEngine
+
+        return ContinuousEngine(
+            model, eos_token_id=tokenizer.eos_token_id, batch_size=slots, dtype=generate.dtype
+        )
+    from spinflow.engines.vllm import VllmEngine
+
+    return VllmEngine(model_dir, eos_token_id=tokenizer.eos_token_id, options=generate.vllm)

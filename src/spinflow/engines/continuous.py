@@ -1,0 +1,231 @@
+"""The ``continuous`` engine: a static KV cache and continuous batching, in plain torch.
+
+``batch_size`` slots decode together, one token per slot per step. A slot whose answer ends is
+refilled at once with the next waiting prompt, so no step is spent on rows that have finished
+(with HF ``generate`` most of the work at the default settings went to such rows). Each slot keeps
+its keys and values in a preallocated cache ``[slots, kv_heads, length, head_dim]`` per layer, and
+its own position; attention reads only the columns up to the longest live row.
+
+The decoder is written against the modules of llama-style models (llama, mistral, qwen2, qwen3:
+pre-norm, rotary embeddings, grouped-query attention, gated MLP) and reuses their weights and
+their rotary module. Sampling is the reference sampler of :mod:`spinflow.generation` with each
+prompt's own noise stream, so a prompt's answer does not depend on its slot, its neighbours or
+the number of slots, as with the ``torch`` engine.
+
+``dtype: bfloat16`` runs a bfloat16 copy of the weights (sampling stays float32); it pays where
+the processor computes bfloat16 natively (see ``spinflow benchmark``).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections import deque
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from spinflow.errors import SpinflowError
+from spinflow.generation import Completion, Request, SamplingParams, next_tokens
+
+SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def supports(model) -> bool:
+    return getattr(model.config, "model_type", None) in SUPPORTED
+
+
+class ContinuousEngine:
+    name = "continuous"
+
+    def __init__(self, model, *, eos_token_id: int, batch_size: int, dtype: str = "float32"):
+        config = model.config
+        if not supports(model):
+            raise SpinflowError(
+                f"generate.engine: continuous supports {', '.join(SUPPORTED)} models, not "
+                f"{getattr(config, 'model_type', type(model).__name__)!r}: choose torch (any model)"
+            )
+        window = getattr(config, "sliding_window", None)
+        self.window = window if getattr(config, "use_sliding_window", True) else None
+        if dtype == "bfloat16":
+            model = copy.deepcopy(model).to(torch.bfloat16)
+        self.model = model.eval()
+        self.dtype = next(model.parameters()).dtype
+        self.device = next(model.parameters()).device
+        self.eos_token_id = eos_token_id
+        self.slots = batch_size
+        inner = model.model
+        self.embed, self.layers, self.norm = inner.embed_tokens, inner.layers, inner.norm
+        self.rotary = inner.rotary_emb
+        self.lm_head = model.lm_head
+        attention = self.layers[0].self_attn
+        self.head_dim = attention.head_dim
+        self.heads = config.num_attention_heads
+        self.kv_heads = config.num_key_value_heads
+        self.scaling = attention.scaling
+
+    # -- the decoder ------------------------------------------------------------------------
+
+    def _rope(self, hidden: torch.Tensor, positions: torch.Tensor):
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+        cos, sin = self.rotary(hidden, positions)
+        return lambda q, k: apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1)
+
+    def _qkv(self, attention, hidden: torch.Tensor, rows: int, length: int):
+        shape = (rows, length, -1, self.head_dim)
+        q = attention.q_proj(hidden).view(shape)
+        k = attention.k_proj(hidden).view(shape)
+        v = attention.v_proj(hidden).view(shape)
+        if hasattr(attention, "q_norm"):
+            q, k = attention.q_norm(q), attention.k_norm(k)
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+    def _prefill(self, slots: list[int], prompts: list[list[int]]) -> torch.Tensor:
+        """Run prompts (right-padded, one forward), fill their slots' caches; the logits of each
+        prompt's next token. Columns past a prompt's end hold padding until decoding overwrites
+        them, and decoding never reads a column before writing it."""
+        lengths = torch.tensor([len(p) for p in prompts])
+        width = int(lengths.max())
+        ids = torch.zeros((len(prompts), width), dtype=torch.long)
+        for row, prompt in enumerate(prompts):
+            ids[row, : len(prompt)] = torch.tensor(prompt)
+        positions = torch.arange(width).unsqueeze(0).expand(len(prompts), -1)
+        query, key = torch.arange(width).unsqueeze(1), torch.arange(width).unsqueeze(0)
+        visible = key <= query
+        if self.window is not None:
+            visible &= key > query - self.window
+        mask = (visible.unsqueeze(0) & (key < lengths.view(-1, 1, 1))).unsqueeze(1)
+        # a padding query row sees no key at all: let it see the first, its output is unused
+        mask[:, :, :, 0] = True
+        index = torch.tensor(slots, device=self.device)
+        hidden = self.embed(ids.to(self.device))
+        rope = self._rope(hidden, positions.to(self.device))
+        mask = mask.to(self.device)
+        for layer, (keys, values) in zip(self.layers, self.cache, strict=True):
+            attention = layer.self_attn
+            q, k, v = self._qkv(attention, layer.input_layernorm(hidden), len(prompts), width)
+            q, k = rope(q, k)
+            keys[index, :, :width] = k
+            values[index, :, :width] = v
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, scale=self.scaling, enable_gqa=True
+            )
+            hidden = hidden + attention.o_proj(out.transpose(1, 2).reshape(len(prompts), width, -1))
+            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+        last = hidden[torch.arange(len(prompts)), (lengths - 1).to(self.device)]
+        return self.lm_head(self.norm(last))
+
+    def _decode(self, slots: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor):
+        """One token for each of ``slots`` at its own position; the logits of the next ones."""
+        rows = tokens.size(0)
+        full = rows == self.cache[0][0].size(0)
+        width = int(positions.max()) + 1
+        columns = torch.arange(width, device=self.device)
+        visible = columns.unsqueeze(0) <= positions.unsqueeze(1)
+        if self.window is not None:
+            visible &= columns.unsqueeze(0) > positions.unsqueeze(1) - self.window
+        mask = visible[:, None, None, :]
+        hidden = self.embed(tokens).unsqueeze(1)
+        rope = self._rope(hidden, positions.unsqueeze(1))
+        for layer, (keys, values) in zip(self.layers, self.cache, strict=True):
+            attention = layer.self_attn
+            q, k, v = self._qkv(attention, layer.input_layernorm(hidden), rows, 1)
+            q, k = rope(q, k)
+            keys[slots, :, positions] = k[:, :, 0]
+            values[slots, :, positions] = v[:, :, 0]
+            # all slots live: a view of the cache; at the tail of the pool: the live rows only
+            seen_keys = keys[:, :, :width] if full else keys[slots, :, :width]
+            seen_values = values[:, :, :width] if full else values[slots, :, :width]
+            out = F.scaled_dot_product_attention(
+                q, seen_keys, seen_values, attn_mask=mask, scale=self.scaling, enable_gqa=True
+            )
+            hidden = hidden + attention.o_proj(out.transpose(1, 2).reshape(rows, 1, -1))
+            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+        return self.lm_head(self.norm(hidden[:, 0]))
+
+    # -- the scheduler ----------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def complete(
+        self, requests: Sequence[Request], sampling: SamplingParams, *, desc: str = "generate"
+    ) -> list[Completion]:
+        if not requests:
+            return []
+        slots = min(self.slots, len(requests))
+        length = max(len(r.prompt_ids) for r in requests) + sampling.max_new_tokens
+        shape = (slots, self.kv_heads, length, self.head_dim)
+        self.cache = [
+            (
+                torch.zeros(shape, dtype=self.dtype, device=self.device),
+                torch.zeros(shape, dtype=self.dtype, device=self.device),
+            )
+            for _ in self.layers
+        ]
+        # shortest prompts first: prompts admitted together are padded to similar lengths
+        waiting = deque(sorted(range(len(requests)), key=lambda i: len(requests[i].prompt_ids)))
+        owner: list[int | None] = [None] * slots
+        generators: list[torch.Generator] = [torch.Generator() for _ in range(slots)]
+        answers: list[list[int]] = [[] for _ in requests]
+        logps = [0.0] * len(requests)
+        ended = [False] * len(requests)
+        tokens = torch.zeros(slots, dtype=torch.long)
+        positions = torch.zeros(slots, dtype=torch.long)
+        logits = torch.zeros(slots, self.model.config.vocab_size)
+        started = time.perf_counter()
+        with tqdm(total=len(requests), desc=desc, unit="prompt", dynamic_ncols=True) as bar:
+
+            def admit(free: list[int]) -> None:
+                """Give free slots the next waiting prompts, prefilled together."""
+                taken = free[: len(waiting)]
+                if not taken:
+                    return
+                for slot in taken:
+                    index = waiting.popleft()
+                    owner[slot] = index
+                    generators[slot] = torch.Generator().manual_seed(requests[index].seed)
+                    positions[slot] = len(requests[index].prompt_ids)
+                prompts = [list(requests[owner[slot]].prompt_ids) for slot in taken]
+                logits[taken] = self._prefill(taken, prompts).float().cpu()
+
+            admit(list(range(slots)))
+            while True:
+                live = [s for s in range(slots) if owner[s] is not None]
+                if not live:
+                    break
+                chosen = next_tokens(logits[live], sampling, [generators[s] for s in live])
+                token_logps = torch.log_softmax(logits[live], dim=-1)
+                token_logps = token_logps.gather(1, chosen.unsqueeze(1))[:, 0].tolist()
+                stepping, free = [], []
+                for slot, token, logp in zip(live, chosen.tolist(), token_logps, strict=True):
+                    index = owner[slot]
+                    logps[index] += logp
+                    if token != self.eos_token_id:
+                        answers[index].append(token)
+                    if token == self.eos_token_id or len(answers[index]) >= sampling.max_new_tokens:
+                        ended[index] = token == self.eos_token_id
+                        owner[slot] = None
+                        free.append(slot)
+                        bar.update(1)
+                    else:
+                        tokens[slot] = token
+                        stepping.append(slot)
+                if stepping:
+                    index = torch.tensor(stepping)
+                    fresh = self._decode(
+                        index.to(self.device),
+                        tokens[index].to(self.device),
+                        positions[index].to(self.device),
+                    )
+                    logits[index] = fresh.float().cpu()
+                    positions[index] += 1
+                # a new prompt's first token comes from its prefill, sampled at the next step
+                admit(free)
+        self.cache = []
+        self.seconds = time.perf_counter() - started
+        return [
+            Completion(token_ids=answers[i], logp=logps[i], ended=ended[i])
+            for i in range(len(requests))
+        ]

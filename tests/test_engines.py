@@ -1,0 +1,219 @@
+"""Generation engines: the continuous engine against the reference, log-probs, bad choices."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+import yaml
+
+from spinflow import engines
+from spinflow.chat import prompt_ids
+from spinflow.config import GenerateParams
+from spinflow.engines.continuous import ContinuousEngine
+from spinflow.errors import SpinflowError
+from spinflow.generation import Request, SamplingParams, TorchEngine
+
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
+
+# prompts of clearly different lengths, so slots refill at different steps
+PROMPTS = [" ".join(["word"] * (1 + 3 * i)) + f" number {i}?" for i in range(10)]
+SETTINGS = [
+    SamplingParams(temperature=1.0, top_p=1.0, max_new_tokens=10),
+    SamplingParams(temperature=0.0, max_new_tokens=10),
+    SamplingParams(temperature=0.7, top_p=0.9, max_new_tokens=12),
+]
+
+
+def _requests(tokenizer, seed: int = 3) -> list[Request]:
+    return [Request(prompt_ids(tokenizer, p, None, 128), seed + i) for i, p in enumerate(PROMPTS)]
+
+
+@pytest.fixture(scope="module")
+def eos(tiny_model_session, tiny_tokenizer_session) -> int:
+    """An end token the untrained tiny model often samples (its own eos it hardly ever does),
+    so that rows end at different steps and slots refill while others decode."""
+    tok = tiny_tokenizer_session
+    engine = TorchEngine(
+        tiny_model_session, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+        batch_size=10,
+    )
+    counts: dict[int, int] = {}
+    for setting in SETTINGS:
+        if setting.temperature == 0.0:
+            continue  # greedy repeats one token: it would end every answer at once
+        for completion in engine.complete(_requests(tok), setting):
+            for token in set(completion.token_ids):
+                counts[token] = counts.get(token, 0) + 1
+    return max(sorted(counts), key=counts.get)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model_session, tiny_tokenizer_session, eos):
+    engine = TorchEngine(
+        tiny_model_session, eos_token_id=eos, pad_token_id=tiny_tokenizer_session.pad_token_id,
+        batch_size=4,
+    )
+    return [engine.complete(_requests(tiny_tokenizer_session), s) for s in SETTINGS]
+
+
+@pytest.mark.parametrize("slots", [1, 3, 16])
+@pytest.mark.parametrize("setting", range(len(SETTINGS)))
+def test_continuous_engine_answers_as_the_reference(
+    tiny_model_session, tiny_tokenizer_session, reference, eos, slots, setting
+):
+    engine = ContinuousEngine(tiny_model_session, eos_token_id=eos, batch_size=slots)
+    got = engine.complete(_requests(tiny_tokenizer_session), SETTINGS[setting])
+    expected = reference[setting]
+    assert [c.token_ids for c in got] == [c.token_ids for c in expected]
+    assert [c.ended for c in got] == [c.ended for c in expected]
+    assert [c.logp for c in got] == pytest.approx([c.logp for c in expected], abs=1e-4)
+
+
+def test_reference_answers_vary_in_length(reference):
+    """The comparison above means something only if rows end at different steps."""
+    for setting, completions in zip(SETTINGS, reference, strict=True):
+        if setting.temperature > 0:
+            assert len({len(c.token_ids) for c in completions}) >= 3
+            assert any(c.ended for c in completions) and not all(c.ended for c in completions)
+
+
+def test_logp_is_the_models_log_prob_of_answer_and_end_token(
+    tiny_model_session, tiny_tokenizer_session, eos
+):
+    """Recorded log-probs equal a plain forward pass over prompt + answer (+ end token)."""
+    tok = tiny_tokenizer_session
+    engine = ContinuousEngine(tiny_model_session, eos_token_id=eos, batch_size=4)
+    requests = _requests(tok)
+    completions = engine.complete(requests, SamplingParams(temperature=1.0, max_new_tokens=10))
+    for request, completion in zip(requests, completions, strict=True):
+        answer = completion.token_ids + ([eos] if completion.ended else [])
+        ids = torch.tensor([request.prompt_ids + answer])
+        with torch.no_grad():
+            logits = tiny_model_session(input_ids=ids).logits[0].float()
+        start = len(request.prompt_ids)
+        logps = torch.log_softmax(logits[start - 1 : -1], -1)
+        expected = logps.gather(1, torch.tensor(answer).unsqueeze(1)).sum().item()
+        assert completion.logp == pytest.approx(expected, abs=1e-4)
+
+
+def test_bfloat16_engine_stays_close_to_float32(tiny_model_session, tiny_tokenizer_session):
+    """bfloat16 weights: greedy answers' log-probs under float32 within 0.05 a token."""
+    tok = tiny_tokenizer_session
+    greedy = SamplingParams(temperature=0.0, max_new_tokens=10)
+    requests = _requests(tok)
+    fp32 = ContinuousEngine(tiny_model_session, eos_token_id=tok.eos_token_id, batch_size=4)
+    bf16 = ContinuousEngine(
+        tiny_model_session, eos_token_id=tok.eos_token_id, batch_size=4, dtype="bfloat16"
+    )
+    assert next(tiny_model_session.parameters()).dtype == torch.float32  # a copy was cast
+    full, low = fp32.complete(requests, greedy), bf16.complete(requests, greedy)
+    agree = [a for a, b in zip(full, low, strict=True) if a.token_ids == b.token_ids]
+    assert len(agree) >= 7
+    for a, b in zip(full, low, strict=True):
+        if a.token_ids == b.token_ids:
+            tokens = len(a.token_ids) + a.ended
+            assert abs(a.logp - b.logp) <= 0.05 * tokens
+
+
+def test_open_engine_builds_the_named_engine(tiny_model_session, tiny_tokenizer_session, tmp_path):
+    for name, kind in (("torch", TorchEngine), ("continuous", ContinuousEngine)):
+        g = GenerateParams(engine=name, batch_size=5)
+        engine = engines.open_engine(
+            g, tiny_model_session, tiny_tokenizer_session, model_dir=tmp_path, batch_size=2
+        )
+        assert isinstance(engine, kind) and engine.name == name
+
+
+def test_unknown_engine_is_one_line_naming_the_key():
+    with pytest.raises(SpinflowError, match=r"^generate\.engine: unknown engine 'fast'; choose"):
+        engines.check_engine("fast")
+
+
+def test_vllm_missing_is_one_line_saying_what_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "vllm", None)  # find_spec then reports it missing
+    real_find_spec = engines.importlib.util.find_spec
+    monkeypatch.setattr(
+        engines.importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "vllm" else real_find_spec(name, *a),
+    )
+    with pytest.raises(SpinflowError) as err:
+        engines.check_engine("vllm")
+    message = str(err.value)
+    assert message.startswith("generate.engine: vllm is not installed")
+    assert "spinflow[vllm]" in message and "\n" not in message
+
+
+def test_vllm_without_gpu_is_one_line(monkeypatch):
+    real_find_spec = engines.importlib.util.find_spec
+    monkeypatch.setattr(
+        engines.importlib.util,
+        "find_spec",
+        lambda name, *a: SimpleNamespace() if name == "vllm" else real_find_spec(name, *a),
+    )
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SpinflowError, match=r"^generate\.engine: vllm needs a CUDA GPU"):
+        engines.check_engine("vllm")
+
+
+def test_continuous_engine_refuses_other_architectures(tiny_model_session):
+    other = SimpleNamespace(config=SimpleNamespace(model_type="gpt2"))
+    with pytest.raises(SpinflowError, match=r"^generate\.engine: continuous supports llama"):
+        ContinuousEngine(other, eos_token_id=0, batch_size=2)
+
+
+def test_generate_stage_in_two_processes_writes_the_one_process_file(tiny_dvc_repo, tmp_path):
+    """The pool sharded over 2 CPU processes (accelerate launch, gloo) gives the bytes that
+    `dvc repro` wrote with one process."""
+    repo = tiny_dvc_repo.copy(tmp_path / "repo")
+    generated = repo.root / "generated" / "iter_0"
+    expected = {p.name: p.read_bytes() for p in generated.iterdir()}
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    config = tmp_path / "two_cpu_processes.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "compute_environment": "LOCAL_MACHINE",
+                "distributed_type": "MULTI_GPU",  # torchrun; gloo without CUDA
+                "num_machines": 1,
+                "num_processes": 2,
+                "machine_rank": 0,
+                "main_process_ip": "127.0.0.1",
+                "main_process_port": port,
+                "mixed_precision": "no",
+                "use_cpu": False,
+                "rdzv_backend": "static",
+                "same_network": True,
+            }
+        )
+    )
+    shutil.rmtree(generated)
+    output = repo.run(
+        "accelerate", "launch", "--config_file", str(config),
+        "stages/generate.py", "generate_iter_0",
+    )
+    assert "'processes': 2" in output
+    got = {p.name: p.read_bytes() for p in generated.iterdir()}
+    assert got.keys() == expected.keys()
+    assert got["provenance.json"] == expected["provenance.json"]
+    # answers byte-identical; log-probs to float tolerance (other rows in the batch change the
+    # summation order inside the matrix kernels)
+    rows = [json.loads(line) for line in got["pairs.jsonl"].splitlines()]
+    reference = [json.loads(line) for line in expected["pairs.jsonl"].splitlines()]
+    assert [r["generated_logp"] for r in rows] == pytest.approx(
+        [r["generated_logp"] for r in reference], abs=1e-3
+    )
+    for row in rows + reference:
+        row.pop("generated_logp")
+    assert rows == reference
+    assert sorted(p.name for p in generated.parent.iterdir()) == sorted(
+        p.name for p in (tiny_dvc_repo.root / "generated").iterdir()
+    )
