@@ -69,16 +69,18 @@ def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
 
 
 def next_tokens(logits: torch.Tensor, sampling: SamplingParams, generators: list[torch.Generator]):
+    """The next token of each row: argmax at temperature 0, else a draw from the tempered,
+    top-p filtered distribution by inverse CDF, with one uniform number from the row's own
+    generator (so a row's draw never depends on the other rows)."""
     logits = logits.float()
     if sampling.temperature == 0.0:
         return logits.argmax(-1)
     logits = top_p_filter(logits / sampling.temperature, sampling.top_p)
-    # Gumbel-max sampling with each row's own noise stream
-    noise = torch.stack(
-        [torch.rand(logits.size(-1), generator=g, dtype=torch.float64) for g in generators]
-    ).clamp_(min=1e-20)
-    gumbel = -torch.log(-torch.log(noise)).to(logits.dtype)
-    return (logits + gumbel).argmax(-1)
+    cdf = logits.softmax(-1).cumsum(-1)
+    uniform = torch.cat([torch.rand(1, generator=g) for g in generators])
+    # the first token whose cumulative mass exceeds the draw: tokens of zero mass never are
+    chosen = torch.searchsorted(cdf, (uniform * cdf[:, -1]).unsqueeze(1), right=True)[:, 0]
+    return chosen.clamp_(max=logits.size(-1) - 1)
 
 
 @torch.inference_mode()

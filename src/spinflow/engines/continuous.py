@@ -1,8 +1,9 @@
 """The ``continuous`` engine: a static KV cache and continuous batching, in plain torch.
 
-``batch_size`` slots decode together, one token per slot per step. A slot whose answer ends is
-refilled at once with the next waiting prompt, so no step is spent on rows that have finished
-(with HF ``generate`` most of the work at the default settings went to such rows). Each slot keeps
+``batch_size`` slots decode together, one token per slot per step. Slots whose answers end are
+refilled with the next waiting prompts as soon as a quarter of them are free, prefilled together,
+so hardly a step is spent on rows that have finished (with HF ``generate`` most of the work at
+the default settings went to such rows). Each slot keeps
 its keys and values in a preallocated cache ``[slots, kv_heads, length, head_dim]`` per layer, and
 its own position; attention reads only the columns up to the longest live row.
 
@@ -19,7 +20,6 @@ the processor computes bfloat16 natively (see ``spinflow benchmark``).
 from __future__ import annotations
 
 import copy
-import time
 from collections import deque
 from collections.abc import Sequence
 
@@ -174,7 +174,6 @@ class ContinuousEngine:
         tokens = torch.zeros(slots, dtype=torch.long)
         positions = torch.zeros(slots, dtype=torch.long)
         logits = torch.zeros(slots, self.model.config.vocab_size)
-        started = time.perf_counter()
         with tqdm(total=len(requests), desc=desc, unit="prompt", dynamic_ncols=True) as bar:
 
             def admit(free: list[int]) -> None:
@@ -191,6 +190,8 @@ class ContinuousEngine:
                 logits[taken] = self._prefill(taken, prompts).float().cpu()
 
             admit(list(range(slots)))
+            idle: list[int] = []
+            refill_at = max(1, slots // 4)
             while True:
                 live = [s for s in range(slots) if owner[s] is not None]
                 if not live:
@@ -221,10 +222,14 @@ class ContinuousEngine:
                     )
                     logits[index] = fresh.float().cpu()
                     positions[index] += 1
-                # a new prompt's first token comes from its prefill, sampled at the next step
-                admit(free)
+                # Freed slots are refilled a few at a time: one prefill of several prompts reads
+                # the weights once, where one prefill per prompt would read them for each. A new
+                # prompt's first token comes from its prefill, sampled at the next step.
+                idle.extend(free)
+                if len(idle) >= refill_at or not stepping:
+                    admit(idle)
+                    idle = [slot for slot in idle if owner[slot] is None]
         self.cache = []
-        self.seconds = time.perf_counter() - started
         return [
             Completion(token_ids=answers[i], logp=logps[i], ended=ended[i])
             for i in range(len(requests))
