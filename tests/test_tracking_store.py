@@ -100,3 +100,12 @@ def test_cli_prints_the_uri_and_reports_errors_in_one_line(tmp_path, monkeypatch
         timeout=120,
     )
     assert out.stdout.strip() == expected
+
+
+@pytest.mark.parametrize("value", [-1, 3601, float("inf"), float("nan"), "a minute"])
+def test_retry_seconds_is_validated(value, tiny_checkpoint_session):
+    from spinflow.errors import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        tiny_params(tiny_checkpoint_session, tracking={"retry_seconds": value})
+    assert "tracking.retry_seconds" in str(err.value) and "\n" not in str(err.value)
