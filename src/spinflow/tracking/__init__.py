@@ -170,6 +170,7 @@ def after_stage(params: Params, graph: Graph, stage: Stage) -> None:
     try:
         _track(params, graph, stage.name, action)
     except Exception as exc:
+        log.debug("MLflow tracking failed", exc_info=True)
         error = _first_line(exc)
         pending.add(stage.name, key, uri, error)
         log.warning(
