@@ -160,16 +160,15 @@ def _module_path(module: str) -> str:
     return str(path / "__init__.py") if (REPO / path).is_dir() else f"{path}.py"
 
 
-# outputs whose bytes depend only on params, inputs and code (training summaries and the chart
-# also record timings and memory, so they are left out)
-DETERMINISTIC = ("models", "data", "generated", "eval")
+# outputs whose bytes depend only on params, inputs and code (timings are in timings/, which
+# DVC does not know; the chart is left out)
+DETERMINISTIC = ("models", "data", "generated", "eval", "metrics", "plots")
 UPSTREAM = ("models/base/", "models/theta_0/", "data/", "eval/sft/", "metrics/eval_sft.json")
 
 
 def _digests(ws: Workspace) -> dict[str, str]:
     """sha256 of every deterministic output file, by path relative to the project."""
     files = [p for folder in DETERMINISTIC for p in sorted(ws.path(folder).rglob("*"))]
-    files += sorted(ws.path("metrics").glob("eval_*.json"))
     files += [ws.path("reports/results.md"), ws.path("reports/by_iteration.csv")]
     return {
         p.relative_to(ws.root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
@@ -311,12 +310,18 @@ def test_pipeline_runs_and_reruns_only_what_changed(workspace: Workspace):
     assert ran == downstream | {"report"}, f"ran or restored {sorted(ran)} [{ws.durations()}]"
     assert _digests(ws) == before
 
-    # ---- recomputing θ0 and its evaluation from scratch gives the same bytes
+    # ---- recomputing θ0 and its evaluation from scratch gives the same bytes, and dvc.lock
+    # stays as it was: timings went to timings/, not to the hashed metrics
+    lock = ws.path("dvc.lock").read_bytes()
+    timings = ws.json("timings/sft.json")
     for stage in ("sft", "eval_sft"):
         output = ws.run("dvc", "repro", "--force", "--single-item", stage, label=f"force {stage}")
         ran, restored = zip(*RAN.findall(output), strict=True)
         assert set(ran) == {stage} and not any(restored), output[-3000:]  # run, not restored
     assert _digests(ws) == before
+    assert ws.path("dvc.lock").read_bytes() == lock
+    assert ws.json("timings/sft.json")["train_seconds"] > 0 and timings["train_seconds"] > 0
+    assert not {"train_seconds", "peak_memory_mb"} & set(ws.json("metrics/sft.json"))
     assert "Data and pipelines are up to date" in ws.run("dvc", "status", label="status")
 
     print(f"durations: {ws.durations()}")

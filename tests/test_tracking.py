@@ -168,6 +168,27 @@ def test_metric_histories(tracked):
     assert steps_of(client, parent, "eval/reward_margin") == [1, 2]  # θ0 has no opponent
 
 
+def test_timings_go_to_mlflow_not_to_the_hashed_metrics(tracked):
+    """Seconds, throughput and memory change on every run: in timings/ (unknown to DVC) and
+    MLflow, never in metrics/*.json (dvc.lock would change on every identical re-run)."""
+    from spinflow.timings import read_timings
+
+    root, graph = tracked.root, build(tracked.params)
+    runs = pipeline_runs(tracked.client, tracked.params)
+    noise = {"train_seconds", "examples_per_second", "tokens_per_second", "peak_memory_mb"}
+    for name, run in (("theta_1", runs["iter_0"]), ("sft_extra", runs["sft_extra"])):
+        model = graph.model(name)
+        assert not noise & set(json.loads((root / model.train_metrics).read_text()))
+        timings = read_timings(root / model.timings, root / model.path)
+        assert set(timings) == noise and timings["train_seconds"] > 0
+        for key in noise:
+            assert run.data.metrics[f"train_summary/{key}"] == pytest.approx(timings[key])
+    assert (root / "timings" / ".gitignore").read_text().splitlines()[-1] == "*"
+    # timings of another training than the checkpoint's (one DVC restored from its cache)
+    model = graph.model("theta_1")
+    assert read_timings(root / model.timings, root / graph.model("theta_2").path) == {}
+
+
 def test_sft_extra_baseline_matches_spin_steps(tracked):
     """The baseline trains θ0 for as many optimizer steps as all SPIN iterations together, is
     evaluated against θ0, has a report row and its own run."""

@@ -11,6 +11,7 @@ import pytest
 from spinflow import tracking
 from spinflow.graph import build
 from spinflow.runner import execute
+from spinflow.tracking import pending
 from spinflow.tracking.__main__ import main
 from test_tracking import tiny_params
 
@@ -44,18 +45,20 @@ def test_unreachable_server_fails_with_one_line(tiny_checkpoint_session, tmp_pat
     uri = f"http://127.0.0.1:{port}"
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    params = tiny_params(tiny_checkpoint_session)
+    params = tiny_params(tiny_checkpoint_session, tracking={"retry_seconds": 0})
     graph = build(params)
     ran = []
     for call in (
         lambda: tracking.preflight(params),
-        lambda: tracking.after_stage(params, graph, graph.stage("eval_sft")),
         lambda: execute(params, "eval_sft", lambda p, name: ran.append(name)),
     ):
         with pytest.raises(tracking.TrackingError) as err:
             call()
         assert uri in str(err.value) and "\n" not in str(err.value)
     assert ran == []  # the stage never started: the server is checked first
+    # after a stage's work, its results stay: the stage is recorded as still to be logged
+    tracking.after_stage(params, graph, graph.stage("eval_sft"))
+    assert [(e.stage, e.uri) for e in pending.read()] == [("eval_sft", uri)]
 
 
 def test_disabled_tracking_touches_nothing(tiny_checkpoint_session, tmp_path, monkeypatch):
@@ -97,3 +100,12 @@ def test_cli_prints_the_uri_and_reports_errors_in_one_line(tmp_path, monkeypatch
         timeout=120,
     )
     assert out.stdout.strip() == expected
+
+
+@pytest.mark.parametrize("value", [-1, 3601, float("inf"), float("nan"), "a minute"])
+def test_retry_seconds_is_validated(value, tiny_checkpoint_session):
+    from spinflow.errors import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        tiny_params(tiny_checkpoint_session, tracking={"retry_seconds": value})
+    assert "tracking.retry_seconds" in str(err.value) and "\n" not in str(err.value)

@@ -297,6 +297,13 @@ class TrackingParams(Section):
     table_rows: NonNegativeInt = Field(
         64, description="Rows of (prompt, real, generated) samples logged per iteration and eval"
     )
+    retry_seconds: Annotated[float, Field(ge=0.0, le=3600.0, allow_inf_nan=False)] = Field(
+        60.0,
+        description=(
+            "How long a stage retries MLflow: before its work it then stops; after it, it keeps "
+            "its results, warns and leaves the logging to `python -m spinflow.tracking sync`"
+        ),
+    )
 
 
 class Params(Section):

@@ -23,6 +23,7 @@ BASE_MODEL = Path("models/base")
 DATA_DIR = Path("data/prepared")
 METRICS_DIR = Path("metrics")
 PLOTS_DIR = Path("plots")
+TIMINGS_DIR = Path("timings")  # run-to-run noise: not in dvc.yaml, ignored by Git
 REPORT_DIR = Path("reports")
 REPORT_FILES = ("results.md", "metrics.png", "by_iteration.csv")
 
@@ -53,6 +54,7 @@ class Model:
     run_name: str | None = None  # its MLflow run
     train_metrics: Path | None = None  # summary JSON of its training stage
     steps_csv: Path | None = None  # per-step training metrics
+    timings: Path | None = None  # seconds, throughput, peak memory of its training (not hashed)
     pairs: tuple[Path, ...] = ()  # generated pairs it was trained on (SPIN)
     opponent: str | None = None  # the model it learned to tell itself apart from
     chart: str = "eval"  # prefix of its evaluation metrics in the pipeline run's charts
@@ -140,6 +142,12 @@ def spin_steps(k: int) -> Path:
 
 def steps_csv(stage: str) -> Path:
     return PLOTS_DIR / f"{stage}_steps.csv"
+
+
+def timings_file(stage: str) -> Path:
+    """Timings of a training stage: written beside the metrics but declared nowhere in dvc.yaml,
+    so a re-run that computes the same bytes leaves dvc.lock as it was."""
+    return TIMINGS_DIR / f"{stage}.json"
 
 
 def mixed_iterations(params: Params, k: int) -> range:
@@ -282,6 +290,7 @@ class Graph:
                 run_name="theta_0 (sft)",
                 train_metrics=train_metrics("sft"),
                 steps_csv=steps_csv("sft"),
+                timings=timings_file("sft"),
                 chart="eval" if on_chain else "sft",
             )
             self._add(
@@ -345,6 +354,7 @@ class Graph:
                 run_name=f"iter_{k}",
                 train_metrics=train_metrics(stage),
                 steps_csv=steps_csv(stage),
+                timings=timings_file(stage),
                 pairs=tuple(pairs_file(j) for j in mixed_iterations(p, k)),
                 opponent=theta_k.name,
             )
@@ -417,6 +427,7 @@ class Graph:
                 run_name=name,
                 train_metrics=train_metrics(name),
                 steps_csv=steps_csv(name),
+                timings=timings_file(name),
                 chart="eval" if on_chain else name,
             )
             self._add(
@@ -451,6 +462,7 @@ class Graph:
             run_name="sft_extra",
             train_metrics=train_metrics("sft_extra"),
             steps_csv=steps_csv("sft_extra"),
+            timings=timings_file("sft_extra"),
             opponent=theta_0.name,
             chart="sft_extra",
             step=p.spin.iterations,

@@ -38,17 +38,24 @@ class TrainResult:
     history: list[dict[str, float]] = field(default_factory=list)
 
     def summary(self) -> dict[str, float]:
+        """What the run computed: the same for the same inputs (DVC hashes it as a metric)."""
         last = self.history[-1] if self.history else {}
         return {
             "optimizer_steps": self.steps,
             "examples_seen": self.examples_seen,
+            **{f"final_{k}": v for k, v in last.items() if k not in ("step", "epoch")},
+        }
+
+    def timings(self) -> dict[str, float]:
+        """How long it took and how much memory it used: different on every run, so kept out of
+        the hashed metrics (see :func:`spinflow.graph.timings_file`)."""
+        return {
             "train_seconds": round(self.seconds, 3),
             "examples_per_second": round(self.examples_seen / self.seconds, 4)
             if self.seconds
             else 0.0,
             "tokens_per_second": round(self.tokens_seen / self.seconds, 2) if self.seconds else 0.0,
             "peak_memory_mb": round(peak_memory_mb(), 1),
-            **{f"final_{k}": v for k, v in last.items() if k not in ("step", "epoch")},
         }
 
 

@@ -17,6 +17,7 @@ from spinflow.io import read_json, write_json, write_rows_csv
 from spinflow.provenance import PROVENANCE_FILE, provenance
 from spinflow.recipes.common import require
 from spinflow.seeds import stage_seed
+from spinflow.timings import write_timings
 
 
 def supervised(
@@ -81,7 +82,8 @@ def supervised(
         )
         write_json(target.train_metrics, summary)
         write_rows_csv(target.steps_csv, result.history)
-    return summary
+        write_timings(target.timings, target.path, result.timings())
+    return {**summary, **result.timings()}
 
 
 def sft(params: Params) -> dict[str, Any]:

@@ -36,6 +36,7 @@ from spinflow.losses import spin_loss
 from spinflow.provenance import PROVENANCE_FILE, provenance
 from spinflow.recipes.common import require
 from spinflow.seeds import stage_seed
+from spinflow.timings import write_timings
 from spinflow.training import LossFn, apply_lora, forward_logps, train_loop
 
 log = logging.getLogger(__name__)
@@ -368,4 +369,5 @@ def train(params: Params, k: int) -> dict[str, Any]:
         write_json(target.train_metrics, summary)
         write_json(pipeline_graph.spin_steps(k), {"optimizer_steps": result.steps})
         write_rows_csv(target.steps_csv, result.history)
-    return summary
+        write_timings(target.timings, target.path, result.timings())
+    return {**summary, **result.timings()}

@@ -77,13 +77,19 @@ disk into MLflow (for example after changing ``tracking.*`` or pointing at a tea
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable
+import math
+import os
+import re
+import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from spinflow.config import Params
 from spinflow.errors import SpinflowError
 from spinflow.graph import EVALUATION, REPORT, TRAINING, Graph, Stage, build
+from spinflow.tracking import pending
 from spinflow.tracking.runs import Tracker
 from spinflow.tracking.store import (
     TrackingError,
@@ -110,12 +116,35 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+MAX_BACKOFF_S = 30.0
+
 
 def preflight(params: Params) -> None:
-    """Fail fast, before a long stage, when tracking is on but MLflow cannot be used."""
-    if params.tracking.enabled and is_main_process():
-        require_mlflow()
-        check_reachable(tracking_uri())
+    """Fail fast, before a long stage, when tracking is on but MLflow cannot be used: the server
+    does not answer, or its API keeps failing for ``tracking.retry_seconds``."""
+    if not params.tracking.enabled or not is_main_process():
+        return
+    require_mlflow()
+    uri = tracking_uri()
+    check_reachable(uri)
+    if not uri.startswith(("http://", "https://")):
+        return
+    budget = params.tracking.retry_seconds
+
+    def probe() -> None:
+        from mlflow import MlflowClient
+
+        check_reachable(uri)
+        MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+
+    try:
+        _with_retries(probe, budget)
+    except Exception as exc:
+        raise TrackingError(
+            f"MLflow tracking server {uri} failed ({_first_line(exc)}) for {budget:g} s "
+            "(tracking.retry_seconds) before the stage started, so nothing was computed; fix "
+            "the server or set tracking.enabled: false"
+        ) from None
 
 
 def after_stage(params: Params, graph: Graph, stage: Stage) -> None:
@@ -127,41 +156,148 @@ def after_stage(params: Params, graph: Graph, stage: Stage) -> None:
       the pipeline run's charts;
     - REPORT: replay anything missing, settle the champion, attach the report, finish the
       pipeline run.
+
+    When MLflow keeps failing, the stage's results stay: one warning, and the stage is recorded
+    as pending (replayed by the next tracked stage or by :func:`sync`).
     """
-    if stage.track == TRAINING:
-        model = graph.model(stage.subject)
-        _track(params, graph, stage.name, lambda t: t.training(model))
-    elif stage.track == EVALUATION:
-        evaluation = graph.evaluation(stage.subject)
-        _track(params, graph, stage.name, lambda t: t.evaluation(evaluation))
-    elif stage.track == REPORT:
-        _track(params, graph, stage.name, lambda t: t.report())
-    elif stage.track is not None:
-        raise TrackingError(f"stage {stage.name!r}: nothing is tracked for {stage.track!r}")
+    if stage.track is None:
+        return
+    action = _action(graph, stage)
+    if not params.tracking.enabled or not is_main_process():
+        return
+    require_mlflow()
+    uri, key = tracking_uri(), pipeline_key(params)
+    try:
+        _track(params, graph, stage.name, action)
+    except Exception as exc:
+        log.debug("MLflow tracking failed", exc_info=True)
+        error = _first_line(exc)
+        pending.add(stage.name, key, uri, error)
+        log.warning(
+            "%s: its results are kept, but MLflow tracking at %s failed (%s); it is recorded in "
+            "%s and logged by the next tracked stage or `python -m spinflow.tracking sync`",
+            stage.name,
+            uri,
+            error,
+            pending.PENDING_FILE,
+        )
 
 
 def sync(params: Params) -> None:
-    """Log every output present on disk (idempotent): for a new key, tracking or server."""
-    _track(params, build(params), "sync", lambda t: t.sync_all())
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0][:300] if lines else type(exc).__name__
-
-
-def _track(params: Params, graph: Graph, stage: str, action: Callable[[Tracker], Any]) -> None:
+    """Log every output present on disk (idempotent): for a new key, tracking or server.
+    Everything pending for these params is then logged; raises TrackingError when MLflow fails."""
     if not params.tracking.enabled or not is_main_process():
         return
     require_mlflow()
     uri = tracking_uri()
-    check_reachable(uri)
     try:
-        action(Tracker(params, graph, uri, stage))
+        _track(params, build(params), "sync", lambda t: t.sync_all())
     except SpinflowError:
         raise
     except Exception as exc:
         log.debug("MLflow tracking failed", exc_info=True)
-        raise TrackingError(
-            f"MLflow tracking at {uri} failed in {stage}: {type(exc).__name__}: {_first_line(exc)}"
-        ) from exc
+        raise TrackingError(f"MLflow tracking at {uri} failed in sync: {_first_line(exc)}") from exc
+
+
+def _action(graph: Graph, stage: Stage) -> Callable[[Tracker], Any]:
+    if stage.track == TRAINING:
+        model = graph.model(stage.subject)
+        return lambda t: t.training(model)
+    if stage.track == EVALUATION:
+        evaluation = graph.evaluation(stage.subject)
+        return lambda t: t.evaluation(evaluation)
+    if stage.track == REPORT:
+        return lambda t: t.report()
+    raise TrackingError(f"stage {stage.name!r}: nothing is tracked for {stage.track!r}")
+
+
+_HTTP_STATUS = re.compile(r"too many (\d{3}) error responses|error code (\d{3})")
+_ENDPOINT = re.compile(r"(/api/[\w./-]+)")
+
+
+def _first_line(exc: BaseException) -> str:
+    """The error in one short line; an HTTP failure as its status and endpoint."""
+    lines = str(exc).strip().splitlines()
+    text = lines[0][:300] if lines else ""
+    status = _HTTP_STATUS.search(str(exc))
+    if status:
+        endpoint = _ENDPOINT.search(str(exc))
+        where = f" from {endpoint.group(1)}" if endpoint else ""
+        return f"HTTP {status.group(1) or status.group(2)}{where}"
+    if isinstance(exc, SpinflowError) and text:
+        return text
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+@contextlib.contextmanager
+def _mlflow_http(budget: float) -> Iterator[None]:
+    """MLflow's own HTTP retries off (they wait about 4 minutes), so ``budget`` bounds the time;
+    a request may wait for an answer as long as the budget, at least 30 s, at most 120 s."""
+    settings = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}
+    if "MLFLOW_HTTP_REQUEST_TIMEOUT" not in os.environ:
+        settings["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(min(120, max(30, math.ceil(budget))))
+    before = {name: os.environ.get(name) for name in settings}
+    os.environ.update(settings)
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def _with_retries(attempt: Callable[[], Any], budget: float) -> Any:
+    """Call ``attempt`` until it succeeds or ``budget`` seconds have passed (then re-raise)."""
+    deadline = time.monotonic() + budget
+    delay = 1.0
+    with _mlflow_http(budget):
+        while True:
+            try:
+                return attempt()
+            except Exception as exc:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise
+                log.info(
+                    "MLflow tracking failed (%s); retrying for %.0f s more",
+                    _first_line(exc),
+                    remaining,
+                )
+                time.sleep(min(delay, remaining))
+                delay = min(2 * delay, MAX_BACKOFF_S)
+
+
+def _track(
+    params: Params,
+    graph: Graph,
+    stage: str,
+    action: Callable[[Tracker], Any],
+) -> None:
+    """Recover from crashes, log what is pending for these params, then ``action``; retried
+    for ``tracking.retry_seconds``."""
+    uri, key = tracking_uri(), pipeline_key(params)
+    earlier = pending.read()
+    current = [e for e in earlier if e.pipeline_key == key and e.stage in graph.stages]
+    stale = [e for e in earlier if e not in current]
+
+    def attempt() -> None:
+        check_reachable(uri)
+        tracker = Tracker(params, graph, uri, stage)
+        tracker.recover()
+        for entry in current:
+            _action(graph, graph.stage(entry.stage))(tracker)
+        action(tracker)
+        tracker.release()
+
+    _with_retries(attempt, params.tracking.retry_seconds)
+    for entry in stale:
+        log.warning(
+            "%s of pipeline %s was never logged to MLflow and params.yaml has changed since; "
+            "to log it, restore those params and run `python -m spinflow.tracking sync`",
+            entry.stage,
+            entry.pipeline_key,
+        )
+    if current or stale:
+        pending.remove([*current, *stale])

@@ -33,6 +33,7 @@ from spinflow.graph import (
 )
 from spinflow.io import read_json
 from spinflow.provenance import tree_hash
+from spinflow.timings import read_timings
 from spinflow.tracking.lineage import (
     context_tags,
     file_hash,
@@ -42,6 +43,7 @@ from spinflow.tracking.lineage import (
     provenance_inputs,
     provenance_params,
 )
+from spinflow.tracking.recovery import fail_interrupted_runs, remove_orphaned_models
 from spinflow.tracking.registry import CHAMPION, Registry
 from spinflow.tracking.store import (
     TAG_ITERATION,
@@ -53,8 +55,10 @@ from spinflow.tracking.store import (
     TAG_STAGES,
     TAG_SUPERSEDED,
     TAG_VERSION,
+    TAG_WRITER,
     artifact_location,
     pipeline_key,
+    writer_id,
 )
 
 log = logging.getLogger(__name__)
@@ -174,6 +178,7 @@ class Tracker:
         self.registry = Registry(self.client, params, self.key, self.experiment_id, self.commit)
         self._parent_id: str | None = None
         self._model_hashes: dict[Path, str] = {}
+        self.writer = writer_id()
 
     # -- experiment and runs ------------------------------------------------------------------
 
@@ -212,7 +217,7 @@ class Tracker:
         return sorted(runs, key=lambda r: (r.info.start_time or 0, r.info.run_id))
 
     def _create(self, role: str, name: str, iteration: int | None, tags: dict[str, str]):
-        tags = {**self._context_tags(), TAG_ROLE: role, **tags}
+        tags = {**self._context_tags(), TAG_ROLE: role, TAG_WRITER: self.writer, **tags}
         if iteration is not None:
             tags[TAG_ITERATION] = str(iteration)
         return self.client.create_run(self.experiment_id, tags=tags, run_name=name)
@@ -231,9 +236,35 @@ class Tracker:
     def parent_id(self) -> str:
         if self._parent_id is None:
             run = self._find_or_create(PIPELINE, self._parent_name(), None, self._parent_tags())
+            self._claim(run)
             self._log_params(run, flatten(self.params.model_dump(mode="json")))
             self._parent_id = run.info.run_id
         return self._parent_id
+
+    # -- crashes: who writes a run ---------------------------------------------------------------
+
+    def _claim(self, run) -> None:
+        """Tag ``run`` as written by this process; a run a crash left FAILED is resumed."""
+        run_id = run.info.run_id
+        if run.data.tags.get(TAG_WRITER) != self.writer:
+            self.client.set_tag(run_id, TAG_WRITER, self.writer)
+        if run.info.status in ("FAILED", "KILLED"):
+            self.client.update_run(run_id, status="RUNNING")
+            log.info("MLflow run %s (%s) resumed", run_id, run.info.run_name)
+
+    def release(self) -> None:
+        """The stage's logging is complete: the pipeline run is no longer being written (child
+        runs were finished as they were logged)."""
+        if self._parent_id is not None:
+            tags = self.client.get_run(self._parent_id).data.tags
+            if tags.get(TAG_WRITER) == self.writer:
+                self.client.delete_tag(self._parent_id, TAG_WRITER)
+
+    def recover(self) -> None:
+        """Runs left RUNNING by a stage process that has ended become FAILED; logged models
+        no version refers to (checkpoint copies a crash orphaned) are deleted."""
+        fail_interrupted_runs(self.client, self.experiment_id, self.writer, self.stage)
+        remove_orphaned_models(self.client, self.experiment_id, self.writer, self.uri)
 
     def _parent_name(self) -> str:
         return os.environ.get("DVC_EXP_NAME") or f"spin-{self.key[:8]}"
@@ -268,6 +299,7 @@ class Tracker:
             self.client.set_tag(run.info.run_id, TAG_PARENT, self.parent_id())
         if model_hash is not None and run.data.tags.get(TAG_MODEL_HASH) != model_hash:
             self.client.set_tag(run.info.run_id, TAG_MODEL_HASH, model_hash)
+        self._claim(run)
         return self.client.get_run(run.info.run_id)
 
     def _supersede(self, run, model: Model, why: str):
@@ -409,6 +441,15 @@ class Tracker:
                     and (number := _number(value)) is not None
                 ),
             )
+        timings = read_timings(model.timings, model.path)
+        self._log_metrics(
+            run_id,
+            (
+                (_metric_name(f"train_summary/{key}"), number, 0)
+                for key, value in timings.items()
+                if (number := _number(value)) is not None
+            ),
+        )
         if model.role == ITERATION:
             self._table(run_id, pairs_file(model.iteration), f"samples/{model.stage}.json")
         lora = self.registry.lora(model)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
 from pathlib import Path
 
 from spinflow.config import Params
@@ -25,6 +26,10 @@ TAG_SUPERSEDED = "spinflow.superseded_by"
 TAG_STAGES = "dvc.stages"
 TAG_PARENT = "mlflow.parentRunId"
 TAG_NOTE = "mlflow.note.content"
+# host:pid:start of the stage process writing into a run (see writer_id); a run still RUNNING
+# whose writer has died was interrupted by a crash
+TAG_WRITER = "spinflow.writer"
+TAG_INTERRUPTED = "spinflow.interrupted"
 
 
 class TrackingError(SpinflowError):
@@ -118,3 +123,47 @@ def require_mlflow() -> None:
 def is_main_process() -> bool:
     """Rank 0 of a distributed launch (the only process that logs), or a plain process."""
     return int(os.environ.get("RANK", "0") or 0) == 0
+
+
+def _process_start(pid: int) -> str | None:
+    """The start time of process ``pid`` (clock ticks since boot, from /proc); "" where /proc
+    cannot tell; None when no such process runs (a zombie has ended)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except FileNotFoundError:
+        if os.path.isdir("/proc/self"):
+            return None
+        fields = []
+    except OSError:
+        fields = []
+    if fields:
+        return None if fields[0] in ("Z", "X") else fields[19]
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        pass
+    return ""
+
+
+def writer_id() -> str:
+    """``host:pid:start`` of this process, the value of ``spinflow.writer`` on runs it writes."""
+    pid = os.getpid()
+    return f"{socket.gethostname()}:{pid}:{_process_start(pid) or ''}"
+
+
+def writer_alive(writer: str) -> bool:
+    """Whether the process a ``spinflow.writer`` tag names may still be running.
+
+    Only processes of this host can be checked: one of another host counts as alive.
+    """
+    parts = writer.rsplit(":", 2)
+    if len(parts) != 3 or not parts[1].isdigit():
+        return True
+    host, pid, start = parts
+    if host != socket.gethostname():
+        return True
+    now = _process_start(int(pid))
+    return now is not None and (not start or not now or now == start)
