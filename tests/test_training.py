@@ -419,6 +419,11 @@ def test_group_by_length_off_keeps_the_plain_shuffled_loader(tiny_tokenizer_sess
     assert isinstance(grouped.batch_sampler, training.LengthGroupedBatches)
 
 
+def test_make_accelerator_needs_a_resolved_precision():
+    with pytest.raises(TrainingError, match="bf16: 'auto' must be resolved"):
+        training.make_accelerator(make_optim(bf16="auto"))
+
+
 @pytest.mark.parametrize("bf16", [True, False])
 def test_bf16_autocasts_the_loss_the_loop_computes(tiny_tokenizer_session, tiny_model, bf16):
     """bf16 reaches the loss function even though it calls the model's parts directly (accelerate
