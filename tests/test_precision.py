@@ -192,3 +192,23 @@ def test_an_unreadable_cache_file_is_measured_again(
     assert calls == [1] and chosen.measurement == slow and not chosen.cached
     assert "unreadable precision cache" in caplog.text
     assert json.loads(cache_file.read_text())["measurement"]["speedup"] == 0.1
+
+
+def test_auto_logs_its_choice_once_with_what_it_measured(
+    cpu_reports, tiny_model, sft_batch, caplog
+):
+    cpu_reports(NATIVE_CPU)
+    with caplog.at_level(logging.INFO, logger="spinflow.precision"):
+        optim, chosen = precision.resolve_precision(
+            make_optim(bf16="auto"), tiny_model, sft_batch, training.sft_loss_fn, key="sft.bf16"
+        )
+    m = chosen.measurement
+    assert optim.bf16 is chosen.bf16
+    assert chosen.bf16 == (m.speedup >= precision.SPEED_MARGIN)  # tiny model: agreement holds
+    (line,) = [r.getMessage() for r in caplog.records]
+    assert line.startswith(f"sft.bf16: auto -> {chosen.name} (bf16 {m.speedup:.2f}x the speed")
+    assert f"tolerance {precision.TOLERANCE:.0e}; measured now: " in line
+    summary = chosen.summary()
+    assert summary["bf16"] is chosen.bf16
+    assert summary["bf16_speedup"] == round(m.speedup, 3)
+    assert set(summary) == {"bf16", "bf16_speedup", "bf16_loss_difference", "bf16_logps_difference"}

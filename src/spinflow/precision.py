@@ -79,6 +79,8 @@ class Precision:
     measurement: Measurement | None = None
     cache_file: Path | None = None
     cached: bool = False
+    margin: float = SPEED_MARGIN
+    tolerance: float = TOLERANCE
 
     @property
     def name(self) -> str:
@@ -104,9 +106,9 @@ class Precision:
         m = self.measurement
         where = "cached" if self.cached else "measured now"
         return (
-            f"{head} (bf16 {m.speedup:.2f}x the speed of float32, needs {SPEED_MARGIN}x; "
+            f"{head} (bf16 {m.speedup:.2f}x the speed of float32, needs {self.margin}x; "
             f"differs by {m.loss_difference:.1e} on the loss and {m.logps_difference:.1e} on the "
-            f"log-probs, tolerance {TOLERANCE:.0e}; {where}: {self.cache_file})"
+            f"log-probs, tolerance {self.tolerance:.0e}; {where}: {self.cache_file})"
         )
 
 
@@ -275,7 +277,10 @@ def decide(m: Measurement, *, margin: float, tolerance: float) -> tuple[bool, st
     """bf16 if it is ``margin`` times faster and within ``tolerance``; the reason in words."""
     worst = max(m.loss_difference, m.logps_difference)
     if not worst <= tolerance:
-        return False, f"rejected: bf16 differs by {worst:.1e}, more than the tolerance {tolerance:.0e}"
+        return (
+            False,
+            f"rejected: bf16 differs by {worst:.1e}, more than the tolerance {tolerance:.0e}",
+        )
     if not m.speedup >= margin:
         return False, f"rejected: bf16 is {m.speedup:.2f}x the speed of float32, under {margin}x"
     return True, "bf16 is faster and within tolerance"
@@ -334,7 +339,7 @@ def auto_precision(
     record = _read_cache(path)
     if record is not None:
         m = Measurement(**record["measurement"])
-        return Precision(record["bf16"], "auto", record["reason"], m, path, cached=True)
+        return Precision(record["bf16"], "auto", record["reason"], m, path, True, margin, tolerance)
     m = measure(model, batch, loss_fn, device)
     bf16, reason = decide(m, margin=margin, tolerance=tolerance)
     _write_cache(
@@ -348,7 +353,7 @@ def auto_precision(
             "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         },
     )
-    return Precision(bf16, "auto", reason, m, path)
+    return Precision(bf16, "auto", reason, m, path, False, margin, tolerance)
 
 
 def resolve_precision(optim, model, batch: dict, loss_fn: LossFn, *, key: str):

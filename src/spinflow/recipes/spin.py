@@ -190,9 +190,7 @@ def resolve_optim(optim: OptimParams, model, tokenizer, examples, beta: float, l
     from spinflow.precision import resolve_precision
 
     batch = pair_collate(tokenizer.pad_token_id)(examples[: optim.batch_size])
-    return resolve_precision(
-        optim, model, batch, spin_loss_fn(beta, loss), key="spin.train.bf16"
-    )
+    return resolve_precision(optim, model, batch, spin_loss_fn(beta, loss), key="spin.train.bf16")
 
 
 def spin_iteration(
