@@ -15,6 +15,23 @@ import pytest
 import yaml
 
 
+@pytest.fixture(scope="session", autouse=True)
+def precision_cache(tmp_path_factory) -> Path:
+    """bf16: auto keeps its decisions in a cache of this test session, never in the home
+    directory; stage processes started by tests inherit it (tests that need their own cache set
+    SPINFLOW_CACHE_DIR to their tmp_path)."""
+    from spinflow.precision import CACHE_ENV
+
+    path = tmp_path_factory.mktemp("spinflow-cache")
+    before = os.environ.get(CACHE_ENV)
+    os.environ[CACHE_ENV] = str(path)
+    yield path
+    if before is None:
+        os.environ.pop(CACHE_ENV, None)
+    else:
+        os.environ[CACHE_ENV] = before
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint_session(tmp_path_factory) -> Path:
     """A tiny Llama checkpoint built once per test session; do not modify it."""
@@ -219,10 +236,12 @@ def tiny_dvc_repo(tmp_path_factory) -> DvcRepo:
 
 
 def make_optim(**changes):
-    """Optimisation settings for unit tests: AdamW 1e-3, batch 8, one epoch, constant rate."""
+    """Optimisation settings for unit tests: AdamW 1e-3, batch 8, one epoch, constant rate,
+    float32."""
     from spinflow.config import OptimParams
 
     base = {
+        "bf16": False,
         "learning_rate": 1e-3,
         "epochs": 1,
         "batch_size": 8,

@@ -81,3 +81,9 @@ def test_benchmark_figures_are_the_counts_over_the_measured_seconds(
             )
         else:
             assert f"{key:<32} {value:10.2f}" in printed, key
+    # what bf16: auto chose here, with the ratio it measured, in one line
+    (line,) = [x for x in printed.splitlines() if x.startswith("precision: ")]
+    assert line.startswith("precision: spin.train.bf16: auto -> ")
+    if "bf16_speedup" in results:
+        assert f"bf16 {results['bf16_speedup']:.2f}x the speed of float32" in line
+    assert (" -> bf16-autocast " in line) == (results["bf16"] == 1.0)

@@ -163,6 +163,9 @@ def test_unknown_top_level_section():
         ("spin.train.optimizer", "adam", "'adamw', 'rmsprop' or 'sgd'"),
         ("spin.loss", "ipo", "'sigmoid' or 'hinge'"),
         ("model.dtype", "int8", "'float32', 'bfloat16' or 'float16'"),
+        ("spin.train.bf16", "fast", "must be auto, true or false"),
+        ("sft.bf16", 1, "must be auto, true or false"),
+        ("sft.bf16", None, "must be auto, true or false"),
     ],
 )
 def test_wrong_type(path, value, allowed):

@@ -226,6 +226,17 @@ def test_pipeline_runs_and_reruns_only_what_changed(workspace: Workspace):
             rows = list(csv.DictReader(f))
         assert len(rows) == train["optimizer_steps"]
         assert {"step", "loss", "reward_margin", "reward_accuracy"} <= set(rows[0])
+    # bf16: auto resolved once on this machine (the session's cache), the same for every stage
+    # of the model, and recorded beside each model
+    chosen = set()
+    for metrics_file, model in [("sft", "theta_0")] + [
+        (f"train_iter_{k}", f"theta_{k + 1}") for k in range(ITERATIONS)
+    ]:
+        bf16 = ws.json(f"metrics/{metrics_file}.json")["bf16"]
+        precision = ws.json(f"models/{model}/provenance.json")["params"]["precision"]
+        assert precision == ("bf16-autocast" if bf16 else "float32"), model
+        chosen.add(bf16)
+    assert len(chosen) == 1
     for name in ["sft"] + [f"iter_{k}" for k in range(ITERATIONS)]:
         metrics = ws.json(f"metrics/eval_{name}.json")
         expected = EVAL_KEYS | ({"reward_margin", "reward_accuracy"} if name != "sft" else set())

@@ -417,3 +417,34 @@ def test_group_by_length_off_keeps_the_plain_shuffled_loader(tiny_tokenizer_sess
         examples, training.sft_collate(0), make_optim(batch_size=2, group_by_length=True), 0
     )
     assert isinstance(grouped.batch_sampler, training.LengthGroupedBatches)
+
+
+def test_make_accelerator_needs_a_resolved_precision():
+    with pytest.raises(TrainingError, match="bf16: 'auto' must be resolved"):
+        training.make_accelerator(make_optim(bf16="auto"))
+
+
+@pytest.mark.parametrize("bf16", [True, False])
+def test_bf16_autocasts_the_loss_the_loop_computes(tiny_tokenizer_session, tiny_model, bf16):
+    """bf16 reaches the loss function even though it calls the model's parts directly (accelerate
+    autocasts only the prepared model's forward); then float32 again, in the same process."""
+    tok = tiny_tokenizer_session
+    optim = make_optim(batch_size=4, bf16=bf16)
+    seen = []
+
+    def loss_fn(model, batch):
+        seen.append(torch.is_autocast_enabled("cpu"))
+        return training.sft_loss_fn(model, batch)
+
+    training.train_loop(
+        training.make_accelerator(optim),
+        tiny_model,
+        training.encode_sft(tok, SFT_RECORDS[:4], PROMPT),
+        training.sft_collate(tok.pad_token_id),
+        loss_fn,
+        optim,
+        seed=0,
+        desc="sft",
+    )
+    assert seen == [bf16]
+    assert all(p.dtype == torch.float32 for p in tiny_model.parameters())

@@ -33,6 +33,7 @@ OPTIM = OptimParams(
     warmup_ratio=0.0,
     max_grad_norm=None,
     group_by_length=False,
+    bf16=False,
 )
 
 

@@ -5,7 +5,9 @@ tokens/s (reference pass excluded, as train_iter_k does it once per iteration), 
 of full fine-tuning beside an estimate of what it needs. When TRL is installed (dev extra), it
 also runs TRL's DPOTrainer as SPIN on the same pairs and settings, with a reference model and
 with precomputed reference log-probs, and prints spinflow's speed over each (setup and reference
-log-probs included on both sides; model loading excluded).
+log-probs included on both sides; model loading excluded). It first prints the precision training
+uses here (``bf16: auto`` resolved by :mod:`spinflow.precision`: the choice, bf16's speed over
+float32 and how far the two agree) and runs everything in it.
 """
 
 from __future__ import annotations
@@ -236,7 +238,7 @@ def run_benchmark(
 
     from spinflow.io import read_jsonl
     from spinflow.models import build_tiny_model, load_model, load_tokenizer
-    from spinflow.recipes.spin import encode_pairs, pair_collate, spin_iteration
+    from spinflow.recipes.spin import encode_pairs, pair_collate, resolve_optim, spin_iteration
     from spinflow.training import make_accelerator, peak_memory_mb, seed_everything
 
     if model_dir is None:
@@ -270,6 +272,12 @@ def run_benchmark(
     examples = encode_pairs(tokenizer, pair_records, params.prompt)
     model = load_model(model_dir)  # a fresh copy: generation must not warm anything up
     seed_everything(params.seed)
+    # what train_iter_k would choose here (bf16: auto measures once a machine, then is cached)
+    optim, precision = resolve_optim(optim, model, tokenizer, examples, beta, params.spin.loss)
+    print(f"precision: {precision.describe('spin.train.bf16')}")
+    results["bf16"] = float(precision.bf16)
+    if precision.measurement is not None:
+        results["bf16_speedup"] = precision.measurement.speedup
     accelerator = make_accelerator(optim)
     started = time.perf_counter()
     _, result, reference_seconds = spin_iteration(

@@ -122,8 +122,11 @@ class OptimParams(Section):
     max_grad_norm: Annotated[float, Field(gt=0.0)] | None = Field(
         1.0, description="Gradient clipping (null: off)"
     )
-    bf16: bool = Field(
-        False, description="bfloat16 autocast: for GPUs (on CPU it was measured 12x slower here)"
+    bf16: bool | Literal["auto"] = Field(
+        "auto",
+        description="bfloat16 autocast over float32 weights: true, false, or auto (bf16 only where "
+        "the device computes it natively and a probe measures it faster and as exact; "
+        "see spinflow.precision)",
     )
     gradient_checkpointing: bool = Field(False, description="Trade compute for memory")
     group_by_length: bool = Field(
@@ -131,6 +134,13 @@ class OptimParams(Section):
         description="Batch examples of similar length together (less padding; order still seeded)",
     )
     lora: LoraParams = Field(default_factory=LoraParams)
+
+    @field_validator("bf16", mode="before")
+    @classmethod
+    def _bf16_setting(cls, value: Any) -> Any:
+        if isinstance(value, bool) or value == "auto":
+            return value
+        raise ValueError("must be auto, true or false")
 
 
 class PromptParams(Section):

@@ -68,10 +68,26 @@ def peak_memory_mb() -> float:
 
 
 def make_accelerator(optim: OptimParams):
+    """An Accelerator for ``optim``; ``optim.bf16`` must be resolved already (true or false, see
+    :func:`spinflow.precision.resolve_precision`): bf16 is autocast over float32 weights."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, PartialState
 
+    if optim.bf16 not in (True, False):
+        raise TrainingError(f"bf16: {optim.bf16!r} must be resolved to true or false first")
+    mixed_precision = "bf16" if optim.bf16 else "no"
+    state = AcceleratorState._shared_state
+    if state and state.get("_mixed_precision") != mixed_precision:
+        if PartialState().num_processes > 1:
+            raise TrainingError(
+                f"this process already trained with mixed precision "
+                f"{state.get('_mixed_precision')!r}; {mixed_precision!r} needs a new process"
+            )
+        # one process that trains twice (the benchmark, tests): accelerate keeps the first
+        # precision for the life of the process unless its state is cleared
+        AcceleratorState._reset_state()
     return Accelerator(
-        mixed_precision="bf16" if optim.bf16 else "no",
+        mixed_precision=mixed_precision,
         gradient_accumulation_steps=optim.gradient_accumulation_steps,
         cpu=not torch.cuda.is_available(),
     )
@@ -218,7 +234,10 @@ def _optimizer_step(accelerator, model, optimizer, window, loss_fn, count, optim
         last = i + 1 == len(window)
         accelerator.sync_gradients = last  # gates the optimizer step and DeepSpeed's boundary
         with contextlib.nullcontext() if last else accelerator.no_sync(model):
-            loss, metrics = loss_fn(model, batch)
+            # accelerate autocasts only the prepared model's forward; the loss functions call
+            # the transformer body and the output layer directly (spinflow.logprobs)
+            with accelerator.autocast():
+                loss, metrics = loss_fn(model, batch)
             if not torch.isfinite(loss):
                 raise TrainingError(
                     where.format(loss.item()) + "; lower the learning rate or check the data"

@@ -32,6 +32,7 @@ def supervised(
     """Fine-tune ``source`` on ``records`` with the ``sft`` settings into ``target``'s path;
     writes its provenance, training summary and per-step CSV."""
     from spinflow.models import load_model, load_tokenizer
+    from spinflow.precision import resolve_precision
     from spinflow.training import (
         answer_tokens,
         apply_lora,
@@ -48,15 +49,19 @@ def supervised(
     stage = target.stage
     seed = stage_seed(params.seed, stage)
     seed_everything(seed)
-    accelerator = make_accelerator(optim)
     tokenizer = load_tokenizer(source)
     model = apply_lora(load_model(source), optim)
     examples = encode_sft(tokenizer, records, params.prompt)
+    collate_fn = sft_collate(tokenizer.pad_token_id)
+    optim, precision = resolve_precision(
+        optim, model, collate_fn(examples[: optim.batch_size]), sft_loss_fn, key="sft.bf16"
+    )
+    accelerator = make_accelerator(optim)
     result = train_loop(
         accelerator,
         model,
         examples,
-        sft_collate(tokenizer.pad_token_id),
+        collate_fn,
         sft_loss_fn,
         optim,
         seed=seed,
@@ -65,14 +70,15 @@ def supervised(
         items=answer_tokens,
     )
     save_checkpoint(accelerator, model, tokenizer, target.path)
-    summary = {"examples": len(examples), **result.summary()}
+    summary = {"examples": len(examples), **precision.summary(), **result.summary()}
     if accelerator.is_main_process:
         write_json(
             target.path / PROVENANCE_FILE,
             provenance(
                 stage,
                 {
-                    "sft": optim.model_dump(),
+                    "sft": params.sft.model_dump(),
+                    "precision": precision.name,
                     "prompt": params.prompt.model_dump(),
                     "max_steps": max_steps,
                     "seed": params.seed,

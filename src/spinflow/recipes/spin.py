@@ -193,6 +193,15 @@ def reference_logps(
     return [PairExample(e.index, e.real, e.generated, *by_index[e.index]) for e in examples]
 
 
+def resolve_optim(optim: OptimParams, model, tokenizer, examples, beta: float, loss: str):
+    """``optim`` with ``bf16: auto`` resolved on ``model`` and the first batch of ``examples``
+    under the SPIN loss (see :mod:`spinflow.precision`), and the precision chosen."""
+    from spinflow.precision import resolve_precision
+
+    batch = pair_collate(tokenizer.pad_token_id)(examples[: optim.batch_size])
+    return resolve_precision(optim, model, batch, spin_loss_fn(beta, loss), key="spin.train.bf16")
+
+
 def spin_iteration(
     accelerator,
     model,
@@ -320,14 +329,16 @@ def train(params: Params, k: int) -> dict[str, Any]:
     graph = pipeline_graph.build(params)
     target = graph.theta(k + 1)
     optim, beta = params.train_for(k)
+    configured = optim  # as params.yaml has it (bf16 may be auto)
     source = require(graph, graph.theta(k).path)
     pairs = training_pairs(params, k, graph)
     seed = stage_seed(params.seed, target.stage)
     seed_everything(seed)
-    accelerator = make_accelerator(optim)
     tokenizer = load_tokenizer(source)
     model = load_model(source)
     examples = encode_pairs(tokenizer, pairs, params.prompt)
+    optim, precision = resolve_optim(optim, model, tokenizer, examples, beta, params.spin.loss)
+    accelerator = make_accelerator(optim)
     model, result, _ = spin_iteration(
         accelerator,
         model,
@@ -345,6 +356,7 @@ def train(params: Params, k: int) -> dict[str, Any]:
         "pairs": len(examples),
         "beta": beta,
         "learning_rate": optim.learning_rate,
+        **precision.summary(),
         **result.summary(),
     }
     if accelerator.is_main_process:
@@ -356,7 +368,8 @@ def train(params: Params, k: int) -> dict[str, Any]:
             provenance(
                 target.stage,
                 {
-                    "train": optim.model_dump(),
+                    "train": configured.model_dump(),
+                    "precision": precision.name,
                     "beta": beta,
                     "loss": params.spin.loss,
                     "mix_previous": params.spin.mix_previous,
