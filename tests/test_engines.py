@@ -40,7 +40,9 @@ def eos(tiny_model_session, tiny_tokenizer_session) -> int:
     so that rows end at different steps and slots refill while others decode."""
     tok = tiny_tokenizer_session
     engine = TorchEngine(
-        tiny_model_session, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+        tiny_model_session,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
         batch_size=10,
     )
     counts: dict[int, int] = {}
@@ -56,7 +58,9 @@ def eos(tiny_model_session, tiny_tokenizer_session) -> int:
 @pytest.fixture(scope="module")
 def reference(tiny_model_session, tiny_tokenizer_session, eos):
     engine = TorchEngine(
-        tiny_model_session, eos_token_id=eos, pad_token_id=tiny_tokenizer_session.pad_token_id,
+        tiny_model_session,
+        eos_token_id=eos,
+        pad_token_id=tiny_tokenizer_session.pad_token_id,
         batch_size=4,
     )
     return [engine.complete(_requests(tiny_tokenizer_session), s) for s in SETTINGS]
@@ -197,8 +201,12 @@ def test_generate_stage_in_two_processes_writes_the_one_process_file(tiny_dvc_re
     )
     shutil.rmtree(generated)
     output = repo.run(
-        "accelerate", "launch", "--config_file", str(config),
-        "stages/generate.py", "generate_iter_0",
+        "accelerate",
+        "launch",
+        "--config_file",
+        str(config),
+        "stages/generate.py",
+        "generate_iter_0",
     )
     assert "'processes': 2" in output
     got = {p.name: p.read_bytes() for p in generated.iterdir()}
@@ -217,3 +225,83 @@ def test_generate_stage_in_two_processes_writes_the_one_process_file(tiny_dvc_re
     assert sorted(p.name for p in generated.parent.iterdir()) == sorted(
         p.name for p in (tiny_dvc_repo.root / "generated").iterdir()
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# generate.dtype: auto
+
+
+def _auto(model, tokenizer, monkeypatch, tmp_path, *, native=True, **constants):
+    from spinflow import precision
+    from spinflow.engines import continuous
+
+    monkeypatch.setenv("SPINFLOW_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(precision, "native_bf16", lambda device: (native, "mocked capability"))
+    for name, value in constants.items():
+        monkeypatch.setattr(continuous, name, value)
+    prompts = [r.prompt_ids for r in _requests(tokenizer)]
+    return continuous.choose_dtype(model, prompts, 4)
+
+
+def test_auto_dtype_is_float32_without_native_bfloat16(
+    tiny_model_session, tiny_tokenizer_session, monkeypatch, tmp_path
+):
+    dtype, reason = _auto(
+        tiny_model_session, tiny_tokenizer_session, monkeypatch, tmp_path, native=False
+    )
+    assert dtype == "float32" and "not native" in reason
+    assert not list(tmp_path.rglob("*.json"))  # nothing measured, nothing cached
+
+
+def test_auto_dtype_rejects_bfloat16_beyond_tolerance_or_margin(
+    tiny_model_session, tiny_tokenizer_session, monkeypatch, tmp_path
+):
+    dtype, reason = _auto(
+        tiny_model_session, tiny_tokenizer_session, monkeypatch, tmp_path / "a", TOLERANCE=0.0
+    )
+    assert dtype == "float32" and "differ by" in reason
+    dtype, reason = _auto(
+        tiny_model_session,
+        tiny_tokenizer_session,
+        monkeypatch,
+        tmp_path / "b",
+        SPEED_MARGIN=float("inf"),
+        TOLERANCE=10.0,
+    )
+    assert dtype == "float32" and "as fast, under" in reason
+
+
+def test_auto_dtype_is_measured_once_then_cached(
+    tiny_model_session, tiny_tokenizer_session, monkeypatch, tmp_path
+):
+    first, _ = _auto(
+        tiny_model_session,
+        tiny_tokenizer_session,
+        monkeypatch,
+        tmp_path,
+        SPEED_MARGIN=0.0,
+        TOLERANCE=10.0,
+    )
+    assert first == "bfloat16"
+    (record,) = tmp_path.rglob("*.json")
+    assert json.loads(record.read_text())["dtype"] == "bfloat16"
+    # the cached choice holds even where a new probe would now reject bfloat16
+    from spinflow.engines import continuous
+
+    monkeypatch.setattr(continuous, "_probe", lambda *a: pytest.fail("measured again"))
+    again, reason = continuous.choose_dtype(
+        tiny_model_session, [r.prompt_ids for r in _requests(tiny_tokenizer_session)], 4
+    )
+    assert again == "bfloat16" and "cached" in reason
+
+
+def test_auto_engine_resolves_on_its_first_prompts(
+    tiny_model_session, tiny_tokenizer_session, monkeypatch, tmp_path, eos
+):
+    from spinflow import precision
+
+    monkeypatch.setenv("SPINFLOW_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(precision, "native_bf16", lambda device: (False, "mocked"))
+    engine = ContinuousEngine(tiny_model_session, eos_token_id=eos, batch_size=4, dtype="auto")
+    got = engine.complete(_requests(tiny_tokenizer_session), SETTINGS[0])
+    assert engine.dtype == torch.float32 and len(got) == len(PROMPTS)

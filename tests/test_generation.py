@@ -13,10 +13,10 @@ from spinflow.generation import (
     GenerationStats,
     SamplingParams,
     TorchEngine,
-    next_tokens,
-    top_p_filter,
     generate_answers,
     generate_batch,
+    next_tokens,
+    top_p_filter,
 )
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")

@@ -111,9 +111,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     b.add_argument("--prompts", type=int, default=64, help="built-in prompts to answer")
     b.add_argument("--engine", choices=ENGINES, default=None, help="instead of generate.engine")
     b.add_argument(
-        "--dtype", choices=["float32", "bfloat16"], default=None, help="instead of generate.dtype"
+        "--dtype",
+        choices=["auto", "float32", "bfloat16"],
+        default=None,
+        help="instead of generate.dtype",
     )
-    b.add_argument("--generate-batch", type=int, default=None, help="instead of generate.batch_size")
+    b.add_argument(
+        "--generate-batch", type=int, default=None, help="instead of generate.batch_size"
+    )
     b.add_argument(
         "--max-new-tokens", type=int, default=None, help="instead of generate.max_new_tokens"
     )

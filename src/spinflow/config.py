@@ -205,10 +205,11 @@ class GenerateParams(Section):
         description="Generation engine: continuous (static KV cache, continuous batching; "
         "llama-style models), torch (the reference, any model) or vllm (GPUs, spinflow[vllm])",
     )
-    dtype: Literal["float32", "bfloat16"] = Field(
-        "float32",
-        description="Compute precision of the continuous engine (bfloat16: a bf16 copy of the "
-        "weights, for CPUs and GPUs that compute bf16 natively)",
+    dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto",
+        description="Weights of the continuous engine: float32, bfloat16, or auto (bfloat16 only "
+        "where the device computes it natively and a probe measures it faster and within "
+        "tolerance; decided once per machine and model shape)",
     )
     accelerate_config: str | None = Field(
         None,

@@ -14,12 +14,21 @@ prompt's own noise stream, so a prompt's answer does not depend on its slot, its
 the number of slots, as with the ``torch`` engine.
 
 ``dtype: bfloat16`` runs a bfloat16 copy of the weights (sampling stays float32); it pays where
-the processor computes bfloat16 natively (see ``spinflow benchmark``).
+the processor computes bfloat16 natively. ``dtype: auto`` (:func:`choose_dtype`) takes bfloat16
+only where the device computes it natively and a probe on the model finds decoding at least
+:data:`SPEED_MARGIN` times faster, with the next-token log-probs within :data:`TOLERANCE` of
+float32; the decision is cached per machine and model shape, as ``bf16: auto`` is for training
+(:mod:`spinflow.precision`), so every stage on a machine makes the same choice.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
+import logging
+import math
+import time
 from collections import deque
 from collections.abc import Sequence
 
@@ -30,11 +39,96 @@ from tqdm.auto import tqdm
 from spinflow.errors import SpinflowError
 from spinflow.generation import Completion, Request, SamplingParams, next_tokens
 
+log = logging.getLogger(__name__)
+
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
+SPEED_MARGIN = 1.2  # bfloat16 decoding must be at least this many times faster
+TOLERANCE = 0.05  # largest mean |log-prob difference| of the next token, in nats
+PROBE_VERSION = 1
 
 
 def supports(model) -> bool:
     return getattr(model.config, "model_type", None) in SUPPORTED
+
+
+def _probe(model, prompts: list[list[int]], slots: int) -> dict:
+    """Decode-step time of float32 and bfloat16 weights (fastest of 3, interleaved) and the mean
+    |difference| of the log-probs both give the float32 model's next tokens after the prompts."""
+    engines = {
+        dtype: ContinuousEngine(model, eos_token_id=-1, batch_size=slots, dtype=dtype)
+        for dtype in ("float32", "bfloat16")
+    }
+    seconds = {dtype: math.inf for dtype in engines}
+    next_logps = {}
+    rows = list(range(len(prompts)))
+    with torch.inference_mode():
+        for engine in engines.values():
+            engine._allocate(len(prompts), max(len(p) for p in prompts) + 1)
+        for dtype, engine in engines.items():
+            next_logps[dtype] = torch.log_softmax(engine._prefill(rows, prompts).float(), -1)
+        tokens = next_logps["float32"].argmax(-1)
+        positions = torch.tensor([len(p) for p in prompts])
+        index = torch.tensor(rows)
+        for _ in range(4):  # the first round warms up
+            for dtype, engine in engines.items():
+                started = time.perf_counter()
+                engine._decode(index, tokens, positions)
+                if _ > 0:
+                    seconds[dtype] = min(seconds[dtype], time.perf_counter() - started)
+    chosen = tokens.unsqueeze(1)
+    difference = (
+        (next_logps["float32"].gather(1, chosen) - next_logps["bfloat16"].gather(1, chosen))
+        .abs()
+        .mean()
+    )
+    return {
+        "speedup": seconds["float32"] / seconds["bfloat16"],
+        "logp_difference": float(difference),
+    }
+
+
+def choose_dtype(model, prompts: list[list[int]], slots: int) -> tuple[str, str]:
+    """``dtype: auto``: bfloat16 or float32 for decoding ``model`` here, and why, in words."""
+    from spinflow.io import read_json, write_json
+    from spinflow.precision import cache_dir, device_identity, model_shape, native_bf16
+
+    device = next(model.parameters()).device
+    native, evidence = native_bf16(device)
+    if not native:
+        return "float32", f"bfloat16 not native ({evidence})"
+    fields = {
+        "device": device_identity(device),
+        "torch": torch.__version__,
+        "model": model_shape(model),
+        "margin": SPEED_MARGIN,
+        "tolerance": TOLERANCE,
+        "probe": PROBE_VERSION,
+    }
+    key = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:20]
+    path = cache_dir() / "generation" / f"{key}.json"
+    try:
+        record = read_json(path)
+        return record["dtype"], record["reason"] + f" (cached in {path})"
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    figures = _probe(model, prompts[:slots], slots)
+    if not figures["logp_difference"] <= TOLERANCE:
+        dtype = "float32"
+        reason = f"bfloat16 log-probs differ by {figures['logp_difference']:.3f} > {TOLERANCE}"
+    elif not figures["speedup"] >= SPEED_MARGIN:
+        dtype = "float32"
+        reason = f"bfloat16 decodes {figures['speedup']:.2f}x as fast, under {SPEED_MARGIN}x"
+    else:
+        dtype = "bfloat16"
+        reason = (
+            f"bfloat16 decodes {figures['speedup']:.2f}x as fast, log-probs within "
+            f"{figures['logp_difference']:.3f} nats"
+        )
+    try:
+        write_json(path, {**fields, **figures, "dtype": dtype, "reason": reason})
+    except OSError as exc:
+        log.warning("%s: cannot write the generation precision cache (%s)", path, exc)
+    return dtype, reason
 
 
 class ContinuousEngine:
@@ -49,22 +143,30 @@ class ContinuousEngine:
             )
         window = getattr(config, "sliding_window", None)
         self.window = window if getattr(config, "use_sliding_window", True) else None
+        self.eos_token_id = eos_token_id
+        self.slots = batch_size
+        self.heads = config.num_attention_heads
+        self.kv_heads = config.num_key_value_heads
+        self.source = model
+        self.dtype_choice = dtype  # "auto" is resolved by the first complete(), on its prompts
+        if dtype != "auto":
+            self._load(dtype)
+
+    def _load(self, dtype: str) -> None:
+        model = self.source
         if dtype == "bfloat16":
             model = copy.deepcopy(model).to(torch.bfloat16)
         self.model = model.eval()
         self.dtype = next(model.parameters()).dtype
         self.device = next(model.parameters()).device
-        self.eos_token_id = eos_token_id
-        self.slots = batch_size
         inner = model.model
         self.embed, self.layers, self.norm = inner.embed_tokens, inner.layers, inner.norm
         self.rotary = inner.rotary_emb
         self.lm_head = model.lm_head
         attention = self.layers[0].self_attn
         self.head_dim = attention.head_dim
-        self.heads = config.num_attention_heads
-        self.kv_heads = config.num_key_value_heads
         self.scaling = attention.scaling
+        self.dtype_choice = dtype
 
     # -- the decoder ------------------------------------------------------------------------
 
@@ -146,6 +248,16 @@ class ContinuousEngine:
             hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
         return self.lm_head(self.norm(hidden[:, 0]))
 
+    def _allocate(self, slots: int, length: int) -> None:
+        shape = (slots, self.kv_heads, length, self.head_dim)
+        self.cache = [
+            (
+                torch.zeros(shape, dtype=self.dtype, device=self.device),
+                torch.zeros(shape, dtype=self.dtype, device=self.device),
+            )
+            for _ in self.layers
+        ]
+
     # -- the scheduler ----------------------------------------------------------------------
 
     @torch.inference_mode()
@@ -155,15 +267,11 @@ class ContinuousEngine:
         if not requests:
             return []
         slots = min(self.slots, len(requests))
-        length = max(len(r.prompt_ids) for r in requests) + sampling.max_new_tokens
-        shape = (slots, self.kv_heads, length, self.head_dim)
-        self.cache = [
-            (
-                torch.zeros(shape, dtype=self.dtype, device=self.device),
-                torch.zeros(shape, dtype=self.dtype, device=self.device),
-            )
-            for _ in self.layers
-        ]
+        if self.dtype_choice == "auto":
+            dtype, reason = choose_dtype(self.source, [r.prompt_ids for r in requests], slots)
+            log.info("generate.dtype auto: %s (%s)", dtype, reason)
+            self._load(dtype)
+        self._allocate(slots, max(len(r.prompt_ids) for r in requests) + sampling.max_new_tokens)
         # shortest prompts first: prompts admitted together are padded to similar lengths
         waiting = deque(sorted(range(len(requests)), key=lambda i: len(requests[i].prompt_ids)))
         owner: list[int | None] = [None] * slots

@@ -60,7 +60,8 @@ def _complete_here(
         token_ids = list(answer.token_ids)
         ended = answer.finish_reason == "stop"
         logp = sum(
-            step[token].logprob for step, token in zip(answer.logprobs or [], token_ids, strict=False)
+            step[token].logprob
+            for step, token in zip(answer.logprobs or [], token_ids, strict=False)
         )
         if token_ids and token_ids[-1] == eos:
             token_ids = token_ids[:-1]
@@ -108,12 +109,23 @@ class VllmEngine:
         context = multiprocessing.get_context("spawn")
         workers = []
         for rank in range(self.replicas):
-            devices = ",".join(gpus[rank * self.gpus_per_replica : (rank + 1) * self.gpus_per_replica])
+            devices = ",".join(
+                gpus[rank * self.gpus_per_replica : (rank + 1) * self.gpus_per_replica]
+            )
             receive, send = context.Pipe(duplex=False)
             share = list(requests[rank :: self.replicas])
             process = context.Process(
                 target=_replica,
-                args=(rank, devices, self.arguments, share, sampling, self.eos_token_id, desc, send),
+                args=(
+                    rank,
+                    devices,
+                    self.arguments,
+                    share,
+                    sampling,
+                    self.eos_token_id,
+                    desc,
+                    send,
+                ),
             )
             process.start()
             send.close()
