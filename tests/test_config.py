@@ -93,10 +93,25 @@ def test_defaults_round_trip_through_yaml(tmp_path):
     assert loaded.model_dump(mode="json") == defaults
 
 
-def test_empty_file_means_defaults(tmp_path):
+@pytest.mark.parametrize("text", ["", "# only a comment\n", "{}\n", "---\n"])
+def test_an_empty_file_is_an_error_not_the_defaults(tmp_path, text):
+    # DVC reads the keys the stages list from the file itself: an empty file cannot run
     path = tmp_path / "params.yaml"
-    path.write_text("", encoding="utf-8")
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(ConfigError) as info:
+        load_params(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: no parameters (the file is empty)")
+    assert "spinflow params --defaults --yaml > params.yaml" in message
+    assert "\n" not in message
+
+
+def test_the_defaults_as_yaml_are_a_complete_valid_params_file(tmp_path, capsys):
+    assert cli.main(["params", "--defaults", "--yaml"]) == 0
+    path = tmp_path / "params.yaml"
+    path.write_text(capsys.readouterr().out, encoding="utf-8")
     assert load_params(path) == Params()
+    assert yaml.safe_load(path.read_text(encoding="utf-8")) == default_params_dict()
 
 
 def test_paper_defaults():
@@ -191,6 +206,54 @@ def test_out_of_range(path, value, allowed):
     message = _error(_with(path, value))
     assert f"'{path}' = {value!r}" in message
     assert allowed in message
+
+
+@pytest.mark.parametrize("value", [".inf", "-.inf", ".nan", ".NaN"])
+@pytest.mark.parametrize("path", ["spin.beta", "spin.train.learning_rate", "generate.top_p"])
+def test_non_finite_numbers_are_refused(tmp_path, path, value):
+    params = tmp_path / "params.yaml"
+    section, *rest = path.split(".")
+    text = yaml.safe_dump(default_params_dict(), sort_keys=False)
+    raw = yaml.safe_load(text)
+    node = raw
+    for part in [section, *rest][:-1]:
+        node = node[part]
+    node[path.split(".")[-1]] = "PLACEHOLDER"
+    params.write_text(
+        yaml.safe_dump(raw, sort_keys=False).replace("PLACEHOLDER", value), encoding="utf-8"
+    )
+    with pytest.raises(ConfigError) as info:
+        load_params(params)
+    message = str(info.value)
+    assert f"'{path}' = " in message and "finite number" in message, message
+    assert "\n" not in message
+
+
+def test_a_duplicated_key_is_an_error_naming_both_lines(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text(
+        "spin:\n  beta: 0.1\n  loss: sigmoid\n  beta: 0.5\n", encoding="utf-8"
+    )  # YAML would keep 0.5 and ignore 0.1 without a word
+    with pytest.raises(ConfigError) as info:
+        load_params(path)
+    assert str(info.value) == (
+        f"{path}: line 4, column 3: invalid YAML: duplicate key 'beta' (first given on line 2; "
+        "YAML would keep only the last one)"
+    )
+
+
+def test_a_duplicated_section_is_an_error(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("spin:\n  beta: 0.1\neval:\n  batch_size: 4\nspin:\n  loss: hinge\n")
+    with pytest.raises(ConfigError, match="line 5, column 1: invalid YAML: duplicate key 'spin'"):
+        load_params(path)
+
+
+def test_the_same_key_in_two_sections_is_fine(tmp_path):
+    path = tmp_path / "params.yaml"
+    raw = default_params_dict()  # learning_rate, batch_size, ... under sft and spin.train
+    path.write_text(yaml.safe_dump(raw, sort_keys=False), encoding="utf-8")
+    assert load_params(path) == Params()
 
 
 def test_boolean_is_not_an_integer():

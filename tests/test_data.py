@@ -670,3 +670,67 @@ def test_load_split_errors(tmp_path):
     (tmp_path / "test.jsonl").write_text('{"prompt": "a", "answer": "b"}\n{broken\n')
     with pytest.raises(DataError, match="line 2"):
         load_split(tmp_path, "test")
+
+
+# --------------------------------------------------------------------------------------------
+# Numbers where text is expected: refused, not silently stringified
+
+
+@pytest.mark.parametrize(
+    ("values", "kind"),
+    [([1, 2, 3, 4, 5, 6, 7, 8, 9, 10], "int64"), ([0.5 * i for i in range(10)], "double")],
+)
+def test_a_numeric_parquet_column_is_refused_naming_its_type(tmp_path, values, kind):
+    rows = [{"prompt": f"Prompt {i}?", "response": v} for i, v in enumerate(values)]
+    path = write_parquet_file(tmp_path / "numbers.parquet", rows)
+    message = _assert_clean_failure(
+        tmp_path, params_for(path), ["column 'response'", f"numeric Parquet type {kind}"], str(path)
+    )
+    assert message == (
+        f"{path}: column 'response' has the numeric Parquet type {kind}, expected text; convert "
+        "it to strings first (pandas: df['response'] = df['response'].astype(str))"
+    )
+
+
+def test_a_json_number_where_text_is_expected_names_the_line(tmp_path):
+    rows = columns_rows(10)
+    rows[4]["response"] = 3.0  # would have become "3.0"
+    path = write_jsonl_file(tmp_path / "numbers.jsonl", rows)
+    message = _assert_clean_failure(tmp_path, params_for(path), ["line 5"], str(path))
+    assert message == (
+        f"{path}: line 5: column 'response' holds the number 3.0, expected text; store prompts "
+        'and answers as strings (in JSON: "42", not 42)'
+    )
+
+
+def test_numbers_as_strings_are_fine(tmp_path):
+    rows = [{"prompt": f"What is {i} + {i}?", "response": str(2 * i)} for i in range(10)]
+    path = write_parquet_file(tmp_path / "sums.parquet", rows)
+    assert prepare_data(params_for(path), tmp_path / "out")["unique_examples"] == 10
+    for record in load_split(tmp_path / "out", "sft"):
+        i = int(record["prompt"].split()[2])
+        assert record["answer"] == str(2 * i)
+
+
+# --------------------------------------------------------------------------------------------
+# A missing local path shaped like org/name
+
+
+def test_a_missing_path_under_a_local_folder_is_not_a_hub_id(tmp_path, monkeypatch):
+    import datasets
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+
+    def no_hub(*args, **kwargs):
+        raise AssertionError("the Hub must not be asked")
+
+    monkeypatch.setattr(datasets, "load_dataset", no_hub)
+    assert looks_like_hub_id("data/chat") is False  # data/ is here: a local path
+    assert looks_like_hub_id("HuggingFaceH4/ultrachat_200k") is True  # no such folder here
+    with pytest.raises(DataError) as info:
+        read_records("data/chat")
+    assert str(info.value) == (
+        "data/chat: file not found (read as a local path, not a Hub dataset id, because data/ "
+        "exists here)"
+    )

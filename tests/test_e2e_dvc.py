@@ -34,6 +34,7 @@ ITERATIONS = 2
 NUM_POOL = 12
 NUM_TEST = 12
 STAGES = {
+    "validate_params",
     "prepare_model",
     "prepare_data",
     "sft",
@@ -260,6 +261,23 @@ def test_pipeline_runs_and_reruns_only_what_changed(workspace: Workspace):
     assert not RAN.findall(output), f"{output[-3000:]} [{ws.durations()}]"
     assert "Data and pipelines are up to date" in output
 
+    # ---- a misspelt key: validate_params (it depends on the whole file) stops `dvc repro`
+    # before any stage runs; it writes nothing, so fixing the key re-runs nothing
+    params_text = ws.path("params.yaml").read_text(encoding="utf-8")
+    raw["spin"]["betaa"] = 0.2
+    ws.write_params(raw)
+    del raw["spin"]["betaa"]
+    failed = subprocess.run(
+        ["dvc", "repro"], cwd=ws.root, env=ws.env, capture_output=True, text=True, check=False
+    )
+    output = failed.stdout + failed.stderr
+    assert failed.returncode != 0 and "Traceback" not in output, output
+    assert {a or b for a, b in RAN.findall(output)} == {"validate_params"}, output
+    assert "error: validate_params: params.yaml: unknown key 'spin.betaa'" in output
+    ws.path("params.yaml").write_text(params_text, encoding="utf-8")
+    output = ws.run("dvc", "repro", label="repro (misspelt key fixed)")
+    assert not RAN.findall(output) and "Data and pipelines are up to date" in output, output
+
     # ---- evaluation setting: every evaluation (and the report if their metrics moved), no more
     theta_1_before = _lock_outs(ws, "train_iter_0")
     evaluations = {"eval_sft", *(f"eval_iter_{k}" for k in range(ITERATIONS))}
@@ -270,7 +288,8 @@ def test_pipeline_runs_and_reruns_only_what_changed(workspace: Workspace):
     ran = ws.repro("repro (eval.max_new_tokens)")
     # DVC re-runs the report only when one of its inputs (the metrics files) changed; the tiny
     # model may answer with at most 6 tokens anyway
-    expected = evaluations | ({"report"} if _eval_metrics(ws) != before else set())
+    expected = evaluations | {"validate_params"}
+    expected |= {"report"} if _eval_metrics(ws) != before else set()
     assert ran == expected, f"ran {sorted(ran)} [{ws.durations()}]"
 
     # ---- one iteration's learning rate: that iteration's training and evaluation, the report
@@ -279,7 +298,9 @@ def test_pipeline_runs_and_reruns_only_what_changed(workspace: Workspace):
     ws.write_params(raw)
     ws.run("spinflow", "pipeline", "write")
     ran = ws.repro("repro (per_iteration.iter_1)")
-    assert ran == {"train_iter_1", "eval_iter_1", "report"}, f"ran {sorted(ran)} [{ws.durations()}]"
+    assert ran == {"validate_params", "train_iter_1", "eval_iter_1", "report"}, (
+        f"ran {sorted(ran)} [{ws.durations()}]"
+    )
     after = _eval_metrics(ws)
     assert after["iter_1"] != before["iter_1"]
     assert {k: v for k, v in after.items() if k != "iter_1"} == {
@@ -294,7 +315,9 @@ def test_pipeline_runs_and_reruns_only_what_changed(workspace: Workspace):
     ws.write_params(raw)
     ws.run("spinflow", "pipeline", "write")
     ran = ws.repro("repro (iter_1 override removed)")
-    assert ran == {"train_iter_1", "eval_iter_1", "report"}, f"ran {sorted(ran)} [{ws.durations()}]"
+    assert ran == {"validate_params", "train_iter_1", "eval_iter_1", "report"}, (
+        f"ran {sorted(ran)} [{ws.durations()}]"
+    )
     assert _eval_metrics(ws) == before
     assert ws.json("metrics/train_iter_1.json")["learning_rate"] == 1e-4
 
@@ -306,7 +329,9 @@ def test_pipeline_runs_and_reruns_only_what_changed(workspace: Workspace):
     ws.run("spinflow", "pipeline", "write")
     ran = ws.repro("repro (per_iteration.iter_0)")
     downstream = {"train_iter_0", "eval_iter_0", "generate_iter_1", "train_iter_1", "eval_iter_1"}
-    assert ran == downstream | {"report"}, f"ran {sorted(ran)} [{ws.durations()}]"
+    assert ran == downstream | {"validate_params", "report"}, (
+        f"ran {sorted(ran)} [{ws.durations()}]"
+    )
     changed = _digests(ws)
     assert changed["models/theta_1/model.safetensors"] != before["models/theta_1/model.safetensors"]
     assert changed["models/theta_2/model.safetensors"] != before["models/theta_2/model.safetensors"]
@@ -318,7 +343,9 @@ def test_pipeline_runs_and_reruns_only_what_changed(workspace: Workspace):
     ws.path("params.yaml").write_text(params_before, encoding="utf-8")
     ws.run("spinflow", "pipeline", "write")
     ran = ws.repro("repro (reverted)")
-    assert ran == downstream | {"report"}, f"ran or restored {sorted(ran)} [{ws.durations()}]"
+    assert ran == downstream | {"validate_params", "report"}, (
+        f"ran or restored {sorted(ran)} [{ws.durations()}]"
+    )
     assert _digests(ws) == before
 
     # ---- recomputing θ0 and its evaluation from scratch gives the same bytes, and dvc.lock
@@ -355,7 +382,7 @@ def test_lobass_stages_and_what_their_fraction_reruns(workspace: Workspace):
         "eval_sft_random",
     }
     ran = ws.repro("repro (lobass)")
-    expected = {"prepare_model", "prepare_data", "sft", "eval_sft", "report"}
+    expected = {"validate_params", "prepare_model", "prepare_data", "sft", "eval_sft", "report"}
     expected |= {"generate_iter_0", "train_iter_0", "eval_iter_0"} | lobass_stages
     assert ran == expected, f"ran {sorted(ran)} [{ws.durations()}]"
 
@@ -378,5 +405,7 @@ def test_lobass_stages_and_what_their_fraction_reruns(workspace: Workspace):
     ws.write_params(raw)
     ws.run("spinflow", "pipeline", "check")
     ran = ws.repro("repro (lobass.fraction)")
-    assert ran == lobass_stages - {"lobass_score"} | {"report"}, f"ran {sorted(ran)}"
+    assert ran == lobass_stages - {"lobass_score"} | {"validate_params", "report"}, (
+        f"ran {sorted(ran)}"
+    )
     assert ws.json("metrics/sft_lobass.json")["examples"] == 12

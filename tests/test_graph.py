@@ -102,7 +102,9 @@ def test_producer_finds_the_stage_of_any_output():
 
 def test_unknown_names_fail_with_one_line():
     g = _graph(iterations=1)
-    with pytest.raises(SpinflowError, match=r"no stage 'train_iter_5' .*stages: prepare_model"):
+    with pytest.raises(
+        SpinflowError, match=r"no stage 'train_iter_5' .*stages: validate_params, prepare_model"
+    ):
         g.stage("train_iter_5")
     with pytest.raises(SpinflowError, match="no model 'theta_7'"):
         g.model("theta_7")

@@ -517,3 +517,45 @@ def test_local_source_is_recorded_as_written(monkeypatch, tmp_path, tiny_gqa):
     write_gguf(tiny_gqa, tmp_path / "tiny.gguf")
     info = prepare_base_model("tiny.gguf", tmp_path / "base")
     assert info["path"] == "tiny.gguf"
+
+
+def test_a_missing_path_under_a_local_folder_is_not_a_hub_id(tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    def no_hub(*args, **kwargs):
+        raise AssertionError("the hub must not be asked")
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", no_hub)
+    (tmp_path / "models").mkdir()
+    with pytest.raises(ModelError) as err:
+        prepare_base_model("models/my-sft", tmp_path / "out")
+    assert _one_line(err) == (
+        "model path models/my-sft does not exist (read as a local path, not a hub id, because "
+        "models/ exists here)"
+    )
+
+
+def test_a_hub_failure_says_there_is_no_local_directory_either(monkeypatch, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    def offline(*args, **kwargs):
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files.")
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", offline)
+    with pytest.raises(ModelError) as err:
+        prepare_base_model("my-org/my-sft", tmp_path / "out")
+    assert "and there is no local directory my-org/my-sft either" in _one_line(err)
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.0001])
+def test_truncated_weights_are_one_line(tiny_checkpoint, keep):
+    weights = tiny_checkpoint / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: max(4, int(len(data) * keep))])
+    with pytest.raises(ModelError) as err:
+        load_model(tiny_checkpoint)
+    message = _one_line(err)
+    assert message.startswith(f"{tiny_checkpoint}: the weights (model.safetensors) are truncated")
+    assert err.value.path == tiny_checkpoint

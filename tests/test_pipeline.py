@@ -74,11 +74,11 @@ def test_committed_dvc_yaml_names_existing_scripts_and_code():
 def test_render_four_iterations_has_exactly_the_expected_stages():
     stages = pipeline.render(_params(spin={"iterations": 4}))["stages"]
     expected = {"prepare_model", "prepare_data", "sft", "eval_sft", "sft_extra", "eval_sft_extra"}
-    expected |= {"report"}
+    expected |= {"report", "validate_params"}
     for k in range(4):
         expected |= {f"generate_iter_{k}", f"train_iter_{k}", f"eval_iter_{k}"}
     assert set(stages) == expected
-    assert len(stages) == 19
+    assert len(stages) == 20
 
 
 def test_iterations_chain_models():
@@ -109,6 +109,8 @@ def test_every_dependency_is_a_source_file_or_exactly_one_stage_output():
             produced[path] = name
     for name, stage in stages.items():
         for dep in stage["deps"]:
+            if name == "validate_params" and dep == "params.yaml":
+                continue
             if not dep.startswith(("stages/", "src/")):
                 assert dep in produced, f"{name} depends on {dep}, which no stage makes"
                 assert produced[dep] != name
@@ -118,9 +120,10 @@ def test_every_listed_param_exists_in_params():
     params = _params(spin={"iterations": 3, "per_iteration": {"iter_1": {"learning_rate": 1e-6}}})
     tree = params.model_dump(mode="json")
     for name, stage in pipeline.render(params)["stages"].items():
-        for key in stage["params"]:
+        listed = stage.get("params", [])
+        for key in listed:
             _lookup(tree, key)
-        assert len(stage["params"]) == len(set(stage["params"])), name
+        assert len(listed) == len(set(listed)), name
 
 
 def test_stages_list_only_what_they_read():
@@ -159,7 +162,9 @@ def test_per_iteration_override_is_listed_only_by_its_iteration():
     stages = pipeline.render(params)["stages"]
     key = "spin.per_iteration.iter_2"
     listing = {
-        name for name, stage in stages.items() if any("per_iteration" in p for p in stage["params"])
+        name
+        for name, stage in stages.items()
+        if any("per_iteration" in p for p in stage.get("params", []))
     }
     assert listing == {"train_iter_2", "eval_iter_2"}
     assert key in stages["train_iter_2"]["params"]
@@ -236,6 +241,43 @@ def test_accelerate_config_launches_training_stages():
     assert stages["generate_iter_0"]["cmd"].startswith("python ")
     assert stages["eval_iter_0"]["cmd"].startswith("python ")
     assert stages["prepare_model"]["cmd"] == "python stages/prepare_model.py prepare_model"
+
+
+def test_validate_params_comes_first_reads_the_whole_file_and_writes_nothing():
+    stages = pipeline.render(_params(spin={"iterations": 2}))["stages"]
+    name, first = next(iter(stages.items()))
+    assert name == "validate_params"
+    assert first["cmd"] == "python stages/validate_params.py validate_params"
+    # the whole file as a dependency: any change to it, an unknown key included, re-runs it
+    assert "params.yaml" in first["deps"] and "params" not in first
+    # nothing another stage could depend on, so its re-runs re-run nothing else
+    assert not {"outs", "metrics", "plots"} & set(first)
+    for other, stage in stages.items():
+        assert not any(d.startswith("params.yaml") for d in stage["deps"][1:]) or other == name
+
+
+def test_the_accelerate_config_is_checked_by_validate_params_only():
+    config = "configs/accelerate/multi_gpu.yaml"
+    stages = pipeline.render(_params(spin={"iterations": 1, "accelerate_config": config}))["stages"]
+    assert stages["validate_params"]["deps"][-2:] == ["params.yaml", config]
+    assert [name for name, stage in stages.items() if config in stage["deps"]] == [
+        "validate_params"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("key", "source"), [("data", "data"), ("data", "."), ("model", "models/theta_1")]
+)
+def test_a_local_source_that_overlaps_an_output_is_refused(tmp_path, monkeypatch, key, source):
+    # DVC would stop with "both a dependency and an output" (or a cycle) before any stage runs
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "models" / "theta_1").mkdir(parents=True)
+    with pytest.raises(SpinflowError) as info:
+        build(_params(**{key: {"source": source}}))
+    message = str(info.value)
+    assert message.startswith(f"{key}.source: {source} overlaps "), message
+    assert "both an input and an output" in message
 
 
 def test_metrics_and_plots_are_not_cached():

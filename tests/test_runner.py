@@ -116,3 +116,53 @@ def test_run_stage_checks_the_overrides_its_command_names(tmp_path, capsys, hook
         "['spin.per_iteration.iter_1']; run `spinflow pipeline write`"
     )
     assert ran == [1]
+
+
+def test_a_damaged_output_of_another_stage_says_how_to_restore_it(tmp_path, capsys, hooks):
+    from spinflow.errors import DataError
+
+    params = _write_params(tmp_path)
+
+    def reads_truncated_pairs(p, k):
+        raise DataError(
+            "generated/iter_0/pairs.jsonl: line 8: not valid JSON (...)",
+            path=Path("generated/iter_0/pairs.jsonl"),
+        )
+
+    with pytest.raises(SystemExit):
+        runner.run_stage("train", reads_truncated_pairs, ["train_iter_0", "--params", params])
+    assert capsys.readouterr().err.strip() == (
+        "error: train_iter_0: generated/iter_0/pairs.jsonl: line 8: not valid JSON (...); it is "
+        "an output of stage 'generate_iter_0': `dvc checkout --force generate_iter_0` restores "
+        "it from the cache, `dvc repro --force --single-item generate_iter_0` makes it again"
+    )
+
+
+@pytest.mark.parametrize(
+    ("code", "words"),
+    [(28, "no space left on device"), (30, "read-only file system"), (13, "permission denied")],
+)
+def test_a_write_failure_outside_an_atomic_output_is_one_line(tmp_path, capsys, hooks, code, words):
+    import os
+
+    params = _write_params(tmp_path)
+
+    def fails(p, k):
+        raise OSError(code, os.strerror(code), "mlflow.db")
+
+    with pytest.raises(SystemExit) as info:
+        runner.run_stage("generate", fails, ["generate_iter_0", "--params", params])
+    assert info.value.code == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: generate_iter_0: cannot write mlflow.db: {words}")
+    assert len(err.splitlines()) == 1
+
+
+def test_other_os_errors_keep_their_traceback(tmp_path, hooks):
+    params = _write_params(tmp_path)
+
+    def fails(p, k):
+        raise FileNotFoundError(2, "No such file or directory", "somewhere")
+
+    with pytest.raises(FileNotFoundError):
+        runner.run_stage("generate", fails, ["generate_iter_0", "--params", params])

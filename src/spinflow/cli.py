@@ -3,26 +3,95 @@
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 from collections.abc import Sequence
+from typing import Any
 
-from spinflow.config import PARAMS_FILE, describe_schema, load_params
+import yaml
+
+from spinflow.config import PARAMS_FILE, Params, describe_fields, load_params
 from spinflow.engines import ENGINES
-from spinflow.errors import SpinflowError
+from spinflow.errors import SpinflowError, cannot_write
 from spinflow.runner import configure_logging
+
+DESCRIPTION = """\
+spinflow: self-play fine-tuning (SPIN) of language models as a DVC pipeline.
+
+The pipeline itself runs with `dvc repro`; these commands help around it: check params.yaml,
+list the parameters, render dvc.yaml after changing the number of iterations, time the
+training loop."""
+
+EPILOG = """\
+examples:
+  spinflow validate                      check params.yaml (schema, files it names)
+  spinflow validate --params x.yaml      check another params file
+  spinflow params                        current values, allowed values and meaning of every key
+  spinflow params --defaults --yaml      the defaults as a complete params.yaml
+  spinflow pipeline write                re-render dvc.yaml, then `dvc repro`
+
+`spinflow <command> --help` describes a command's options."""
 
 
 def _cmd_validate(args) -> int:
-    load_params(args.params)
+    from spinflow.validation import check_references
+
+    check_references(load_params(args.params))
     print(f"{args.params}: valid")
     return 0
 
 
+def _show(value: Any) -> str:
+    """A value as it is written in params.yaml (YAML flow style), not as a Python repr."""
+    if isinstance(value, str) and value and value.strip() == value:
+        try:
+            plain = yaml.safe_load(value) == value and ": " not in value and " #" not in value
+        except yaml.YAMLError:
+            plain = False
+        return value if plain else json.dumps(value, ensure_ascii=False)
+    text = yaml.safe_dump(value, default_flow_style=True, allow_unicode=True, width=10**6)
+    return text.strip().removesuffix("...").strip()
+
+
+def _current(args) -> tuple[Params, str]:
+    """The params to show and what they are: the file's values, or the defaults."""
+    if args.defaults:
+        return Params(), "defaults"
+    if not os.path.exists(args.params):
+        print(f"note: {args.params} not found; showing the defaults", file=sys.stderr)
+        return Params(), "defaults"
+    try:
+        return load_params(args.params), f"values in {args.params}"
+    except SpinflowError as exc:
+        print(f"warning: {exc}; showing the defaults", file=sys.stderr)
+        return Params(), "defaults"
+
+
 def _cmd_params(args) -> int:
-    rows = describe_schema()
-    width = max(len(k) for k, _, _ in rows)
-    for key, default, description in rows:
-        print(f"{key:<{width}}  {default!r:<24}  {description}")
+    params, what = _current(args)
+    if args.yaml:
+        raw = params.model_dump(mode="json")
+        raw["spin"]["per_iteration"] = params.model_dump(mode="json", exclude_none=True)["spin"][
+            "per_iteration"
+        ]
+        sys.stdout.write(yaml.safe_dump(raw, sort_keys=False, allow_unicode=True))
+        return 0
+    rows = describe_fields(params)
+    header = ("key", "value", "allowed", "meaning")
+    table = []
+    for row in rows:
+        value, default = _show(row["value"]), _show(row["default"])
+        meaning = row["description"]
+        if value != default:
+            meaning += f" (default: {default})"
+        table.append((row["key"], value, row["allowed"], meaning))
+    widths = [max(len(header[i]), *(len(r[i]) for r in table)) for i in range(3)]
+    widths[1:] = [min(width, 28) for width in widths[1:]]  # longer values push their line on
+    print(f"# {what}; `spinflow params --help` for other views")
+    for cells in (header, *table):
+        line = "  ".join(f"{cell:<{widths[i]}}" for i, cell in enumerate(cells[:3]))
+        print(f"{line}  {cells[3]}".rstrip())
     return 0
 
 
@@ -31,6 +100,9 @@ def _cmd_pipeline(args) -> int:
 
     params = load_params(args.params)
     if args.action == "write":
+        from spinflow.validation import check_references
+
+        check_references(params)
         path = pipeline.write(params, args.dvc_file)
         print(f"wrote {path} ({params.spin.iterations} iterations)")
         return 0
@@ -73,25 +145,48 @@ def _cmd_benchmark(args) -> int:
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="spinflow", description=__doc__)
-    parser.add_argument("--params", default=PARAMS_FILE, help="params file (default: params.yaml)")
-    sub = parser.add_subparsers(dest="command", required=True)
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="spinflow",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    params_help = f"params file (default: {PARAMS_FILE})"
+    parser.add_argument("--params", default=PARAMS_FILE, help=params_help)
+    # the same option after the command (`spinflow validate --params x.yaml`); SUPPRESS keeps
+    # the value given before the command when it is not repeated
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--params", default=argparse.SUPPRESS, help=params_help)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="command")
 
-    sub.add_parser("validate", help="validate params.yaml against the schema").set_defaults(
-        fn=_cmd_validate
-    )
-    sub.add_parser("params", help="list every parameter with its default and meaning").set_defaults(
-        fn=_cmd_params
-    )
+    sub.add_parser(
+        "validate",
+        parents=[common],
+        help="check params.yaml: every key and value, and the files it names",
+    ).set_defaults(fn=_cmd_validate)
     p = sub.add_parser(
-        "pipeline", help="render dvc.yaml from params.yaml, or check that they agree"
+        "params",
+        parents=[common],
+        help="every parameter: current value, allowed values, meaning",
+        description="Every parameter with its value in the params file (or its default), what "
+        "it accepts and what it means; values that differ from the default show the default.",
+    )
+    p.add_argument("--defaults", action="store_true", help="show the defaults, not the file")
+    p.add_argument("--yaml", action="store_true", help="print a complete params file instead")
+    p.set_defaults(fn=_cmd_params)
+    p = sub.add_parser(
+        "pipeline",
+        parents=[common],
+        help="render dvc.yaml from params.yaml, or check that they agree",
     )
     p.add_argument("action", choices=["write", "check"])
     p.add_argument("--dvc-file", default="dvc.yaml")
     p.set_defaults(fn=_cmd_pipeline)
     b = sub.add_parser(
-        "benchmark", help="measure generation and training speed for the current params"
+        "benchmark",
+        parents=[common],
+        help="measure generation and training speed for the current params",
     )
     b.add_argument(
         "--model", default=None, help="checkpoint dir (default: models/base, else a tiny model)"
@@ -125,13 +220,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     b.add_argument("--no-hf", action="store_true", help="skip the comparison with HF generate")
     b.add_argument("--generate-only", action="store_true", help="time generation only")
     b.set_defaults(fn=_cmd_benchmark)
+    return parser
 
-    args = parser.parse_args(argv)
+
+def _quiet_stdout() -> None:
+    """stdout's reader went away (`spinflow params | head`): send what is left nowhere, so that
+    flushing at exit does not fail again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     configure_logging()
     try:
-        return args.fn(args)
+        code = args.fn(args)
+        sys.stdout.flush()
+        return code
+    except BrokenPipeError:
+        _quiet_stdout()
+        return 0
     except SpinflowError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        error = cannot_write(exc.filename, exc)
+        if error is None:
+            raise
+        print(f"error: {error}", file=sys.stderr)
         return 1
 
 

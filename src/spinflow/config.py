@@ -8,7 +8,9 @@ Defaults here are the embedded default a newcomer runs on a laptop CPU.
 from __future__ import annotations
 
 import re
+import types
 import typing
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -32,7 +34,8 @@ ITERATION_KEY = re.compile(r"^iter_(\d+)$")
 class Section(BaseModel):
     """Base for every params section: unknown keys are errors, values are validated on assignment."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan: `.inf` or `.nan` is never a sensible learning rate, β or probability
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 PositiveInt = Annotated[int, Strict(), Field(gt=0)]
@@ -416,8 +419,53 @@ def validate_params(raw: Any, *, source: str = PARAMS_FILE) -> Params:
         raise ConfigError(f"{source}: {problems[0]}{more}") from None
 
 
-def load_params(path: str | Path = PARAMS_FILE) -> Params:
-    """Read and validate params.yaml."""
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, except that a key given twice in one mapping is an error (plain YAML
+    keeps the last one silently, so the first value would be ignored)."""
+
+
+def _construct_unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False):
+    first_line: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` may be overridden
+            continue
+        key = loader.construct_object(key_node, deep=True)
+        try:
+            seen = first_line.get(key)
+        except TypeError:  # an unhashable key: the base constructor explains it
+            break
+        if seen is not None:
+            raise yaml.constructor.ConstructorError(
+                None,
+                None,
+                f"duplicate key {key!r} (first given on line {seen}; YAML would keep only the "
+                "last one)",
+                key_node.start_mark,
+            )
+        first_line[key] = key_node.start_mark.line + 1
+    loader.flatten_mapping(node)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(
+    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_unique_mapping
+)
+
+
+def parse_yaml(text: str, source: str | Path) -> Any:
+    """YAML text as Python objects; invalid YAML or a duplicated key is a one-line ConfigError."""
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader: no Python objects
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"{source}:{where}: invalid YAML: {problem}") from None
+
+
+def read_params_file(path: str | Path = PARAMS_FILE) -> dict[str, Any]:
+    """params.yaml as a mapping, before schema validation: one-line errors for a missing, empty,
+    non-mapping or invalid YAML file and for a key given twice."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -425,20 +473,34 @@ def load_params(path: str | Path = PARAMS_FILE) -> Params:
         raise ConfigError(
             f"{path}: file not found (run from the project root or pass --params)"
         ) from None
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise ConfigError(f"{path}:{where}: invalid YAML: {problem}") from None
-    return validate_params(raw, source=str(path))
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a directory, not a params file") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte offset {exc.start})") from None
+    raw = parse_yaml(text, path)
+    if raw is None or raw == {}:
+        raise ConfigError(
+            f"{path}: no parameters (the file is empty); DVC reads every key the stages list "
+            "from it, so write them all: `spinflow params --defaults --yaml > params.yaml` writes "
+            "the defaults"
+        )
+    if not isinstance(raw, dict):
+        raise ConfigError(
+            f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}"
+        )
+    return raw
+
+
+def load_params(path: str | Path = PARAMS_FILE) -> Params:
+    """Read and validate params.yaml: the whole file, every key, before any stage works."""
+    return validate_params(read_params_file(path), source=str(Path(path)))
 
 
 def describe_schema(
     instance: BaseModel | None = None, prefix: str = ""
 ) -> list[tuple[str, Any, str]]:
-    """(key path, default, description) for every leaf key of the schema, for docs and the CLI."""
+    """(key path, value, description) for every leaf key of the schema, for docs and the CLI:
+    the defaults, or the values of ``instance``."""
     instance = Params() if instance is None else instance
     rows: list[tuple[str, Any, str]] = []
     for name, field in type(instance).model_fields.items():
@@ -448,6 +510,90 @@ def describe_schema(
             rows.extend(describe_schema(value, prefix=f"{key}."))
         else:
             rows.append((key, value, field.description or ""))
+    return rows
+
+
+def _with_bounds(kind: str, metadata: list[Any]) -> str:
+    """``number > 0``, ``integer ≥ 0``, ``number in (0, 1]``."""
+    found: dict[str, Any] = {}
+    for item in metadata:
+        for attr in ("gt", "ge", "lt", "le"):
+            if getattr(item, attr, None) is not None:
+                found[attr] = getattr(item, attr)
+    shown = {k: (f"{v:g}" if isinstance(v, float) else str(v)) for k, v in found.items()}
+    low = ("(", shown["gt"]) if "gt" in shown else ("[", shown["ge"]) if "ge" in shown else None
+    high = (")", shown["lt"]) if "lt" in shown else ("]", shown["le"]) if "le" in shown else None
+    if low and high:
+        return f"{kind} in {low[0]}{low[1]}, {high[1]}{high[0]}"
+    if low:
+        return f"{kind} {'>' if low[0] == '(' else '≥'} {low[1]}"
+    if high:
+        return f"{kind} {'<' if high[0] == ')' else '≤'} {high[1]}"
+    return kind
+
+
+def allowed_values(annotation: Any, metadata: Sequence[Any] = ()) -> str:
+    """What a key accepts, in words: ``sigmoid | hinge``, ``integer > 0``, ``number or null``."""
+    origin = typing.get_origin(annotation)
+    if origin is typing.Annotated:
+        base, *extra = typing.get_args(annotation)
+        inner: list[Any] = []
+        for item in extra:
+            inner.extend(getattr(item, "metadata", None) or [item])
+        return allowed_values(base, [*metadata, *inner])
+    if origin is Literal:
+        return " | ".join(str(value) for value in typing.get_args(annotation))
+    if origin in (typing.Union, types.UnionType):
+        options = [a for a in typing.get_args(annotation) if a is not type(None)]
+        nullable = len(options) < len(typing.get_args(annotation))
+        text = " or ".join(allowed_values(a, metadata) for a in options)
+        return f"{text} or null" if nullable else text
+    if origin is list:
+        (item,) = typing.get_args(annotation) or (Any,)
+        return f"list of {allowed_values(item)}"
+    if origin is dict:
+        _, value = typing.get_args(annotation)
+        if isinstance(value, type) and issubclass(value, BaseModel):
+            return f"iter_<k>: {{{', '.join(value.model_fields)}}}"
+        return "mapping"
+    names = {bool: "true | false", int: "integer", float: "number", str: "text"}
+    return _with_bounds(
+        names.get(annotation, getattr(annotation, "__name__", str(annotation))), list(metadata)
+    )
+
+
+def _plain(value: Any) -> Any:
+    """A value as params.yaml holds it: nested sections as mappings without their unset keys."""
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json", exclude_none=True)
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
+
+
+def describe_fields(instance: BaseModel | None = None, prefix: str = "") -> list[dict[str, Any]]:
+    """Every leaf key with its value in ``instance`` (default: the defaults), its default, what it
+    accepts and its meaning: what ``spinflow params`` prints."""
+    instance = Params() if instance is None else instance
+    defaults = type(instance)()
+    rows: list[dict[str, Any]] = []
+    for name, field in type(instance).model_fields.items():
+        key = f"{prefix}{name}"
+        value = getattr(instance, name)
+        if isinstance(value, BaseModel):
+            rows.extend(describe_fields(value, prefix=f"{key}."))
+            continue
+        rows.append(
+            {
+                "key": key,
+                "value": _plain(value),
+                "default": _plain(getattr(defaults, name)),
+                "allowed": allowed_values(field.annotation, list(field.metadata)),
+                "description": field.description or "",
+            }
+        )
     return rows
 
 

@@ -26,7 +26,7 @@ from typing import Any
 
 from spinflow.config import DataParams
 from spinflow.errors import DataError
-from spinflow.io import atomic_path, write_json, write_jsonl
+from spinflow.io import atomic_path, names_local_folder, write_json, write_jsonl
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +73,11 @@ def _text(value: Any, what: str) -> str:
     if isinstance(value, str):
         return value.strip()
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return str(value)
+        # refused rather than converted: str(3.0) is "3.0", a float column may have lost digits
+        raise _RowError(
+            f"{what} holds the number {value!r}, expected text; store prompts and answers as "
+            'strings (in JSON: "42", not 42)'
+        )
     raise _RowError(f"{what} holds {type(value).__name__}, expected text")
 
 
@@ -252,6 +256,7 @@ def _parquet_rows(path: Path, columns_wanted) -> Iterator[tuple[str, dict]]:
     if parquet.metadata.num_rows == 0:
         raise DataError(f"{path}: no rows")
     columns = columns_wanted(names)
+    _check_parquet_text_columns(path, parquet.schema_arrow, columns)
     index = 0
     try:
         with _progress(
@@ -264,6 +269,22 @@ def _parquet_rows(path: Path, columns_wanted) -> Iterator[tuple[str, dict]]:
                 bar.update(batch.num_rows)
     except (pa.ArrowException, OSError) as exc:
         raise DataError(f"{path}: row {index + 1}: cannot read Parquet: {_one_line(exc)}") from None
+
+
+def _check_parquet_text_columns(path: Path, schema, columns: list[str]) -> None:
+    """Prompt and answer columns must hold text: a numeric column is refused up front, naming
+    its type, rather than silently turned into strings ("3.0" for 3, digits a float lost)."""
+    import pyarrow as pa
+
+    for column in columns:
+        if column == "prompt_id":
+            continue
+        kind = schema.field(column).type
+        if pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_decimal(kind):
+            raise DataError(
+                f"{path}: column {column!r} has the numeric Parquet type {kind}, expected text; "
+                f"convert it to strings first (pandas: df[{column!r}] = df[{column!r}].astype(str))"
+            )
 
 
 def _check_utf8(path: Path) -> None:
@@ -341,8 +362,16 @@ def _hub_rows(source: str, split: str, columns_wanted) -> Iterator[tuple[str, di
 
 
 def looks_like_hub_id(source: str) -> bool:
-    """Whether ``source`` has the shape ``org/name`` of a Hub dataset id (and not of a file)."""
-    return bool(HUB_ID.match(source)) and not source.lower().endswith(DATA_SUFFIXES)
+    """Whether ``source``, which does not exist here, is read as a Hub dataset id ``org/name``.
+
+    Not when it ends like a data file, nor when its first folder exists here (``data/chat``
+    with a local ``data/``): that is a local path with a typo, reported as a missing file.
+    """
+    return (
+        bool(HUB_ID.match(source))
+        and not source.lower().endswith(DATA_SUFFIXES)
+        and not names_local_folder(source)
+    )
 
 
 def read_records(
@@ -388,7 +417,13 @@ def _rows_of(source: str, hub_split: str, columns_wanted) -> tuple[str, Iterator
         return source, _csv_rows(local, columns_wanted)
     if looks_like_hub_id(source):
         return f"{source} (split {hub_split!r})", _hub_rows(source, hub_split, columns_wanted)
-    raise DataError(f"{source}: file not found")
+    why = (
+        f" (read as a local path, not a Hub dataset id, because {Path(source).parts[0]}/ "
+        "exists here)"
+        if HUB_ID.match(source) and names_local_folder(source)
+        else ""
+    )
+    raise DataError(f"{source}: file not found{why}")
 
 
 def _read_real(source: str, extract: _Extractor, hub_split: str) -> tuple[list[dict], int]:
@@ -544,8 +579,11 @@ def build_splits(params: DataParams) -> tuple[dict[str, list[dict]], dict]:
     return splits, summary
 
 
-def prepare_data(params: DataParams, out_dir: str | os.PathLike) -> dict:
-    """Write ``sft.jsonl``, ``pool.jsonl``, ``test.jsonl`` and ``summary.json`` into ``out_dir``.
+def prepare_data(
+    params: DataParams, out_dir: str | os.PathLike, files: dict[str, Any] | None = None
+) -> dict:
+    """Write ``sft.jsonl``, ``pool.jsonl``, ``test.jsonl`` and ``summary.json`` into ``out_dir``,
+    with ``files`` (name: JSON object, such as provenance.json).
 
     The directory is written next to its place and renamed into it only when complete, so a
     failure leaves an earlier ``out_dir`` as it was. Returns the summary.
@@ -555,6 +593,8 @@ def prepare_data(params: DataParams, out_dir: str | os.PathLike) -> dict:
         for split, rows in splits.items():
             write_jsonl(split_file(tmp, split), rows)
         write_json(tmp / SUMMARY_FILE, summary)
+        for name, obj in (files or {}).items():
+            write_json(tmp / name, obj)
     logger.info(
         "prepared data from %s: %s (%d duplicate prompts dropped)",
         params.source,
@@ -580,12 +620,12 @@ def load_split(data_dir: str | os.PathLike, split: str) -> list[dict]:
             except (UnicodeDecodeError, json.JSONDecodeError) as exc:
                 raise DataError(
                     f"{path}: line {number}: corrupt ({_one_line(exc)}); run "
-                    "`dvc repro prepare_data` again"
+                    "`dvc repro prepare_data` again",
                 ) from None
             if not isinstance(record, dict) or "prompt" not in record or "answer" not in record:
                 raise DataError(
                     f"{path}: line {number}: not a prepared record (needs prompt and answer); "
-                    "run `dvc repro prepare_data` again"
+                    "run `dvc repro prepare_data` again",
                 )
             records.append(record)
     return records

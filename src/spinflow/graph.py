@@ -16,8 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from spinflow.config import Params
-from spinflow.errors import SpinflowError
+from spinflow.config import PARAMS_FILE, Params
+from spinflow.errors import ConfigError, SpinflowError
 
 BASE_MODEL = Path("models/base")
 DATA_DIR = Path("data/prepared")
@@ -36,6 +36,7 @@ LOBASS_SELECTION = LOBASS_DIR / "selection"  # lobass_select: selected.jsonl, ra
 # What the stage runner hands to tracking after a stage.
 TRAINING, EVALUATION, REPORT = "training", "evaluation", "report"
 
+VALIDATE_STAGE = "validate_params"  # first in dvc.yaml: checks all of params.yaml on every change
 PROMPT_KEYS = ("prompt", "seed")
 OVERRIDE_PREFIX = "spin.per_iteration."  # params that exist only while params.yaml sets them
 
@@ -163,12 +164,14 @@ class Graph:
         self.models: dict[str, Model] = {}
         self.evaluations: dict[str, Evaluation] = {}
         self.stages: dict[str, Stage] = {}
+        self._validate()
         self._prepare()
         self._sft()
         self._lobass()
         self._spin()
         self._sft_extra()
         self._report()
+        self._check_sources()
 
     # -- lookups ------------------------------------------------------------------------------
 
@@ -248,6 +251,38 @@ class Graph:
                 subject=name,
             )
         )
+
+    def _validate(self) -> None:
+        """validate_params depends on the whole params.yaml (as a file, not on a list of keys), so
+        any change to it, an unknown or misspelt key included, re-runs it; it writes nothing, so
+        no other stage re-runs because it did. Listed first, DVC runs it before any other stage
+        and stops there on an error. The accelerate config is a dependency too, so a deleted or
+        edited config is checked before `accelerate launch` reads it."""
+        inputs = [PARAMS_FILE]
+        if self.params.spin.accelerate_config:
+            inputs.append(self.params.spin.accelerate_config)
+        self._add(Stage(VALIDATE_STAGE, VALIDATE_STAGE, tuple(inputs), ()))
+
+    def _check_sources(self) -> None:
+        """A local model or data source must not overlap an output of the pipeline: DVC refuses
+        a path that is both a dependency and an output (or makes a cycle of it)."""
+        for key, source in (
+            ("model.source", self.params.model.source),
+            ("data.source", self.params.data.source),
+        ):
+            for path in _local_source(source):
+                mine = Path(path).resolve()
+                for stage in self.stages.values():
+                    paths = (*stage.outs, *stage.metrics, *(p.path for p in stage.plots))
+                    for out in (*paths, *stage.uncached_outs):
+                        theirs = Path(out).resolve()
+                        if mine == theirs or mine in theirs.parents or theirs in mine.parents:
+                            raise ConfigError(
+                                f"{key}: {source} overlaps {out}, an output of stage "
+                                f"'{stage.name}'; DVC cannot track a path that is both an input "
+                                "and an output: copy what you need outside the pipeline's "
+                                "outputs and point to the copy"
+                            )
 
     def _prepare(self) -> None:
         p = self.params

@@ -23,13 +23,13 @@ import importlib.util
 import os
 import re
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from spinflow.errors import ModelError
-from spinflow.io import atomic_path
+from spinflow.io import atomic_path, names_local_folder, write_json
 
 EMBEDDED = "embedded"
 TINY = "tiny"
@@ -257,7 +257,14 @@ def _first_line(exc: BaseException) -> str:
 
 
 def _looks_like_hub_id(source: str) -> bool:
-    return bool(_HUB_ID.match(source)) and not source.startswith((".", "~"))
+    """Whether ``source``, which does not exist here, is read as a hub id ``org/name``: not when
+    its first folder exists here (``models/my-sft`` with a local ``models/``), which makes it a
+    local path that is missing."""
+    return (
+        bool(_HUB_ID.match(source))
+        and not source.startswith((".", "~"))
+        and not names_local_folder(source)
+    )
 
 
 def _gguf_names(directory: Path) -> list[str]:
@@ -279,7 +286,12 @@ def _resolve_local(source: str, gguf_file: str | None) -> tuple[Path, str | None
             )
         return path.parent.resolve(), path.name
     if not path.is_dir():
-        raise ModelError(f"model path {source} does not exist")
+        why = (
+            f" (read as a local path, not a hub id, because {Path(source).parts[0]}/ exists here)"
+            if _HUB_ID.match(source) and names_local_folder(source)
+            else ""
+        )
+        raise ModelError(f"model path {source} does not exist{why}")
     path = path.resolve()
     if gguf_file is not None:
         if not (path / gguf_file).is_file():
@@ -365,11 +377,13 @@ def prepare_base_model(
     dtype: str = "float32",
     seed: int = 0,
     tiny: dict | None = None,
+    files: Callable[[dict], dict[str, Any]] | None = None,
 ) -> dict:
     """Write the base model named by ``source`` to ``out_dir`` as a plain, trainable checkpoint.
 
     Returns ``{"source", "kind", "path", "gguf_file", "revision", "num_parameters", "dtype",
-    "architecture", "model_type", "vocab_size"}``.
+    "architecture", "model_type", "vocab_size"}``. ``files(info)`` gives more files for the
+    checkpoint directory (name: JSON object), written before it takes its place.
     """
     _torch_dtype(dtype)
     source = str(source)
@@ -406,30 +420,32 @@ def prepare_base_model(
             if kind == "hub":
                 raise ModelError(
                     f"could not download model {source!r} from the Hugging Face hub "
-                    f"({_first_line(exc)}); "
+                    f"({_first_line(exc)}), and there is no local directory {source} either; "
                     f"local checkpoint directories, .gguf files and '{EMBEDDED}' work offline"
                 ) from exc
             raise ModelError(f"could not load model source {shown}: {_first_line(exc)}") from exc
 
         _finish_tokenizer(tokenizer, model, source)
         model = _plain(model, dtype)
+        info = {
+            "source": source,
+            "kind": kind,
+            "path": shown,
+            "gguf_file": gguf_name,
+            "revision": revision if kind == "hub" else None,
+            "num_parameters": int(model.num_parameters()),
+            "dtype": dtype,
+            "architecture": (model.config.architectures or [type(model).__name__])[0],
+            "model_type": model.config.model_type,
+            "vocab_size": int(model.config.vocab_size),
+        }
         with atomic_path(out_dir, directory=True) as tmp:
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
             _check_plain_checkpoint(tmp)
-
-    return {
-        "source": source,
-        "kind": kind,
-        "path": shown,
-        "gguf_file": gguf_name,
-        "revision": revision if kind == "hub" else None,
-        "num_parameters": int(model.num_parameters()),
-        "dtype": dtype,
-        "architecture": (model.config.architectures or [type(model).__name__])[0],
-        "model_type": model.config.model_type,
-        "vocab_size": int(model.config.vocab_size),
-    }
+            for name, obj in (files(info) if files else {}).items():
+                write_json(tmp / name, obj)
+    return info
 
 
 def _check_plain_checkpoint(path: Path) -> None:
@@ -473,7 +489,14 @@ def load_model(path: str | os.PathLike, *, dtype: str = "float32"):
     try:
         return AutoModelForCausalLM.from_pretrained(str(p), dtype=torch_dtype)
     except (OSError, ValueError) as exc:
-        raise ModelError(f"could not load the model in {p}: {_first_line(exc)}") from exc
+        raise ModelError(f"could not load the model in {p}: {_first_line(exc)}", path=p) from exc
+    except Exception as exc:
+        if type(exc).__name__ != "SafetensorError":
+            raise
+        raise ModelError(
+            f"{p}: the weights (model.safetensors) are truncated or corrupt ({_first_line(exc)})",
+            path=p,
+        ) from None
 
 
 def load_tokenizer(path: str | os.PathLike):
@@ -490,7 +513,15 @@ def load_tokenizer(path: str | os.PathLike):
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(p))
     except (OSError, ValueError) as exc:
-        raise ModelError(f"could not load the tokenizer in {p}: {_first_line(exc)}") from exc
+        raise ModelError(
+            f"could not load the tokenizer in {p}: {_first_line(exc)}", path=p
+        ) from exc
+    except Exception as exc:  # the Rust tokenizers library raises plain Exception
+        if type(exc) is not Exception:
+            raise
+        raise ModelError(
+            f"{p}: the tokenizer files are truncated or corrupt ({_first_line(exc)})", path=p
+        ) from None
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

@@ -135,8 +135,9 @@ def render_stage(stage: Stage, params: Params, code: dict[str, list[str]]) -> di
     entry: dict[str, Any] = {
         "cmd": _cmd(stage, params),
         "deps": [script, *code[script], *stage.inputs],
-        "params": list(stage.params),
     }
+    if stage.params:
+        entry["params"] = list(stage.params)
     outs: list[Any] = list(stage.outs)
     outs += [{path: {"cache": False}} for path in stage.uncached_outs]
     if outs:

@@ -62,7 +62,7 @@ def per_example_scores(generations: Path, test: Sequence[dict]) -> dict[str, lis
     """1/0 per test example: exact match, and verifier pass where the example has a verifier."""
     from spinflow.verifiers import exact_match, verify
 
-    answers = {row["id"]: row["generated"] for row in read_jsonl(generations)}
+    answers = {row["id"]: row["generated"] for row in read_jsonl(generations, ("id", "generated"))}
     scores: dict[str, list[float]] = {"exact_match": [], "verifier_pass_rate": []}
     for record in test:
         answer = answers[record["id"]]

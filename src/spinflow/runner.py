@@ -3,7 +3,10 @@
 ``python stages/<script>.py <stage>`` runs one stage of the graph: it loads the validated
 params, checks that dvc.yaml still matches them (under DVC), calls the recipe function with the
 keyword arguments the graph declares for that stage, and then hands the stage to tracking (the
-one place MLflow is called from). A SpinflowError ends the process with one line on stderr.
+one place MLflow is called from). A SpinflowError ends the process with one line on stderr, and
+so does a write that fails for want of space or permission (naming the path); when the file at
+fault is an output of another stage (a truncated pairs.jsonl, a corrupt checkpoint), the line
+says how to restore it.
 """
 
 from __future__ import annotations
@@ -16,8 +19,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from spinflow.config import PARAMS_FILE, Params, load_params
-from spinflow.errors import ConfigError, SpinflowError
-from spinflow.graph import Graph, build
+from spinflow.errors import ConfigError, OutputError, SpinflowError, cannot_write
+from spinflow.graph import VALIDATE_STAGE, Graph, build
 
 StageFunction = Callable[..., Any]
 
@@ -54,9 +57,11 @@ def run_stage(script: str, fn: StageFunction, argv: Sequence[str] | None = None)
     )
     args = parser.parse_args(argv)
     configure_logging()
+    params = None
     try:
         params = load_params(args.params)
-        _check_pipeline_file(params)
+        if script != VALIDATE_STAGE:  # it checks the files params.yaml names first, then this
+            check_pipeline_file(params)
         graph = build(params)
         stage = graph.stage(args.stage)
         if stage.script != script:
@@ -71,13 +76,34 @@ def run_stage(script: str, fn: StageFunction, argv: Sequence[str] | None = None)
             )
         result = execute(params, stage.name, fn, graph)
     except SpinflowError as exc:
-        print(f"error: {args.stage}: {exc}", file=sys.stderr)
+        hint = _restore_hint(params, exc.path) if not isinstance(exc, OutputError) else ""
+        print(f"error: {args.stage}: {exc}{hint}", file=sys.stderr)
+        raise SystemExit(1) from None
+    except OSError as exc:
+        error = cannot_write(exc.filename, exc)
+        if error is None:
+            raise
+        print(f"error: {args.stage}: {error}", file=sys.stderr)
         raise SystemExit(1) from None
     if result is not None:
         logging.getLogger("spinflow").info("%s done: %s", args.stage, result)
 
 
-def _check_pipeline_file(params: Params) -> None:
+def _restore_hint(params: Params | None, path: str | os.PathLike | None) -> str:
+    """How to get back a damaged output of another stage, or "" when ``path`` is none."""
+    if params is None or path is None:
+        return ""
+    try:
+        stage = build(params).producer(path)
+    except SpinflowError:
+        return ""
+    return (
+        f"; it is an output of stage '{stage}': `dvc checkout --force {stage}` restores it "
+        f"from the cache, `dvc repro --force --single-item {stage}` makes it again"
+    )
+
+
+def check_pipeline_file(params: Params) -> None:
     """A stage run by DVC stops when dvc.yaml no longer matches params.yaml (for example after
     `dvc exp run -S spin.iterations=5`): the stage list itself would be stale."""
     from spinflow import pipeline

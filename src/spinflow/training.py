@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
@@ -129,9 +130,12 @@ def merge_lora(model):
     return model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
 
 
-def save_checkpoint(accelerator, model, tokenizer, out_dir: Path) -> None:
-    """Save a plain checkpoint atomically (main process only)."""
-    from spinflow.io import atomic_path
+def save_checkpoint(
+    accelerator, model, tokenizer, out_dir: Path, files: dict[str, Any] | None = None
+) -> None:
+    """Save a plain checkpoint atomically (main process only), with ``files`` (name: JSON
+    object, such as provenance.json) written into it before it takes its place."""
+    from spinflow.io import atomic_path, write_json
 
     accelerator.wait_for_everyone()
     state_dict = accelerator.get_state_dict(model)
@@ -142,6 +146,8 @@ def save_checkpoint(accelerator, model, tokenizer, out_dir: Path) -> None:
         with atomic_path(out_dir, directory=True) as tmp:
             plain.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
+            for name, obj in (files or {}).items():
+                write_json(tmp / name, obj)
     accelerator.wait_for_everyone()
 
 

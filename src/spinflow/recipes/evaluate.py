@@ -38,7 +38,9 @@ def evaluate(params: Params, name: str) -> dict[str, Any]:
     source = require(graph, model_node.path)
     records = load_split(DATA_DIR, "test")
     opponent = graph.evaluation(evaluation.opponent) if evaluation.opponent else None
-    reference = read_jsonl(require(graph, opponent.generations)) if opponent else None
+    reference = (
+        read_jsonl(require(graph, opponent.generations), ("id", "generated")) if opponent else None
+    )
     beta = _beta(params, model_node)
     tokenizer = load_tokenizer(source)
     model = load_model(source)

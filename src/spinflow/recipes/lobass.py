@@ -237,7 +237,7 @@ def sft_selection(params: Params, role: str) -> dict[str, Any]:
         params,
         target,
         source=require(graph, BASE_MODEL),
-        records=read_jsonl(selection),
+        records=read_jsonl(selection, ("id", "prompt", "answer")),
         max_steps=None,
         extra_inputs={"data": selection},
     )

@@ -69,23 +69,23 @@ def supervised(
         max_steps=max_steps,
         items=answer_tokens,
     )
-    save_checkpoint(accelerator, model, tokenizer, target.path)
+    # main process only: it hashes the inputs, a whole checkpoint among them
+    made_by = accelerator.is_main_process and provenance(
+        stage,
+        {
+            "sft": params.sft.model_dump(),
+            "precision": precision.name,
+            "prompt": params.prompt.model_dump(),
+            "max_steps": max_steps,
+            "seed": params.seed,
+        },
+        {"model": source, **extra_inputs},
+    )
+    save_checkpoint(
+        accelerator, model, tokenizer, target.path, {PROVENANCE_FILE: made_by} if made_by else None
+    )
     summary = {"examples": len(examples), **precision.summary(), **result.summary()}
     if accelerator.is_main_process:
-        write_json(
-            target.path / PROVENANCE_FILE,
-            provenance(
-                stage,
-                {
-                    "sft": params.sft.model_dump(),
-                    "precision": precision.name,
-                    "prompt": params.prompt.model_dump(),
-                    "max_steps": max_steps,
-                    "seed": params.seed,
-                },
-                {"model": source, **extra_inputs},
-            ),
-        )
         write_json(target.train_metrics, summary)
         write_rows_csv(target.steps_csv, result.history)
         write_timings(target.timings, target.path, result.timings())

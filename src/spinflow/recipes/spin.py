@@ -41,6 +41,8 @@ from spinflow.training import LossFn, apply_lora, forward_logps, train_loop
 
 log = logging.getLogger(__name__)
 
+PAIR_KEYS = ("id", "prompt", "real", "generated")  # what training reads from a pairs.jsonl line
+
 
 # ---------------------------------------------------------------------------------------------
 # Pairs
@@ -90,7 +92,7 @@ def training_pairs(params: Params, k: int, graph: Graph | None = None) -> list[d
     graph = graph or pipeline_graph.build(params)
     pairs: list[dict] = []
     for path in graph.theta(k + 1).pairs:
-        pairs.extend(read_jsonl(require(graph, path)))
+        pairs.extend(read_jsonl(require(graph, path), PAIR_KEYS))
     return pairs
 
 
@@ -350,7 +352,26 @@ def train(params: Params, k: int) -> dict[str, Any]:
         seed=seed,
         desc=target.stage,
     )
-    save_checkpoint(accelerator, model, tokenizer, target.path)
+    inputs: dict[str, Path] = {"model": source}
+    for path in target.pairs:
+        inputs[f"pairs_{path.parent.name}"] = path
+    # main process only: it hashes the inputs, a whole checkpoint among them
+    made_by = accelerator.is_main_process and provenance(
+        target.stage,
+        {
+            "train": configured.model_dump(),
+            "precision": precision.name,
+            "beta": beta,
+            "loss": params.spin.loss,
+            "mix_previous": params.spin.mix_previous,
+            "prompt": params.prompt.model_dump(),
+            "seed": params.seed,
+        },
+        inputs,
+    )
+    save_checkpoint(
+        accelerator, model, tokenizer, target.path, {PROVENANCE_FILE: made_by} if made_by else None
+    )
     summary = {
         "iteration": k,
         "pairs": len(examples),
@@ -360,25 +381,6 @@ def train(params: Params, k: int) -> dict[str, Any]:
         **result.summary(),
     }
     if accelerator.is_main_process:
-        inputs: dict[str, Path] = {"model": source}
-        for path in target.pairs:
-            inputs[f"pairs_{path.parent.name}"] = path
-        write_json(
-            target.path / PROVENANCE_FILE,
-            provenance(
-                target.stage,
-                {
-                    "train": configured.model_dump(),
-                    "precision": precision.name,
-                    "beta": beta,
-                    "loss": params.spin.loss,
-                    "mix_previous": params.spin.mix_previous,
-                    "prompt": params.prompt.model_dump(),
-                    "seed": params.seed,
-                },
-                inputs,
-            ),
-        )
         write_json(target.train_metrics, summary)
         write_json(pipeline_graph.spin_steps(k), {"optimizer_steps": result.steps})
         write_rows_csv(target.steps_csv, result.history)
