@@ -13,7 +13,8 @@ their rotary module. Sampling is the reference sampler of :mod:`spinflow.generat
 prompt's own noise stream, so a prompt's answer does not depend on its slot, its neighbours or
 the number of slots, as with the ``torch`` engine.
 
-``dtype: bfloat16`` runs a bfloat16 copy of the weights (sampling stays float32); it pays where
+``dtype: bfloat16`` runs a bfloat16 copy of the decoder layers (the final norm, the output layer
+and sampling stay float32); it pays where
 the processor computes bfloat16 natively. ``dtype: auto`` (:func:`choose_dtype`) takes bfloat16
 only where the device computes it natively and a probe on the model finds decoding at least
 :data:`SPEED_MARGIN` times faster, with the next-token log-probs within :data:`TOLERANCE` of
@@ -160,9 +161,11 @@ class ContinuousEngine:
         self.dtype = next(model.parameters()).dtype
         self.device = next(model.parameters()).device
         inner = model.model
-        self.embed, self.layers, self.norm = inner.embed_tokens, inner.layers, inner.norm
+        self.embed, self.layers = inner.embed_tokens, inner.layers
         self.rotary = inner.rotary_emb
-        self.lm_head = model.lm_head
+        # the final norm and output layer stay float32: bfloat16 logits (8 bits of mantissa)
+        # would round values near 20 to steps of 0.125
+        self.norm, self.lm_head = self.source.model.norm, self.source.lm_head
         attention = self.layers[0].self_attn
         self.head_dim = attention.head_dim
         self.scaling = attention.scaling
@@ -218,7 +221,7 @@ class ContinuousEngine:
             hidden = hidden + attention.o_proj(out.transpose(1, 2).reshape(len(prompts), width, -1))
             hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
         last = hidden[torch.arange(len(prompts)), (lengths - 1).to(self.device)]
-        return self.lm_head(self.norm(last))
+        return self.lm_head(self.norm(last.float()))
 
     def _decode(self, slots: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor):
         """One token for each of ``slots`` at its own position; the logits of the next ones."""
@@ -246,7 +249,7 @@ class ContinuousEngine:
             )
             hidden = hidden + attention.o_proj(out.transpose(1, 2).reshape(rows, 1, -1))
             hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
-        return self.lm_head(self.norm(hidden[:, 0]))
+        return self.lm_head(self.norm(hidden[:, 0].float()))
 
     def _allocate(self, slots: int, length: int) -> None:
         shape = (slots, self.kv_heads, length, self.head_dim)
