@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
 SPEED_MARGIN = 1.2  # bfloat16 decoding must be at least this many times faster
 TOLERANCE = 0.05  # largest mean |log-prob difference| of the next token, in nats
-PROBE_VERSION = 1
+PROBE_VERSION = 2  # part of the cache key: a change to the probe or the bf16 path measures again
 
 
 def supports(model) -> bool:
