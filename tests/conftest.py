@@ -251,3 +251,16 @@ def make_optim(**changes):
         "warmup_ratio": 0.0,
     }
     return OptimParams(**{**base, **changes})
+
+
+def can_mount_tmpfs() -> bool:
+    """Whether `unshare -rm` can mount a tmpfs here (user namespaces): the full-disk and
+    read-only tests need it."""
+    if shutil.which("unshare") is None:
+        return False
+    probe = subprocess.run(
+        ["unshare", "-rm", "sh", "-c", "mount -t tmpfs -o size=64k tmpfs /tmp"],
+        capture_output=True,
+        check=False,
+    )
+    return probe.returncode == 0

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import DvcRepo
+from conftest import DvcRepo, can_mount_tmpfs
 
 pytestmark = pytest.mark.slow
 
@@ -213,18 +213,7 @@ def test_a_missing_accelerate_config_is_one_line(repo):
     )
 
 
-def _namespace_ok() -> bool:
-    if shutil.which("unshare") is None:
-        return False
-    probe = subprocess.run(
-        ["unshare", "-rm", "sh", "-c", "mount -t tmpfs -o size=64k tmpfs /tmp"],
-        capture_output=True,
-        check=False,
-    )
-    return probe.returncode == 0
-
-
-@pytest.mark.skipif(not _namespace_ok(), reason="needs `unshare -rm` with mounts")
+@pytest.mark.skipif(not can_mount_tmpfs(), reason="needs `unshare -rm` with mounts")
 @pytest.mark.parametrize(
     ("stage", "folder", "mount", "problem"),
     [

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import errno
 import os
-import shutil
 import signal
 import stat
 import subprocess
@@ -15,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import can_mount_tmpfs
 from spinflow import io
 from spinflow.errors import DataError, OutputError
 
@@ -195,19 +195,8 @@ def test_other_errors_pass_through_and_the_old_output_stays(tmp_path):
     assert list(tmp_path.iterdir()) == [target]
 
 
-def _can_mount() -> bool:
-    if shutil.which("unshare") is None:
-        return False
-    probe = subprocess.run(
-        ["unshare", "-rm", "sh", "-c", "mount -t tmpfs -o size=64k tmpfs /tmp"],
-        capture_output=True,
-        check=False,
-    )
-    return probe.returncode == 0
-
-
 needs_mount = pytest.mark.skipif(
-    not _can_mount(), reason="needs `unshare -rm` with tmpfs mounts (user namespaces)"
+    not can_mount_tmpfs(), reason="needs `unshare -rm` with tmpfs mounts (user namespaces)"
 )
 
 SAVE = textwrap.dedent(

@@ -313,6 +313,21 @@ def _write_cache(path: Path, record: dict) -> None:
         log.warning("%s: cannot write the precision cache (%s)", path, exc)
 
 
+def measurement_key(
+    kind: str, model, device: torch.device, **settings: Any
+) -> tuple[dict[str, Any], Path]:
+    """What a cached speed measurement of ``kind`` holds for (device, torch, model shape and the
+    probe's ``settings``), and the cache file it lives in."""
+    fields = {
+        "device": device_identity(device),
+        "torch": torch.__version__,
+        "model": model_shape(model),
+        **settings,
+    }
+    key = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:20]
+    return fields, cache_dir() / kind / f"{key}.json"
+
+
 def auto_precision(
     model: torch.nn.Module,
     batch: dict,
@@ -326,16 +341,9 @@ def auto_precision(
     native, evidence = native_bf16(device)
     if not native:
         return Precision(False, "auto", f"not native: {evidence}")
-    key_fields = {
-        "device": device_identity(device),
-        "torch": torch.__version__,
-        "model": model_shape(model),
-        "margin": margin,
-        "tolerance": tolerance,
-        "probe": PROBE_VERSION,
-    }
-    key = hashlib.sha256(json.dumps(key_fields, sort_keys=True).encode()).hexdigest()[:20]
-    path = cache_dir() / "precision" / f"{key}.json"
+    key_fields, path = measurement_key(
+        "precision", model, device, margin=margin, tolerance=tolerance, probe=PROBE_VERSION
+    )
     record = _read_cache(path)
     if record is not None:
         m = Measurement(**record["measurement"])

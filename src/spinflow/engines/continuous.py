@@ -25,8 +25,6 @@ float32; the decision is cached per machine and model shape, as ``bf16: auto`` i
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 import logging
 import math
 import time
@@ -91,22 +89,15 @@ def _probe(model, prompts: list[list[int]], slots: int) -> dict:
 def choose_dtype(model, prompts: list[list[int]], slots: int) -> tuple[str, str]:
     """``dtype: auto``: bfloat16 or float32 for decoding ``model`` here, and why, in words."""
     from spinflow.io import read_json, write_json
-    from spinflow.precision import cache_dir, device_identity, model_shape, native_bf16
+    from spinflow.precision import measurement_key, native_bf16
 
     device = next(model.parameters()).device
     native, evidence = native_bf16(device)
     if not native:
         return "float32", f"bfloat16 not native ({evidence})"
-    fields = {
-        "device": device_identity(device),
-        "torch": torch.__version__,
-        "model": model_shape(model),
-        "margin": SPEED_MARGIN,
-        "tolerance": TOLERANCE,
-        "probe": PROBE_VERSION,
-    }
-    key = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:20]
-    path = cache_dir() / "generation" / f"{key}.json"
+    fields, path = measurement_key(
+        "generation", model, device, margin=SPEED_MARGIN, tolerance=TOLERANCE, probe=PROBE_VERSION
+    )
     try:
         record = read_json(path)
         return record["dtype"], record["reason"] + f" (cached in {path})"
