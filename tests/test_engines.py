@@ -305,3 +305,27 @@ def test_auto_engine_resolves_on_its_first_prompts(
     engine = ContinuousEngine(tiny_model_session, eos_token_id=eos, batch_size=4, dtype="auto")
     got = engine.complete(_requests(tiny_tokenizer_session), SETTINGS[0])
     assert engine.dtype == torch.float32 and len(got) == len(PROMPTS)
+
+
+SYSTEM = "You are a careful assistant. Answer briefly, exactly, and in plain words."
+
+
+@pytest.mark.parametrize("setting", [0, 2])
+def test_shared_prompt_prefix_is_computed_once_with_the_same_answers(
+    tiny_model_session, tiny_tokenizer_session, eos, monkeypatch, setting
+):
+    """Prompts under one system prompt share a prefix: its keys and values are computed once
+    and copied into each slot, and the answers stay the reference's."""
+    tok = tiny_tokenizer_session
+    requests = [Request(prompt_ids(tok, p, SYSTEM, 256), 3 + i) for i, p in enumerate(PROMPTS)]
+    reference = TorchEngine(
+        tiny_model_session, eos_token_id=eos, pad_token_id=tok.pad_token_id, batch_size=4
+    ).complete(requests, SETTINGS[setting])
+    engine = ContinuousEngine(tiny_model_session, eos_token_id=eos, batch_size=3)
+    shared = []
+    original = engine._shared_prefix
+    monkeypatch.setattr(engine, "_shared_prefix", lambda r: shared.append(original(r)) or shared[0])
+    got = engine.complete(requests, SETTINGS[setting])
+    assert shared and shared[0] >= 8
+    assert [c.token_ids for c in got] == [c.token_ids for c in reference]
+    assert [c.logp for c in got] == pytest.approx([c.logp for c in reference], abs=1e-4)

@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
 SPEED_MARGIN = 1.2  # bfloat16 decoding must be at least this many times faster
 TOLERANCE = 0.05  # largest mean |log-prob difference| of the next token, in nats
+MIN_SHARED_PREFIX = 8  # shorter shared prefixes are recomputed with each prompt
 PROBE_VERSION = 2  # part of the cache key: a change to the probe or the bf16 path measures again
 
 
@@ -179,33 +180,43 @@ class ContinuousEngine:
             q, k = attention.q_norm(q), attention.k_norm(k)
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
-    def _prefill(self, slots: list[int], prompts: list[list[int]]) -> torch.Tensor:
+    def _prefill(self, slots: list[int], prompts: list[list[int]], offset: int = 0) -> torch.Tensor:
         """Run prompts (right-padded, one forward), fill their slots' caches; the logits of each
         prompt's next token. Columns past a prompt's end hold padding until decoding overwrites
-        them, and decoding never reads a column before writing it."""
+        them, and decoding never reads a column before writing it.
+
+        With ``offset``, the prompts continue the shared prefix held in ``self.prefix`` (its keys
+        and values per layer, ``offset`` columns): it is copied into the slots, not recomputed.
+        """
         lengths = torch.tensor([len(p) for p in prompts])
         width = int(lengths.max())
         ids = torch.zeros((len(prompts), width), dtype=torch.long)
         for row, prompt in enumerate(prompts):
             ids[row, : len(prompt)] = torch.tensor(prompt)
-        positions = torch.arange(width).unsqueeze(0).expand(len(prompts), -1)
-        query, key = torch.arange(width).unsqueeze(1), torch.arange(width).unsqueeze(0)
+        positions = torch.arange(offset, offset + width).unsqueeze(0).expand(len(prompts), -1)
+        query = torch.arange(offset, offset + width).unsqueeze(1)
+        key = torch.arange(offset + width).unsqueeze(0)
         visible = key <= query
         if self.window is not None:
             visible &= key > query - self.window
-        mask = (visible.unsqueeze(0) & (key < lengths.view(-1, 1, 1))).unsqueeze(1)
+        mask = (visible.unsqueeze(0) & (key < offset + lengths.view(-1, 1, 1))).unsqueeze(1)
         # a padding query row sees no key at all: let it see the first, its output is unused
         mask[:, :, :, 0] = True
         index = torch.tensor(slots, device=self.device)
         hidden = self.embed(ids.to(self.device))
         rope = self._rope(hidden, positions.to(self.device))
         mask = mask.to(self.device)
-        for layer, (keys, values) in zip(self.layers, self.cache, strict=True):
+        for number, (layer, (keys, values)) in enumerate(zip(self.layers, self.cache, strict=True)):
             attention = layer.self_attn
             q, k, v = self._qkv(attention, layer.input_layernorm(hidden), len(prompts), width)
             q, k = rope(q, k)
-            keys[index, :, :width] = k
-            values[index, :, :width] = v
+            keys[index, :, offset : offset + width] = k
+            values[index, :, offset : offset + width] = v
+            if offset:
+                prefix_keys, prefix_values = self.prefix[number]
+                keys[index, :, :offset] = prefix_keys
+                values[index, :, :offset] = prefix_values
+                k, v = keys[index, :, : offset + width], values[index, :, : offset + width]
             out = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, scale=self.scaling, enable_gqa=True
             )
@@ -213,6 +224,26 @@ class ContinuousEngine:
             hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
         last = hidden[torch.arange(len(prompts)), (lengths - 1).to(self.device)]
         return self.lm_head(self.norm(last.float()))
+
+    def _shared_prefix(self, requests: Sequence[Request]) -> int:
+        """Compute once the keys and values of the prefix every prompt shares (a chat template's
+        system prompt, say), leaving each prompt at least one token; its length (0: none)."""
+        shortest = min(len(r.prompt_ids) for r in requests)
+        first = requests[0].prompt_ids
+        length = 0
+        while length < shortest - 1 and all(
+            r.prompt_ids[length] == first[length] for r in requests
+        ):
+            length += 1
+        self.prefix = []
+        if length < MIN_SHARED_PREFIX:
+            return 0
+        self._prefill([0], [list(first[:length])])
+        self.prefix = [
+            (keys[0, :, :length].clone(), values[0, :, :length].clone())
+            for keys, values in self.cache
+        ]
+        return length
 
     def _decode(self, slots: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor):
         """One token for each of ``slots`` at its own position; the logits of the next ones."""
@@ -288,9 +319,10 @@ class ContinuousEngine:
                     owner[slot] = index
                     generators[slot] = torch.Generator().manual_seed(requests[index].seed)
                     positions[slot] = len(requests[index].prompt_ids)
-                prompts = [list(requests[owner[slot]].prompt_ids) for slot in taken]
-                logits[taken] = self._prefill(taken, prompts).float().cpu()
+                prompts = [list(requests[owner[slot]].prompt_ids[shared:]) for slot in taken]
+                logits[taken] = self._prefill(taken, prompts, shared).float().cpu()
 
+            shared = self._shared_prefix(requests)
             admit(list(range(slots)))
             idle: list[int] = []
             refill_at = max(1, slots // 4)
@@ -331,7 +363,7 @@ class ContinuousEngine:
                 if len(idle) >= refill_at or not stepping:
                     admit(idle)
                     idle = [slot for slot in idle if owner[slot] is None]
-        self.cache = []
+        self.cache, self.prefix = [], []
         return [
             Completion(token_ids=answers[i], logp=logps[i], ended=ended[i])
             for i in range(len(requests))
