@@ -329,3 +329,76 @@ def test_shared_prompt_prefix_is_computed_once_with_the_same_answers(
     assert shared and shared[0] >= 8
     assert [c.token_ids for c in got] == [c.token_ids for c in reference]
     assert [c.logp for c in got] == pytest.approx([c.logp for c in reference], abs=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# The vllm engine's adapter, against a stand-in for vLLM's offline API (no GPU here): what it
+# sends per request, how it reads the outputs, and how replicas split and reassemble requests.
+
+FAKE_VLLM = """
+import os
+from types import SimpleNamespace
+
+class SamplingParams:
+    def __init__(self, **kwargs):
+        self.__dict__.update(kwargs)
+
+class LLM:
+    def __init__(self, **kwargs):
+        self.kwargs = kwargs
+
+    def generate(self, prompts, params, use_tqdm=True):
+        outputs = []
+        for prompt, p in zip(prompts, params):
+            ids = prompt["prompt_token_ids"]
+            # answer: the seed, the replica's GPUs as a number, then the end token if seed is even
+            tokens = [p.seed, int(os.environ["CUDA_VISIBLE_DEVICES"].replace(",", ""))]
+            ended = p.seed % 2 == 0
+            if ended:
+                tokens.append(p.stop_token_ids[0])
+            logprobs = [{t: SimpleNamespace(logprob=-0.5)} for t in tokens]
+            outputs.append(SimpleNamespace(outputs=[SimpleNamespace(
+                token_ids=tokens, logprobs=logprobs, finish_reason="stop" if ended else "length",
+            )], prompt_token_ids=ids, params=p))
+        return outputs
+"""
+
+
+@pytest.fixture
+def fake_vllm(tmp_path, monkeypatch):
+    (tmp_path / "vllm.py").write_text(FAKE_VLLM)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "vllm", raising=False)
+    yield
+    sys.modules.pop("vllm", None)
+
+
+@pytest.mark.parametrize("replicas", [1, 2])
+def test_vllm_engine_sends_each_seed_and_reassembles_replicas(
+    fake_vllm, monkeypatch, tmp_path, replicas
+):
+    from spinflow.config import VllmParams
+    from spinflow.engines.vllm import VllmEngine
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,7")
+    options = VllmParams(data_parallel_size=replicas)
+    engine = VllmEngine(tmp_path, eos_token_id=99, options=options)
+    requests = [Request([1, 2, i], seed=10 + i) for i in range(5)]
+    got = engine.complete(requests, SamplingParams(temperature=1.0, max_new_tokens=8))
+    gpus = ["3", "7"] if replicas == 2 else ["37"]
+    for i, completion in enumerate(got):
+        seed = 10 + i
+        assert completion.token_ids == [seed, int(gpus[i % replicas])]  # end token stripped
+        assert completion.ended == (seed % 2 == 0)
+        assert completion.logp == pytest.approx(-0.5 * (2 + completion.ended))
+
+
+def test_vllm_engine_needs_enough_gpus_for_its_replicas(fake_vllm, monkeypatch, tmp_path):
+    from spinflow.config import VllmParams
+    from spinflow.engines.vllm import VllmEngine
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    options = VllmParams(data_parallel_size=2, tensor_parallel_size=2)
+    engine = VllmEngine(tmp_path, eos_token_id=99, options=options)
+    with pytest.raises(SpinflowError, match=r"^generate\.vllm: .* needs 4 GPUs, 1 visible$"):
+        engine.complete([Request([1], 0)], SamplingParams(max_new_tokens=2))
