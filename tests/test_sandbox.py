@@ -472,8 +472,9 @@ def test_worker_runs_in_its_own_session(sandbox, layers):
     message = sandbox.run([(source, "")])[0].message
     session, worker = (int(n) for n in message.rsplit(": ", 1)[1].split())
     if layers["bwrap"]:
-        # in bwrap's PID namespace the new session is led by bwrap's own process, pid 1 there
-        assert (session, worker) == (1, 2)
+        # In bwrap's PID namespace a session led from outside reads as 0. The session must be
+        # led inside: by the worker or by bwrap's own process above it (pid 1 there).
+        assert 0 < session <= worker
     else:
         assert session == worker != os.getsid(0)
 
