@@ -26,7 +26,7 @@ from typing import Any
 
 from spinflow.config import DataParams
 from spinflow.errors import DataError
-from spinflow.io import atomic_path, names_local_folder, write_json, write_jsonl
+from spinflow.io import atomic_path, names_local_folder, read_jsonl, write_json, write_jsonl
 
 logger = logging.getLogger(__name__)
 
@@ -609,23 +609,7 @@ def load_split(data_dir: str | os.PathLike, split: str) -> list[dict]:
     path = split_file(data_dir, split)
     if not path.is_file():
         raise DataError(f"{path}: file not found; run `dvc repro prepare_data` to prepare the data")
-    records = []
-    with open(path, "rb") as f:
-        for number, raw in enumerate(f, start=1):
-            try:
-                line = raw.decode("utf-8")
-                if not line.strip():
-                    continue
-                record = json.loads(line)
-            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-                raise DataError(
-                    f"{path}: line {number}: corrupt ({_one_line(exc)}); run "
-                    "`dvc repro prepare_data` again",
-                ) from None
-            if not isinstance(record, dict) or "prompt" not in record or "answer" not in record:
-                raise DataError(
-                    f"{path}: line {number}: not a prepared record (needs prompt and answer); "
-                    "run `dvc repro prepare_data` again",
-                )
-            records.append(record)
-    return records
+    try:
+        return read_jsonl(path, required=("prompt", "answer"))
+    except DataError as exc:
+        raise DataError(f"{exc}; run `dvc repro prepare_data` again") from None
