@@ -1,4 +1,5 @@
-"""DVC stage sft_extra: θ0 trained further with plain SFT for as many steps as SPIN used."""
+"""DVC stages sft_extra and sft_extra_compute: θ0 trained further with plain SFT for as many
+optimizer steps, or as much compute, as SPIN used."""
 
 from spinflow.recipes.sft import sft_extra
 from spinflow.runner import run_stage

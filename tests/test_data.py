@@ -67,7 +67,9 @@ def columns_rows(n: int) -> list[dict]:
 
 
 def params_for(source: Path | str, **changes) -> DataParams:
+    # the pool disjoint and no validation split: every split is its own slice of the data
     values = {"source": str(source), "num_sft": 4, "num_pool": 3, "num_test": 3, "seed": 7}
+    values.update(num_val=0, pool="disjoint")
     values.update(changes)
     return DataParams(**values)
 
@@ -204,8 +206,9 @@ def test_prepare_real_data_is_deterministic_and_disjoint(tmp_path, suffix):
         "sft.jsonl",
         "summary.json",
         "test.jsonl",
+        "val.jsonl",
     ]
-    assert summary["counts"] == {"sft": 8, "pool": 5, "test": 4}
+    assert summary["counts"] == {"sft": 8, "val": 0, "pool": 5, "test": 4}
     assert summary["format"] == "messages"
     assert summary["task_counts"]["pool"] == {"external": 5}
 
@@ -223,7 +226,7 @@ def test_prepare_real_data_is_deterministic_and_disjoint(tmp_path, suffix):
 def test_num_sft_zero_gives_empty_sft_split(tmp_path):
     path = write_jsonl_file(tmp_path / "chat.jsonl", ultrachat_rows(5))
     summary = prepare_data(params_for(path, num_sft=0, num_pool=2, num_test=2), tmp_path / "out")
-    assert summary["counts"] == {"sft": 0, "pool": 2, "test": 2}
+    assert summary["counts"] == {"sft": 0, "val": 0, "pool": 2, "test": 2}
     assert (tmp_path / "out" / "sft.jsonl").read_bytes() == b""
     assert load_split(tmp_path / "out", "sft") == []
 
@@ -238,7 +241,7 @@ def test_too_few_unique_examples(tmp_path):
     assert "6 unique examples" in message
     assert "2 duplicate" in message
     assert "4 + 2 + 2 = 8" in message
-    for key in ("data.num_sft", "data.num_pool", "data.num_test"):
+    for key in ("data.num_sft", "data.num_pool", "data.num_test", "lower"):
         assert key in message
     assert not out.exists()
 
@@ -527,7 +530,9 @@ def test_unknown_format_is_an_error(tmp_path):
 
 
 def test_builtin_counts_disjoint_deterministic(tmp_path):
-    params = DataParams(source="builtin", num_sft=40, num_pool=20, num_test=20, seed=3)
+    params = DataParams(
+        source="builtin", num_sft=40, num_pool=20, num_test=20, seed=3, num_val=0, pool="disjoint"
+    )
     summary = prepare_data(params, tmp_path / "a")
     first = snapshot(tmp_path / "a")
     again = prepare_data(params, tmp_path / "a")
@@ -536,12 +541,13 @@ def test_builtin_counts_disjoint_deterministic(tmp_path):
     prepare_data(params, tmp_path / "b")
     assert snapshot(tmp_path / "b") == first
 
-    assert summary["counts"] == {"sft": 40, "pool": 20, "test": 20}
+    assert summary["counts"] == {"sft": 40, "val": 0, "pool": 20, "test": 20}
     assert summary["source"] == "builtin"
     assert summary["duplicates_dropped"] == 0
     for split in SPLITS:
         assert sum(summary["task_counts"][split].values()) == summary["counts"][split]
-        assert len(summary["task_counts"][split]) > 1, "every split mixes task families"
+        if split != "val":  # empty here
+            assert len(summary["task_counts"][split]) > 1, "every split mixes task families"
 
     prompts = split_prompts(tmp_path / "a")
     assert_disjoint(prompts)
@@ -551,13 +557,17 @@ def test_builtin_counts_disjoint_deterministic(tmp_path):
             assert isinstance(record["verifier"], dict) and "name" in record["verifier"]
             assert record["task"] != "external"
 
-    other = DataParams(source="builtin", num_sft=40, num_pool=20, num_test=20, seed=4)
+    other = DataParams(
+        source="builtin", num_sft=40, num_pool=20, num_test=20, seed=4, num_val=0, pool="disjoint"
+    )
     prepare_data(other, tmp_path / "c")
     assert split_prompts(tmp_path / "c") != prompts
 
 
 def test_builtin_families_subset(tmp_path):
-    params = DataParams(families=["addition", "reverse_word"], num_sft=6, num_pool=4, num_test=4)
+    params = DataParams(
+        families=["addition", "reverse_word"], num_sft=6, num_pool=4, num_test=4, pool="disjoint"
+    )
     summary = prepare_data(params, tmp_path / "out")
     tasks = {task for split in SPLITS for task in summary["task_counts"][split]}
     assert tasks == {"addition", "reverse_word"}
@@ -586,11 +596,17 @@ def test_hub_dataset(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
     params = DataParams(
-        source="HuggingFaceH4/ultrachat_200k", num_sft=10, num_pool=5, num_test=5, seed=1
+        source="HuggingFaceH4/ultrachat_200k",
+        num_sft=10,
+        num_pool=5,
+        num_test=5,
+        seed=1,
+        num_val=0,
+        pool="disjoint",
     )
     summary = prepare_data(params, tmp_path / "out")
     assert calls == [("HuggingFaceH4/ultrachat_200k", "train_sft")]
-    assert summary["counts"] == {"sft": 10, "pool": 5, "test": 5}
+    assert summary["counts"] == {"sft": 10, "val": 0, "pool": 5, "test": 5}
     assert summary["hub_split"] == "train_sft"
     assert summary["format"] == "messages"
     assert summary["rows_read"] == 25
@@ -734,3 +750,25 @@ def test_a_missing_path_under_a_local_folder_is_not_a_hub_id(tmp_path, monkeypat
         "data/chat: file not found (read as a local path, not a Hub dataset id, because data/ "
         "exists here)"
     )
+
+
+def test_pool_drawn_from_sft_and_a_validation_split(tmp_path):
+    """data.pool: sft (the paper's design): the pool is a sample of the SFT split; the
+    validation and test splits share no prompt with it or with each other."""
+    params = DataParams(source="builtin", num_sft=12, num_val=4, num_pool=5, num_test=6, seed=3)
+    summary = prepare_data(params, tmp_path / "out")
+    assert summary["counts"] == {"sft": 12, "val": 4, "pool": 5, "test": 6}
+    assert summary["pool"] == "sft"
+    prompts = split_prompts(tmp_path / "out")
+    assert set(prompts["pool"]) <= set(prompts["sft"])
+    assert_disjoint({**prompts, "pool": []})
+    # the pool is part of the SFT data, not new data: it draws nothing of its own
+    disjoint = prepare_data(params.model_copy(update={"pool": "disjoint"}), tmp_path / "d")
+    assert disjoint["pool"] == "disjoint"
+    assert_disjoint(split_prompts(tmp_path / "d"))
+
+
+def test_a_pool_larger_than_the_sft_split_is_refused():
+    with pytest.raises(ValueError, match=r"data.num_pool \(9\) is larger than data.num_sft \(8\)"):
+        DataParams(num_sft=8, num_pool=9)
+    DataParams(num_sft=8, num_pool=9, pool="disjoint")

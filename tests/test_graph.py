@@ -57,6 +57,7 @@ def test_evaluations_follow_the_chain_and_name_their_opponent():
         ("theta_1", "iter_0", "sft"),
         ("theta_2", "iter_1", "iter_0"),
         ("sft_extra", "sft_extra", "sft"),
+        ("sft_extra_compute", "sft_extra_compute", "sft"),
     ]
     assert g.evaluation("iter_1").metrics == Path("metrics/eval_iter_1.json")
     assert g.evaluation("iter_1").generations == Path("eval/iter_1/generations.jsonl")
@@ -82,6 +83,8 @@ def test_stages_say_what_tracking_logs():
         "eval_iter_0": (EVALUATION, "iter_0"),
         "sft_extra": (TRAINING, "sft_extra"),
         "eval_sft_extra": (EVALUATION, "sft_extra"),
+        "sft_extra_compute": (TRAINING, "sft_extra_compute"),
+        "eval_sft_extra_compute": (EVALUATION, "sft_extra_compute"),
         "report": (REPORT, None),
     }
     assert g.stage("generate_iter_0").args == {"k": 0}
@@ -137,7 +140,12 @@ def test_lobass_stages_and_models_beside_theta_0():
         assert model.index is None and model.chart == name and model.step == 0
         assert g.evaluation(name).opponent is None
     assert g.chain[0] == "theta_0"
-    assert [m.name for m, _ in g.evaluated()][-3:] == ["sft_lobass", "sft_random", "sft_extra"]
+    assert [m.name for m, _ in g.evaluated()][-4:] == [
+        "sft_lobass",
+        "sft_random",
+        "sft_extra",
+        "sft_extra_compute",
+    ]
     assert "lobass/scores" in g.stage("report").inputs
 
 

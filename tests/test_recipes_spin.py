@@ -171,3 +171,69 @@ def test_training_pairs_name_the_stage_that_makes_missing_pairs(tmp_path, monkey
         "generated/iter_0/pairs.jsonl: missing; it is made by stage 'generate_iter_0' "
         "(run `dvc repro generate_iter_0`)"
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# The feedback filter and the cost of an iteration
+
+VERIFIED = [
+    {**PAIRS[3], "verifier": {"name": "final_number", "args": {"value": 6}}},  # "7": wrong
+    {
+        **PAIRS[4],
+        "verifier": {"name": "final_number", "args": {"value": 3}},
+    },  # "well, maybe 3": passes
+    PAIRS[0],  # no verifier: never filtered
+]
+
+
+def test_feedback_filter_drops_or_keeps_only_the_real_term(tiny_tokenizer_session):
+    examples = spin.encode_pairs(tiny_tokenizer_session, VERIFIED, PROMPT)
+    assert [spin.generated_passes(p) for p in VERIFIED] == [False, True, False]
+
+    kept, counts = spin.feedback_filter(examples, VERIFIED, "keep")
+    assert kept == examples and counts == {"pairs_generated_correct": 1}
+    kept, counts = spin.feedback_filter(examples, VERIFIED, "drop")
+    assert [e.index for e in kept] == [0, 2] and counts["pairs_dropped"] == 1
+    kept, counts = spin.feedback_filter(examples, VERIFIED, "real_only")
+    assert [e.contrast for e in kept] == [True, False, True] and counts["pairs_real_only"] == 1
+
+
+def test_a_real_only_pair_has_no_generated_term(tiny_tokenizer_session, tiny_model):
+    """Its loss is −log σ(β · real log-ratio) and no gradient reaches the generated answer."""
+    tok = tiny_tokenizer_session
+    accelerator = training.make_accelerator(make_optim())
+    examples = _pair_examples(tok, accelerator, tiny_model, VERIFIED[:2])
+    examples, _ = spin.feedback_filter(examples, VERIFIED[:2], "real_only")
+    # a reference that differs from the policy, so that the log-ratios are not zero
+    shifted = [
+        spin.dataclasses.replace(
+            e,
+            reference_real_logps=e.reference_real_logps - 0.5,
+            reference_generated_logps=e.reference_generated_logps + 0.7,
+        )
+        for e in examples
+    ]
+    batch = spin.pair_collate(tok.pad_token_id)(shifted)
+    tiny_model.train()
+    loss, _ = spin.spin_loss_fn(0.1, "sigmoid")(tiny_model, batch)
+    real_term = torch.nn.functional.logsigmoid(torch.tensor(0.1 * 0.5))
+    both_terms = torch.nn.functional.logsigmoid(torch.tensor(0.1 * (0.5 + 0.7)))
+    assert loss.item() == pytest.approx(-(real_term + both_terms).item() / 2, abs=1e-4)
+
+    without = spin.pair_collate(tok.pad_token_id)(
+        [spin.dataclasses.replace(e, contrast=True) for e in shifted]
+    )
+    assert "contrast" not in without
+    full, _ = spin.spin_loss_fn(0.1, "sigmoid")(tiny_model, without)
+    assert full.item() == pytest.approx(-both_terms.item(), abs=1e-4)
+
+
+def test_iteration_compute_counts_generation_of_this_iteration_only(tiny_tokenizer_session):
+    pairs = [{**PAIRS[0], "iteration": 0}, {**PAIRS[1], "iteration": 1}]
+    examples = spin.encode_pairs(tiny_tokenizer_session, pairs, PROMPT)
+    cost = spin.iteration_compute(examples, pairs, examples[1:], tokens_trained=100, k=1)
+    assert cost == {
+        "generation_tokens": len(examples[1].generated.input_ids),
+        "reference_tokens": examples[1].length,
+        "compute_tokens": len(examples[1].generated.input_ids) + examples[1].length + 300,
+    }

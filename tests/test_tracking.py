@@ -30,11 +30,11 @@ MODEL_NAME = "spinflow-test"
 def tiny_params(model_source: Path, **overrides) -> Params:
     raw = {
         "model": {"source": str(model_source)},
-        "data": {"num_sft": 8, "num_pool": 8, "num_test": 8},
-        "sft": {"batch_size": 4},
+        "data": {"num_sft": 8, "num_val": 4, "num_pool": 8, "num_test": 8},
+        "sft": {"batch_size": 4, "epochs": 2},
         "generate": {"max_new_tokens": 8, "batch_size": 8},
         "spin": {"iterations": ITERATIONS, "train": {"batch_size": 4, "epochs": 1}},
-        "sft_extra": {"enabled": True},
+        "sft_extra": {"enabled": True, "compute": False},
         "eval": {"max_new_tokens": 8, "batch_size": 8, "num_samples": 4},
         "tracking": {"experiment": "spinflow-test", "registered_model": MODEL_NAME},
     }
@@ -57,6 +57,9 @@ def run_tiny_pipeline(params: Params, *, prepare: bool = True) -> None:
     if params.sft_extra.enabled:
         execute(params, "sft_extra", sft.sft_extra)
         execute(params, "eval_sft_extra", evaluate.evaluate)
+    if params.sft_extra.enabled and params.sft_extra.compute:
+        execute(params, "sft_extra_compute", sft.sft_extra)
+        execute(params, "eval_sft_extra_compute", evaluate.evaluate)
     execute(params, "report", evaluate.report)
 
 

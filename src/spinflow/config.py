@@ -79,9 +79,30 @@ class DataParams(Section):
     num_sft: NonNegativeInt = Field(
         96, description="Examples in the SFT split (θ0 is trained on it)"
     )
+    num_val: NonNegativeInt = Field(
+        16,
+        description="Validation examples carved from the SFT data (θ0's early stopping reads them)",
+    )
     num_pool: PositiveInt = Field(32, description="Prompts in the SPIN pool (with real answers)")
+    pool: Literal["sft", "disjoint"] = Field(
+        "sft",
+        description=(
+            "sft: the pool is drawn from the SFT split, as in the paper; disjoint: new examples "
+            "that no SFT stage sees"
+        ),
+    )
     num_test: PositiveInt = Field(48, description="Held-out test examples")
     seed: int = Field(1234, description="Seed for building / sampling the data")
+
+    @model_validator(mode="after")
+    def _pool_fits(self) -> DataParams:
+        if self.pool == "sft" and self.num_pool > self.num_sft:
+            raise ValueError(
+                f"data.num_pool ({self.num_pool}) is larger than data.num_sft ({self.num_sft}), "
+                "but data.pool: sft draws the pool from the SFT split; lower data.num_pool, "
+                "raise data.num_sft or set data.pool: disjoint"
+            )
+        return self
 
 
 class LoraParams(Section):
@@ -171,6 +192,16 @@ class SftParams(OptimParams):
     )
     learning_rate: Annotated[float, Field(gt=0.0)] = Field(2e-5, description="Peak learning rate")
     optimizer: Literal["adamw", "rmsprop", "sgd"] = Field("adamw", description="Optimizer")
+    epochs: PositiveInt = Field(
+        6, description="Passes over the SFT split (the most, when sft.patience stops it earlier)"
+    )
+    patience: PositiveInt | None = Field(
+        1,
+        description=(
+            "θ0: stop after this many epochs without a lower validation loss and keep the best "
+            "epoch's weights (null: train all sft.epochs; needs data.num_val > 0)"
+        ),
+    )
 
 
 class SpinTrainParams(OptimParams):
@@ -243,6 +274,13 @@ class SpinParams(Section):
     mix_previous: NonNegativeInt = Field(
         1, description="Also train on the pairs of this many previous iterations (paper: 1)"
     )
+    feedback_filter: Literal["keep", "drop", "real_only"] = Field(
+        "keep",
+        description=(
+            "Pairs whose generated answer passes the task's verifier (it is not wrong): keep "
+            "them, drop them, or real_only: keep only the real answer's term of the loss"
+        ),
+    )
     accelerate_config: str | None = Field(
         None, description="accelerate config file for multi-GPU runs (null: single process)"
     )
@@ -274,7 +312,17 @@ class SpinParams(Section):
 class SftExtraParams(Section):
     enabled: bool = Field(
         True,
-        description="Baseline: train θ0 with plain SFT for as many optimizer steps as SPIN used",
+        description=(
+            "Baseline: train θ0 further with plain SFT on the SFT split, for as many optimizer "
+            "steps as all SPIN iterations took"
+        ),
+    )
+    compute: bool = Field(
+        True,
+        description=(
+            "Second baseline (sft_extra_compute): the same, for as much training compute as "
+            "SPIN used (token passes of generation, reference passes and training)"
+        ),
     )
 
 
@@ -342,6 +390,11 @@ class Params(Section):
             )
         if self.spin.start == "lobass" and not self.lobass.enabled:
             raise ValueError("spin.start: lobass needs lobass.enabled: true")
+        if self.sft.patience is not None and self.data.num_val == 0:
+            raise ValueError(
+                "sft.patience stops θ0's training on its validation loss, but data.num_val is 0; "
+                "raise data.num_val or set sft.patience: null"
+            )
         return self
 
     def value(self, key: str) -> Any:

@@ -1,8 +1,10 @@
-"""The ``prepare_data`` stage: build the SFT, pool and test splits.
+"""The ``prepare_data`` stage: build the SFT, validation, pool and test splits.
 
 Every split is a JSONL file of records ``{"id", "prompt", "answer", "task", "verifier"}``. The
 splits come from one sample of unique prompts cut into consecutive slices, so no prompt is in two
-splits. The source is either the built-in verifiable tasks (:mod:`spinflow.tasks`) or real chat
+splits, with one exception: with ``data.pool: sft`` (the default, as in the SPIN paper) the pool
+is the first ``data.num_pool`` examples of the SFT split. The validation split is carved from the
+same data and no training stage trains on it. The source is either the built-in verifiable tasks (:mod:`spinflow.tasks`) or real chat
 data: a local JSONL/Parquet/CSV file or a Hugging Face Hub dataset such as UltraChat-200k, from
 which the first user turn (the prompt) and the first assistant turn after it (the real answer) are
 kept, as in the SPIN paper.
@@ -30,7 +32,7 @@ from spinflow.io import atomic_path, names_local_folder, read_jsonl, write_json,
 
 logger = logging.getLogger(__name__)
 
-SPLITS = ("sft", "pool", "test")
+SPLITS = ("sft", "val", "pool", "test")
 SUMMARY_FILE = "summary.json"
 EXTERNAL_TASK = "external"
 FORMATS = ("auto", "messages", "columns")
@@ -484,25 +486,34 @@ def _read_real(source: str, extract: _Extractor, hub_split: str) -> tuple[list[d
 # The stage
 
 
+def split_sizes(params: DataParams) -> dict[str, int]:
+    """Examples each split draws from the data, in cutting order: with ``data.pool: sft`` the pool
+    is taken from the SFT split and draws nothing of its own."""
+    pool = params.num_pool if params.pool == "disjoint" else 0
+    return {"sft": params.num_sft, "val": params.num_val, "pool": pool, "test": params.num_test}
+
+
 def _too_few(what: str, available: int, params: DataParams, extra: str = "") -> DataError:
-    total = params.num_sft + params.num_pool + params.num_test
+    sizes = {k: v for k, v in split_sizes(params).items() if v or k in ("sft", "test")}
     return DataError(
-        f"{what}: {available} unique examples{extra}, but data.num_sft + data.num_pool + "
-        f"data.num_test = {params.num_sft} + {params.num_pool} + {params.num_test} = {total}; "
-        "lower data.num_sft, data.num_pool or data.num_test"
+        f"{what}: {available} unique examples{extra}, but "
+        + " + ".join(f"data.num_{k}" for k in sizes)
+        + " = "
+        + " + ".join(str(v) for v in sizes.values())
+        + f" = {sum(sizes.values())}; lower "
+        + ", ".join(f"data.num_{k}" for k in sizes)
     )
 
 
 def _builtin_examples(params: DataParams) -> list[dict]:
     from spinflow import tasks
 
-    total = params.num_sft + params.num_pool + params.num_test
+    total = sum(split_sizes(params).values())
     try:
         examples = tasks.generate_examples(total, params.seed, params.families)
     except ValueError as exc:
         raise DataError(
-            f"built-in tasks: {_one_line(exc)} (check data.families, or lower data.num_sft, "
-            "data.num_pool or data.num_test)"
+            f"built-in tasks: {_one_line(exc)} (check data.families, or lower the data.num_* sizes)"
         ) from None
     records = []
     seen: set[str] = set()
@@ -524,20 +535,22 @@ def _builtin_examples(params: DataParams) -> list[dict]:
 
 
 def _cut(records: list[dict], params: DataParams) -> dict[str, list[dict]]:
-    sizes = {"sft": params.num_sft, "pool": params.num_pool, "test": params.num_test}
     splits: dict[str, list[dict]] = {}
     start = 0
-    for split in SPLITS:
-        splits[split] = records[start : start + sizes[split]]
-        start += sizes[split]
-    return splits
+    for split, size in split_sizes(params).items():
+        splits[split] = records[start : start + size]
+        start += size
+    if params.pool == "sft":
+        # the SFT split is already in random order: its first prompts are a random sample
+        splits["pool"] = splits["sft"][: params.num_pool]
+    return {split: splits[split] for split in SPLITS}
 
 
 def build_splits(params: DataParams) -> tuple[dict[str, list[dict]], dict]:
     """Read or generate the data and cut it into the splits; returns (splits, summary)."""
-    total = params.num_sft + params.num_pool + params.num_test
+    total = sum(split_sizes(params).values())
     rng = random.Random(params.seed)
-    summary: dict[str, Any] = {"source": params.source, "seed": params.seed}
+    summary: dict[str, Any] = {"source": params.source, "seed": params.seed, "pool": params.pool}
     if params.source == "builtin":
         records = _builtin_examples(params)
         rng.shuffle(records)
@@ -582,7 +595,8 @@ def build_splits(params: DataParams) -> tuple[dict[str, list[dict]], dict]:
 def prepare_data(
     params: DataParams, out_dir: str | os.PathLike, files: dict[str, Any] | None = None
 ) -> dict:
-    """Write ``sft.jsonl``, ``pool.jsonl``, ``test.jsonl`` and ``summary.json`` into ``out_dir``,
+    """Write ``sft.jsonl``, ``val.jsonl``, ``pool.jsonl``, ``test.jsonl`` and ``summary.json``
+    into ``out_dir``,
     with ``files`` (name: JSON object, such as provenance.json).
 
     The directory is written next to its place and renamed into it only when complete, so a

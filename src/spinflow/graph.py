@@ -398,7 +398,13 @@ class Graph:
                     stage,
                     "train",
                     (str(theta_k.path), *map(str, mixed)),
-                    ("spin.train", "spin.beta", "spin.loss", "spin.mix_previous")
+                    (
+                        "spin.train",
+                        "spin.beta",
+                        "spin.loss",
+                        "spin.mix_previous",
+                        "spin.feedback_filter",
+                    )
                     + PROMPT_KEYS
                     + override,
                     outs=(f"models/{name}",),
@@ -483,46 +489,47 @@ class Graph:
             self._evaluate(name, name, None, ())
 
     def _sft_extra(self) -> None:
-        """Baseline: θ0 trained further with plain SFT for as many steps as all of SPIN."""
+        """Baselines: θ0 trained further with plain SFT on the SFT split, for as many optimizer
+        steps as all of SPIN (sft_extra) and for as much compute (sft_extra_compute)."""
         p = self.params
         if not p.sft_extra.enabled:
             return
         theta_0 = self.theta(0)
-        self.models["sft_extra"] = Model(
-            "sft_extra",
-            Path("models/sft_extra"),
-            "sft_extra",
-            "SFT-extra (same steps)",
-            SFT_EXTRA,
-            run_name="sft_extra",
-            train_metrics=train_metrics("sft_extra"),
-            steps_csv=steps_csv("sft_extra"),
-            timings=timings_file("sft_extra"),
-            opponent=theta_0.name,
-            chart="sft_extra",
-            step=p.spin.iterations,
-        )
-        self._add(
-            Stage(
-                "sft_extra",
-                "sft_extra",
-                (
-                    str(theta_0.path),
-                    str(DATA_DIR),
-                    *(str(spin_steps(k)) for k in range(p.spin.iterations)),
-                ),
-                ("sft", *PROMPT_KEYS),
-                outs=("models/sft_extra",),
-                metrics=(str(train_metrics("sft_extra")),),
-                plots=(steps_plot("sft_extra"),),
-                accelerate="spin.accelerate_config",
-                track=TRAINING,
-                subject="sft_extra",
+        spin_files = tuple(str(spin_steps(k)) for k in range(p.spin.iterations))
+        variants = [("sft_extra", "SFT-extra (same steps)", "steps")]
+        if p.sft_extra.compute:
+            variants.append(("sft_extra_compute", "SFT-extra (same compute)", "compute"))
+        for name, label, budget in variants:
+            self.models[name] = Model(
+                name,
+                Path(f"models/{name}"),
+                name,
+                label,
+                SFT_EXTRA,
+                run_name=name,
+                train_metrics=train_metrics(name),
+                steps_csv=steps_csv(name),
+                timings=timings_file(name),
+                opponent=theta_0.name,
+                chart=name,
+                step=p.spin.iterations,
             )
-        )
-        self._evaluate(
-            "sft_extra", "sft_extra", self.evaluation_of(theta_0.name).name, ("spin.beta",)
-        )
+            self._add(
+                Stage(
+                    name,
+                    "sft_extra",
+                    (str(theta_0.path), str(DATA_DIR), *spin_files),
+                    ("sft", *PROMPT_KEYS),
+                    outs=(f"models/{name}",),
+                    metrics=(str(train_metrics(name)),),
+                    plots=(steps_plot(name),),
+                    accelerate="spin.accelerate_config",
+                    args={"budget": budget},
+                    track=TRAINING,
+                    subject=name,
+                )
+            )
+            self._evaluate(name, name, self.evaluation_of(theta_0.name).name, ("spin.beta",))
 
     def _report(self) -> None:
         scores = (str(LOBASS_SCORES),) if "lobass_score" in self.stages else ()
@@ -533,6 +540,11 @@ class Graph:
                 (
                     *(str(e.metrics) for e in self.evaluations.values()),
                     *(str(e.directory) for e in self.evaluations.values()),
+                    *(
+                        str(m.train_metrics)
+                        for m in self.models.values()
+                        if m.train_metrics is not None
+                    ),
                     str(DATA_DIR),
                     *scores,
                     *(
@@ -543,7 +555,7 @@ class Graph:
                 ),
                 # the switches that add or remove rows: DVC does not re-run a stage whose
                 # dependency list merely shrank, but it does see a listed value change
-                ("spin.iterations", "spin.start", "sft.enabled", "sft_extra.enabled", "lobass"),
+                ("spin.iterations", "spin.start", "sft.enabled", "sft_extra", "lobass"),
                 uncached_outs=(
                     str(REPORT_DIR / "results.md"),
                     str(REPORT_DIR / "metrics.png"),

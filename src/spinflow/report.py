@@ -128,14 +128,15 @@ def write_chart(rows: list[dict[str, Any]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     spin_rows = [r for r in rows if r["iteration"] is not None]
-    baseline = next((r for r in rows if r["role"] == SFT_EXTRA), None)
+    baselines = [r for r in rows if r["role"] == SFT_EXTRA]
     fig, axes = plt.subplots(1, len(CHART_METRICS), figsize=(4.2 * len(CHART_METRICS), 3.4))
     for ax, metric in zip(axes, CHART_METRICS, strict=True):
         xs = [r["iteration"] for r in spin_rows if r.get(metric) is not None]
         ys = [r[metric] for r in spin_rows if r.get(metric) is not None]
         ax.plot(xs, ys, marker="o", label="SPIN θk")
-        if baseline is not None and baseline.get(metric) is not None:
-            ax.axhline(baseline[metric], color="tab:red", linestyle="--", label="SFT-extra")
+        for baseline, color in zip(baselines, ("tab:red", "tab:purple"), strict=False):
+            if baseline.get(metric) is not None:
+                ax.axhline(baseline[metric], color=color, linestyle="--", label=baseline["label"])
         ax.set_title(metric.replace("_", " "))
         ax.set_xlabel("iteration k (θk)")
         ax.set_xticks(xs)
@@ -163,8 +164,10 @@ def write_report(graph: Graph) -> dict[str, Any]:
         "# SPIN results",
         "",
         "Held-out test split; θ0 is the SFT model, θk+1 the result of SPIN "
-        "iteration k. SFT-extra keeps training θ0 with plain SFT for as many optimizer steps as all "
-        "SPIN iterations together.",
+        "iteration k. The SFT-extra baselines keep training θ0 with plain SFT on the same SFT "
+        "data, for as many optimizer steps as all SPIN iterations together (same steps) or for "
+        "as much compute (same compute: token passes of generation, reference passes and "
+        "training).",
         "",
         markdown_table(rows),
         "",
@@ -179,12 +182,61 @@ def write_report(graph: Graph) -> dict[str, Any]:
     tasks = per_task_table(rows)
     if tasks:
         text += ["## Verifier pass rate per task", "", tasks, ""]
+    text += training_section(graph)
     if "lobass_select" in graph.stages:
         text += lobass_section()
         write_score_histogram(REPORT_DIR / "lobass_scores.png")
     write_text(REPORT_DIR / "results.md", "\n".join(text))
     write_chart(rows, REPORT_DIR / "metrics.png")
     return {"rows": len(rows)}
+
+
+def training_section(graph: Graph) -> list[str]:
+    """What each model cost to train, and θ0's validation curve."""
+    rows = ["| model | optimizer steps | token passes (compute) |", "|---|---:|---:|"]
+    spin_total = 0
+    for model in graph.models.values():
+        if model.train_metrics is None or not model.train_metrics.is_file():
+            continue
+        summary = read_json(model.train_metrics)
+        if model.iteration is not None:  # SPIN: cumulative, generation and reference included
+            spin_total += int(summary.get("compute_tokens", 0))
+            compute = spin_total
+        else:
+            compute = 3 * int(summary.get("tokens_seen", 0))
+        rows.append(f"| {model.label} | {summary.get('optimizer_steps', '–')} | {compute:,} |")
+    text = [
+        "## Training cost",
+        "",
+        "Token passes: one token through one forward pass, a backward pass counting as two. A "
+        "SPIN row adds up every iteration up to it, θk's generation and the reference passes "
+        "included; θ0's row is its own SFT.",
+        "",
+        *rows,
+        "",
+    ]
+    theta_0 = graph.theta(0)
+    curve = []
+    if theta_0.train_metrics is not None and theta_0.train_metrics.is_file():
+        summary = read_json(theta_0.train_metrics)
+        curve = summary.get("validation") or []
+    if curve:
+        best = summary.get("best_epoch")
+        text += [
+            "## θ0 validation loss",
+            "",
+            "Loss per answer token on the validation split after each SFT epoch"
+            + (f"; the weights of epoch {best} are kept." if best else "."),
+            "",
+            "| epoch | validation loss |",
+            "|---:|---:|",
+            *(
+                f"| {p['epoch']}{' (kept)' if p['epoch'] == best else ''} | {p['val_loss']:.4f} |"
+                for p in curve
+            ),
+            "",
+        ]
+    return text
 
 
 def _lobass_scores() -> list[dict[str, Any]]:

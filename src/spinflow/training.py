@@ -44,6 +44,7 @@ class TrainResult:
         return {
             "optimizer_steps": self.steps,
             "examples_seen": self.examples_seen,
+            "tokens_seen": self.tokens_seen,
             **{f"final_{k}": v for k, v in last.items() if k not in ("step", "epoch")},
         }
 
@@ -328,8 +329,12 @@ def train_loop(
     max_steps: int | None = None,
     on_step: Callable[[dict[str, float]], None] | None = None,
     items: Callable[[dict], int] | None = None,
+    on_epoch: Callable[[int, torch.nn.Module], bool] | None = None,
 ) -> TrainResult:
     """Optimise ``model`` on ``examples``; ``max_steps`` (if set) replaces ``optim.epochs``.
+
+    ``on_epoch(epoch, model)`` runs after each complete epoch (1 for the first) with the model
+    being trained; returning True ends training there (early stopping).
 
     ``loss_fn`` returns a mean over a batch's items: its rows (the default ``items``) or, for a
     per-token loss, what ``items`` counts (:func:`answer_tokens` for the SFT loss). An optimizer
@@ -405,6 +410,13 @@ def train_loop(
                 if result.steps >= total_steps:
                     break
             epoch += 1
+            # only a complete epoch: max_steps may end training inside one
+            if (
+                on_epoch is not None
+                and last_micro + 1 == micro_per_epoch
+                and on_epoch(epoch, model)
+            ):
+                break
     finally:
         accelerator.sync_gradients = True  # leave accelerate's shared state as a fresh loop expects
     bar.close()

@@ -16,10 +16,10 @@ reports is :func:`spinflow.losses.spin_logits` on the test answers.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from spinflow import graph as pipeline_graph
 from spinflow.chat import Encoded, collate_shared, encode_example
 from spinflow.config import OptimParams, Params, PromptParams
+from spinflow.errors import SpinflowError
 from spinflow.graph import DATA_DIR, Graph
 from spinflow.io import atomic_path, read_jsonl, write_json, write_jsonl, write_rows_csv
 from spinflow.losses import spin_loss
@@ -48,7 +49,7 @@ PAIR_KEYS = ("id", "prompt", "real", "generated")  # what training reads from a 
 # Pairs
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class PairExample:
     """One training pair, tokenised, with θk's summed log-probs once the reference pass ran."""
 
@@ -57,6 +58,9 @@ class PairExample:
     generated: Encoded
     reference_real_logps: float = 0.0
     reference_generated_logps: float = 0.0
+    # False: the generated answer passed its verifier and spin.feedback_filter is real_only, so
+    # the loss keeps only the real answer's term
+    contrast: bool = True
 
     @property
     def length(self) -> int:
@@ -80,6 +84,8 @@ def make_pairs(pool: Sequence[dict], answers: Sequence, k: int) -> list[dict]:
             "real": r["answer"],
             "generated": a if isinstance(a, str) else a.text,
         }
+        if r.get("verifier") is not None:
+            pair["verifier"] = r["verifier"]
         if not isinstance(a, str):
             pair["generated_logp"] = round(a.logp, 4)
             pair["generated_ended"] = a.ended
@@ -94,6 +100,34 @@ def training_pairs(params: Params, k: int, graph: Graph | None = None) -> list[d
     for path in graph.theta(k + 1).pairs:
         pairs.extend(read_jsonl(require(graph, path), PAIR_KEYS))
     return pairs
+
+
+def generated_passes(pair: dict) -> bool:
+    """Whether the generated answer passes the pair's verifier (False when it has none)."""
+    from spinflow.verifiers import verify
+
+    verifier = pair.get("verifier")
+    return verifier is not None and verify(pair["generated"], verifier)
+
+
+def feedback_filter(
+    examples: Sequence[PairExample], pairs: Sequence[dict], mode: str
+) -> tuple[list[PairExample], dict[str, int]]:
+    """Apply ``spin.feedback_filter``: a generated answer that passes its verifier is not a wrong
+    answer; ``drop`` removes its pair, ``real_only`` keeps the pair without the generated term."""
+    passing = [generated_passes(p) for p in pairs]
+    counts = {"pairs_generated_correct": sum(passing)}
+    if mode == "keep":
+        return list(examples), counts
+    if mode == "drop":
+        kept = [e for e, ok in zip(examples, passing, strict=True) if not ok]
+        counts["pairs_dropped"] = len(examples) - len(kept)
+        return kept, counts
+    kept = [
+        dataclasses.replace(e, contrast=not ok) for e, ok in zip(examples, passing, strict=True)
+    ]
+    counts["pairs_real_only"] = sum(passing)
+    return kept, counts
 
 
 def encode_pairs(tokenizer, pairs: Sequence[dict], prompt: PromptParams) -> list[PairExample]:
@@ -121,6 +155,8 @@ def pair_collate(pad_token_id: int):
         batch["reference_generated_logps"] = torch.tensor(
             [e.reference_generated_logps for e in examples]
         )
+        if not all(e.contrast for e in examples):
+            batch["contrast"] = torch.tensor([e.contrast for e in examples])
         return batch
 
     return fn
@@ -135,11 +171,17 @@ def spin_loss_fn(beta: float, kind: str) -> LossFn:
         logps = forward_logps(model, batch)
         pairs = batch["index"].numel()
         real, generated = logps[:pairs], logps[pairs:]
+        reference_generated = batch["reference_generated_logps"].to(real.device)
+        if "contrast" in batch:
+            # a real-only pair: the generated log-ratio is held at 0 and gets no gradient
+            generated = torch.where(
+                batch["contrast"].to(real.device), generated, reference_generated.to(logps.dtype)
+            )
         out = spin_loss(
             real,
             generated,
             batch["reference_real_logps"].to(real.device),
-            batch["reference_generated_logps"].to(real.device),
+            reference_generated,
             beta=beta,
             kind=kind,
         )
@@ -192,7 +234,14 @@ def reference_logps(
 
         scored = gather_object(scored)
     by_index = {index: (real, generated) for index, real, generated in scored}
-    return [PairExample(e.index, e.real, e.generated, *by_index[e.index]) for e in examples]
+    return [
+        dataclasses.replace(
+            e,
+            reference_real_logps=by_index[e.index][0],
+            reference_generated_logps=by_index[e.index][1],
+        )
+        for e in examples
+    ]
 
 
 def resolve_optim(optim: OptimParams, model, tokenizer, examples, beta: float, loss: str):
@@ -323,6 +372,31 @@ def generate(params: Params, k: int) -> dict[str, Any] | None:
     return summary
 
 
+def iteration_compute(
+    encoded: Sequence[PairExample],
+    pairs: Sequence[dict],
+    trained: Sequence[PairExample],
+    tokens_trained: int,
+    k: int,
+) -> dict[str, int]:
+    """What iteration k cost, in token passes (one token through one forward pass; a backward
+    pass counts as two): θk's generation of its pairs (each prompt and answer token once; the
+    pairs of earlier iterations mixed in were paid for there), the reference pass over every
+    trained pair, and training (forward and backward over ``tokens_trained``)."""
+    generation = sum(
+        len(e.generated.input_ids)
+        for e, p in zip(encoded, pairs, strict=True)
+        if int(p.get("iteration", k)) == k
+    )
+    reference = sum(e.length for e in trained)
+    training = 3 * tokens_trained
+    return {
+        "generation_tokens": generation,
+        "reference_tokens": reference,
+        "compute_tokens": generation + reference + training,
+    }
+
+
 def train(params: Params, k: int) -> dict[str, Any]:
     """θk+1: start from θk, opponent θk, SPIN loss on real vs generated answers."""
     from spinflow.models import load_model, load_tokenizer
@@ -338,7 +412,13 @@ def train(params: Params, k: int) -> dict[str, Any]:
     seed_everything(seed)
     tokenizer = load_tokenizer(source)
     model = load_model(source)
-    examples = encode_pairs(tokenizer, pairs, params.prompt)
+    encoded = encode_pairs(tokenizer, pairs, params.prompt)
+    examples, filtered = feedback_filter(encoded, pairs, params.spin.feedback_filter)
+    if not examples:
+        raise SpinflowError(
+            f"{target.stage}: spin.feedback_filter: drop removed every pair (θ{k}'s answers all "
+            "pass their verifiers); use real_only, or keep"
+        )
     optim, precision = resolve_optim(optim, model, tokenizer, examples, beta, params.spin.loss)
     accelerator = make_accelerator(optim)
     model, result, _ = spin_iteration(
@@ -364,6 +444,7 @@ def train(params: Params, k: int) -> dict[str, Any]:
             "beta": beta,
             "loss": params.spin.loss,
             "mix_previous": params.spin.mix_previous,
+            "feedback_filter": params.spin.feedback_filter,
             "prompt": params.prompt.model_dump(),
             "seed": params.seed,
         },
@@ -372,17 +453,23 @@ def train(params: Params, k: int) -> dict[str, Any]:
     save_checkpoint(
         accelerator, model, tokenizer, target.path, {PROVENANCE_FILE: made_by} if made_by else None
     )
+    cost = iteration_compute(encoded, pairs, examples, result.tokens_seen, k)
     summary = {
         "iteration": k,
         "pairs": len(examples),
+        **filtered,
         "beta": beta,
         "learning_rate": optim.learning_rate,
         **precision.summary(),
         **result.summary(),
+        **cost,
     }
     if accelerator.is_main_process:
         write_json(target.train_metrics, summary)
-        write_json(pipeline_graph.spin_steps(k), {"optimizer_steps": result.steps})
+        write_json(
+            pipeline_graph.spin_steps(k),
+            {"optimizer_steps": result.steps, "compute_tokens": cost["compute_tokens"]},
+        )
         write_rows_csv(target.steps_csv, result.history)
         write_timings(target.timings, target.path, result.timings())
     return {**summary, **result.timings()}
