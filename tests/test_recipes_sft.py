@@ -66,9 +66,8 @@ class _Scripted(sft._Validation):
     """The early-stopping rule on a scripted validation curve."""
 
     def __init__(self, losses, patience):
-        from spinflow.training import make_accelerator
-
         from conftest import make_optim
+        from spinflow.training import make_accelerator
 
         super().__init__(make_accelerator(make_optim()), None, [], _params(1), patience)
         self.losses = list(losses)
