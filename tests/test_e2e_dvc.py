@@ -221,8 +221,12 @@ def test_pipeline_runs_and_reruns_only_what_changed(workspace: Workspace):
         # batch 4
         assert train["optimizer_steps"] == NUM_POOL * (k + 1) // 4 * raw["spin"]["train"]["epochs"]
         assert ws.json(f"metrics/spin_steps_iter_{k}.json") == {
-            "optimizer_steps": train["optimizer_steps"]
+            "optimizer_steps": train["optimizer_steps"],
+            "compute_tokens": train["compute_tokens"],
         }
+        assert train["compute_tokens"] == (
+            train["generation_tokens"] + train["reference_tokens"] + 3 * train["tokens_seen"]
+        )
         with open(ws.path(f"plots/train_iter_{k}_steps.csv"), newline="") as f:
             rows = list(csv.DictReader(f))
         assert len(rows) == train["optimizer_steps"]

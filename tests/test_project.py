@@ -54,6 +54,14 @@ def test_paper_recipe_validates_and_matches_the_paper():
     assert (ROOT / params.spin.accelerate_config).exists()
 
 
+def test_study_preset_has_the_sizes_the_study_needs():
+    params = load_params(ROOT / "configs" / "study-cpu.yaml")
+    assert params.data.num_sft >= 512 and params.data.num_pool >= 256
+    assert params.data.num_test >= 256 and params.generate.max_new_tokens >= 128
+    assert params.data.pool == "sft" and params.spin.iterations == 3
+    assert params.sft_extra.enabled and params.sft_extra.compute
+
+
 def test_accelerate_configs_parse():
     for path in (ROOT / "configs" / "accelerate").glob("*.yaml"):
         config = yaml.safe_load(path.read_text(encoding="utf-8"))
