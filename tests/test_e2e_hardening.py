@@ -76,7 +76,8 @@ EDITS = {
     "misspelt key": (
         lambda t: t.replace("spin:\n", "spin:\n  betaa: 0.2\n", 1),
         "error: validate_params: params.yaml: unknown key 'spin.betaa' (allowed here: "
-        "accelerate_config, beta, iterations, loss, mix_previous, per_iteration, start, train)",
+        "accelerate_config, beta, feedback_filter, iterations, loss, mix_previous, per_iteration, start, "
+        "train)",
     ),
     "infinite beta": (
         lambda t: _set(t, "spin", "beta", ".inf"),
