@@ -233,6 +233,30 @@ def test_schema_refuses_bad_settings(lm_eval, expected):
     assert expected in str(err.value)
 
 
+def test_report_table_shows_value_and_stderr_per_model():
+    from spinflow.report import benchmark_table
+
+    rows = [
+        {
+            "label": "θ0",
+            "lm_eval": {
+                "gsm8k": {
+                    "exact_match/strict-match": 0.25,
+                    "exact_match_stderr/strict-match": 0.0125,
+                }
+            },
+        },
+        {"label": "θ1", "lm_eval": {"gsm8k": {"exact_match/strict-match": 0.5}}},
+        {"label": "SFT-extra"},
+    ]
+    assert benchmark_table(rows).splitlines() == [
+        "| task | metric | θ0 | θ1 | SFT-extra |",
+        "|---|---|---:|---:|---:|",
+        "| gsm8k | exact_match/strict-match | 0.2500 ± 0.0125 | 0.5000 | – |",
+    ]
+    assert benchmark_table([{"label": "θ0"}]) == ""  # off: no section
+
+
 def test_metric_names_keep_the_filter_and_drop_what_is_not_a_number():
     results = {
         "results": {
@@ -259,3 +283,49 @@ def test_metric_names_keep_the_filter_and_drop_what_is_not_a_number():
     scalars = eval_scalars({"exact_match": 0.1, "lm_eval": harness.headline(summary)})
     assert scalars["lm_eval/gsm8k/exact_match/strict-match"] == 0.25
     assert scalars["exact_match"] == 0.1
+
+
+@pytest.mark.slow
+def test_eval_stage_writes_and_logs_the_benchmark(tiny_dvc_repo, tmp_path):
+    """The shared tiny pipeline with a local harness task: eval_sft runs it on θ0 under DVC,
+    writes lm_eval.json and the metrics, logs them to MLflow; the task's folder is its input."""
+    from mlflow.tracking import MlflowClient
+
+    from spinflow.models import load_model, load_tokenizer
+
+    repo = tiny_dvc_repo.copy(tmp_path / "repo")
+    theta_0 = repo.root / "models" / "theta_0"
+    labels, expected = expected_metrics(load_model(theta_0).eval(), load_tokenizer(theta_0))
+    write_task(repo.root / "bench", repo.root, labels)
+    params = repo.root / "params.yaml"
+    raw = yaml.safe_load(params.read_text(encoding="utf-8"))
+    raw["eval"]["lm_eval"].update(tasks=[TASK], include_path="bench", batch_size=4)
+    raw["tracking"].update(enabled=True, log_models=False)
+    params.write_text(yaml.safe_dump(raw, sort_keys=False), encoding="utf-8")
+    repo.run("spinflow", "pipeline", "write")
+    stage = yaml.safe_load((repo.root / "dvc.yaml").read_text(encoding="utf-8"))["stages"]
+    assert "bench" in stage["eval_sft"]["deps"] and "eval" in stage["eval_sft"]["params"]
+
+    cache = {"HF_DATASETS_CACHE": str(tmp_path / "datasets-cache")}
+    ran = repo.ran(repo.run("dvc", "repro", "eval_sft", env=cache))
+    assert ran == {"eval_sft"}, f"ran {sorted(ran)}"
+
+    metrics = repo.json("metrics/eval_sft.json")
+    assert metrics["lm_eval"][TASK] == pytest.approx(expected, rel=1e-6)
+    assert "exact_match" in metrics  # beside the built-in metrics
+    written = repo.json(f"eval/sft/{harness.RESULTS_FILE}")
+    assert written["results"][TASK] == metrics["lm_eval"][TASK]
+    assert written["samples"][TASK]["effective"] == len(QUESTIONS)
+    assert repo.json("eval/sft/provenance.json")["inputs"]["lm_eval_tasks"]["path"] == "bench"
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{repo.root / 'mlflow.db'}")
+    runs = client.search_runs(
+        [client.get_experiment_by_name(raw["tracking"]["experiment"]).experiment_id],
+        filter_string="attributes.run_name = 'theta_0 (sft)'",
+    )
+    assert len(runs) == 1
+    logged = runs[0].data.metrics
+    assert logged[f"eval/lm_eval/{TASK}/acc"] == pytest.approx(expected["acc"])
+    assert logged[f"eval/lm_eval/{TASK}/acc_norm_stderr"] == pytest.approx(
+        expected["acc_norm_stderr"]
+    )
