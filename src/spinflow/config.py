@@ -339,10 +339,95 @@ class LobassParams(Section):
     min_examples: PositiveInt = Field(8, description="Keep at least this many examples")
 
 
+class LmEvalParams(Section):
+    """Standard benchmarks through lm-evaluation-harness (``pip install 'spinflow[lmeval]'``)."""
+
+    tasks: list[str] = Field(
+        default_factory=list,
+        description="Harness task, group or tag names run on every evaluated model, e.g. "
+        "[arc_challenge, gsm8k] (empty: off)",
+    )
+    num_fewshot: NonNegativeInt | dict[str, NonNegativeInt] | None = Field(
+        None,
+        description="Few-shot examples: one number for every task, a mapping task: number, or "
+        "null for each task's own default (a task whose config fixes 0 keeps 0)",
+    )
+    limit: PositiveInt | None = Field(
+        None, description="Examples per task (null: all; a limited score is not comparable)"
+    )
+    batch_size: PositiveInt | Literal["auto"] = Field(
+        8, description='Requests per forward pass ("auto": the largest that fits)'
+    )
+    include_path: str | None = Field(
+        None,
+        description="Directory of extra task YAMLs (local tasks); its files are a dependency "
+        "of the eval stages",
+    )
+    device: str = Field(
+        "auto", description='Where the harness runs the model: "auto" (cuda if any), cpu, cuda:N'
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Weights during the harness (auto: as loaded, float32)"
+    )
+
+    @field_validator("tasks")
+    @classmethod
+    def _task_names(cls, value: list[str]) -> list[str]:
+        for name in value:
+            if not name.strip():
+                raise ValueError("task names must not be empty")
+        duplicated = sorted({name for name in value if value.count(name) > 1})
+        if duplicated:
+            raise ValueError(f"task {duplicated[0]!r} is listed twice")
+        return value
+
+    @field_validator("num_fewshot", mode="before")
+    @classmethod
+    def _fewshot_setting(cls, value: Any) -> Any:
+        def count(n: Any) -> bool:
+            return isinstance(n, int) and not isinstance(n, bool) and n >= 0
+
+        if value is None or count(value):
+            return value
+        if isinstance(value, dict) and all(
+            isinstance(k, str) and count(v) for k, v in value.items()
+        ):
+            return value
+        raise ValueError("must be an integer ≥ 0, a mapping task: integer ≥ 0, or null")
+
+    @field_validator("batch_size", mode="before")
+    @classmethod
+    def _batch_setting(cls, value: Any) -> Any:
+        if value == "auto" or (
+            isinstance(value, int) and not isinstance(value, bool) and value > 0
+        ):
+            return value
+        raise ValueError("must be an integer > 0 or auto")
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", value):
+            raise ValueError("must be auto, cpu, cuda, cuda:<index> or mps")
+        return value
+
+    @model_validator(mode="after")
+    def _fewshot_names_listed_tasks(self) -> LmEvalParams:
+        if isinstance(self.num_fewshot, dict):
+            for name in self.num_fewshot:
+                if name not in self.tasks:
+                    raise ValueError(
+                        f"num_fewshot names {name!r}, which is not in tasks "
+                        f"({', '.join(self.tasks) or 'empty'})"
+                    )
+        return self
+
+
 class EvalParams(Section):
     batch_size: PositiveInt = Field(16, description="Examples per evaluation batch")
     max_new_tokens: PositiveInt = Field(32, description="Longest greedy answer, in tokens")
     num_samples: NonNegativeInt = Field(16, description="Sample answers kept for inspection")
+    lm_eval: LmEvalParams = Field(default_factory=LmEvalParams)
 
 
 class TrackingParams(Section):

@@ -237,6 +237,9 @@ class Graph:
         inputs = [str(self.models[model].path), str(DATA_DIR)]
         if opponent is not None:
             inputs.append(str(self.evaluations[opponent].directory))
+        benchmarks = self.params.eval.lm_eval
+        if benchmarks.tasks and benchmarks.include_path:  # local harness tasks and their data
+            inputs.append(benchmarks.include_path)
         self.evaluations[name] = evaluation
         self._add(
             Stage(

@@ -121,6 +121,35 @@ def per_task_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join([header, rule, *body])
 
 
+def benchmark_table(rows: list[dict[str, Any]]) -> str:
+    """lm-evaluation-harness metrics (``eval.lm_eval``): one row per task and metric, one column
+    per model, each value with the harness's standard error."""
+    found: dict[tuple[str, str], None] = {}
+    for row in rows:
+        for task, values in (row.get("lm_eval") or {}).items():
+            for metric in values:
+                if "_stderr" not in metric:
+                    found[(task, metric)] = None
+    if not found:
+        return ""
+
+    def cell(row: dict[str, Any], task: str, metric: str) -> str:
+        values = (row.get("lm_eval") or {}).get(task, {})
+        if metric not in values:
+            return "–"
+        name, _, filter_name = metric.partition("/")
+        stderr = values.get(f"{name}_stderr" + (f"/{filter_name}" if filter_name else ""))
+        return f"{values[metric]:.4f}" + (f" ± {stderr:.4f}" if stderr is not None else "")
+
+    header = "| task | metric | " + " | ".join(row["label"] for row in rows) + " |"
+    rule = "|---|---|" + "---:|" * len(rows)
+    body = [
+        f"| {task} | {metric} | " + " | ".join(cell(row, task, metric) for row in rows) + " |"
+        for task, metric in found
+    ]
+    return "\n".join([header, rule, *body])
+
+
 def write_chart(rows: list[dict[str, Any]], path: Path) -> None:
     import matplotlib
 
@@ -182,6 +211,17 @@ def write_report(graph: Graph) -> dict[str, Any]:
     tasks = per_task_table(rows)
     if tasks:
         text += ["## Verifier pass rate per task", "", tasks, ""]
+    benchmarks = benchmark_table(rows)
+    if benchmarks:
+        text += [
+            "## Standard benchmarks (lm-evaluation-harness)",
+            "",
+            "`eval.lm_eval`: value ± standard error; every task's full results are in "
+            "`eval/<evaluation>/lm_eval.json`.",
+            "",
+            benchmarks,
+            "",
+        ]
     text += training_section(graph)
     if "lobass_select" in graph.stages:
         text += lobass_section()

@@ -5,7 +5,8 @@ loaded. What it cannot see is checked here:
 
 - :func:`check_references`: the files params.yaml names exist and are what they should be
   (``spin.accelerate_config`` a file, a local ``data.source`` a file, not a directory, a local
-  ``model.source`` present);
+  ``model.source`` present), and the lm-evaluation-harness tasks ``eval.lm_eval.tasks`` names
+  are known to the harness (or to ``eval.lm_eval.include_path``);
 - :func:`check_dvc_keys`: params.yaml itself holds every key a stage of dvc.yaml lists (DVC
   reads them from the file, not from the schema's defaults).
 
@@ -23,6 +24,7 @@ from typing import Any
 from spinflow.config import PARAMS_FILE, Params, read_params_file
 from spinflow.errors import ConfigError
 from spinflow.graph import Graph, build
+from spinflow.harness import check_tasks
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +91,7 @@ def check_references(params: Params) -> None:
     ):
         if problem:
             raise ConfigError(problem)
+    check_tasks(params.eval.lm_eval)
 
 
 def _has_key(tree: Any, dotted: str) -> bool:

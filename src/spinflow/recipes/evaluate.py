@@ -2,6 +2,9 @@
 
 An evaluation whose graph node names an opponent (θk for θk+1, θ0 for the SFT-extra baseline)
 reads the opponent's evaluation rows, so the reward margin needs no second model in memory.
+With ``eval.lm_eval.tasks`` set, the same loaded model then runs those lm-evaluation-harness
+tasks: their metrics join the stage's metrics under ``lm_eval`` and the harness's results are
+written to ``eval/<name>/lm_eval.json``.
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from spinflow import graph as pipeline_graph
+from spinflow import harness
 from spinflow.config import Params
 from spinflow.graph import DATA_DIR
 from spinflow.io import atomic_path, read_jsonl, write_json, write_jsonl
@@ -31,6 +35,8 @@ def evaluate(params: Params, name: str) -> dict[str, Any]:
     from spinflow.models import load_model, load_tokenizer
 
     check_engine(params.generate.engine)
+    # unknown harness tasks or data that cannot be loaded stop here, before any model is loaded
+    benchmarks = harness.prepare(params.eval.lm_eval)
 
     graph = pipeline_graph.build(params)
     evaluation = graph.evaluation(name)
@@ -57,12 +63,20 @@ def evaluate(params: Params, name: str) -> dict[str, Any]:
             params.generate, model, tokenizer, model_dir=source, batch_size=params.eval.batch_size
         ),
     )
+    benchmark_results = None
+    if benchmarks is not None:  # last: it may move the model to another device
+        benchmark_results = harness.run(model, tokenizer, benchmarks)
+        metrics["lm_eval"] = harness.headline(benchmark_results)
     metrics = {"model": name, **metrics}
     inputs = {"model": source, "test": DATA_DIR / "test.jsonl"}
     if opponent:
         inputs["opponent"] = opponent.generations
+    if benchmarks is not None and benchmarks.settings.include_path is not None:
+        inputs["lm_eval_tasks"] = benchmarks.settings.include_path
     with atomic_path(evaluation.directory, directory=True) as tmp:
         write_jsonl(tmp / evaluation.generations.name, rows)
+        if benchmark_results is not None:
+            write_json(tmp / harness.RESULTS_FILE, benchmark_results)
         write_json(
             tmp / PROVENANCE_FILE,
             provenance(

@@ -121,7 +121,8 @@ def _same(a: float, b: float) -> bool:
 
 
 def eval_scalars(metrics: dict[str, Any]) -> dict[str, float]:
-    """Numeric evaluation metrics; ``per_task_pass_rate`` becomes ``pass_rate/<task>``."""
+    """Numeric evaluation metrics; ``per_task_pass_rate`` becomes ``pass_rate/<task>`` and the
+    lm-evaluation-harness metrics ``lm_eval/<task>/<metric>``."""
     out: dict[str, float] = {}
     for key, value in metrics.items():
         if isinstance(value, dict):
@@ -129,6 +130,11 @@ def eval_scalars(metrics: dict[str, Any]) -> dict[str, float]:
                 for task, rate in value.items():
                     if (number := _number(rate)) is not None:
                         out[_metric_name(f"pass_rate/{task}")] = number
+            elif key == "lm_eval":
+                for task, values in value.items():
+                    for metric, result in values.items():
+                        if (number := _number(result)) is not None:
+                            out[_metric_name(f"lm_eval/{task}/{metric}")] = number
             continue
         if (number := _number(value)) is not None:
             out[_metric_name(key)] = number
