@@ -224,8 +224,9 @@ def test_pipeline_runs_and_reruns_only_what_changed(workspace: Workspace):
             "optimizer_steps": train["optimizer_steps"],
             "compute_tokens": train["compute_tokens"],
         }
+        epochs = raw["spin"]["train"]["epochs"]
         assert train["compute_tokens"] == (
-            train["generation_tokens"] + train["reference_tokens"] + 3 * train["tokens_seen"]
+            train["generation_tokens"] + (1 + 3 * epochs) * train["reference_tokens"]
         )
         with open(ws.path(f"plots/train_iter_{k}_steps.csv"), newline="") as f:
             rows = list(csv.DictReader(f))

@@ -231,9 +231,12 @@ def test_a_real_only_pair_has_no_generated_term(tiny_tokenizer_session, tiny_mod
 def test_iteration_compute_counts_generation_of_this_iteration_only(tiny_tokenizer_session):
     pairs = [{**PAIRS[0], "iteration": 0}, {**PAIRS[1], "iteration": 1}]
     examples = spin.encode_pairs(tiny_tokenizer_session, pairs, PROMPT)
-    cost = spin.iteration_compute(examples, pairs, examples[1:], tokens_trained=100, k=1)
+    cost = spin.iteration_compute(examples, pairs, examples[1:], epochs=2, k=1)
+    generated = len(examples[1].generated.input_ids)
+    row = examples[1].length  # the prompt once and both answers
+    assert row == len(examples[1].real.input_ids) + generated - examples[1].real.prompt_length
     assert cost == {
-        "generation_tokens": len(examples[1].generated.input_ids),
-        "reference_tokens": examples[1].length,
-        "compute_tokens": len(examples[1].generated.input_ids) + examples[1].length + 300,
+        "generation_tokens": generated,
+        "reference_tokens": row,
+        "compute_tokens": generated + row + 2 * 3 * row,
     }

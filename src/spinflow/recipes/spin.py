@@ -376,24 +376,24 @@ def iteration_compute(
     encoded: Sequence[PairExample],
     pairs: Sequence[dict],
     trained: Sequence[PairExample],
-    tokens_trained: int,
+    epochs: int,
     k: int,
 ) -> dict[str, int]:
     """What iteration k cost, in token passes (one token through one forward pass; a backward
     pass counts as two): θk's generation of its pairs (each prompt and answer token once; the
     pairs of earlier iterations mixed in were paid for there), the reference pass over every
-    trained pair, and training (forward and backward over ``tokens_trained``)."""
+    trained pair, and ``epochs`` of training (forward and backward) over them. A pair's row is
+    its prompt once and both answers (:func:`spinflow.chat.collate_shared`)."""
     generation = sum(
         len(e.generated.input_ids)
         for e, p in zip(encoded, pairs, strict=True)
         if int(p.get("iteration", k)) == k
     )
     reference = sum(e.length for e in trained)
-    training = 3 * tokens_trained
     return {
         "generation_tokens": generation,
         "reference_tokens": reference,
-        "compute_tokens": generation + reference + training,
+        "compute_tokens": generation + reference + 3 * epochs * reference,
     }
 
 
@@ -453,7 +453,7 @@ def train(params: Params, k: int) -> dict[str, Any]:
     save_checkpoint(
         accelerator, model, tokenizer, target.path, {PROVENANCE_FILE: made_by} if made_by else None
     )
-    cost = iteration_compute(encoded, pairs, examples, result.tokens_seen, k)
+    cost = iteration_compute(encoded, pairs, examples, optim.epochs, k)
     summary = {
         "iteration": k,
         "pairs": len(examples),
