@@ -8,6 +8,8 @@ from pathlib import Path
 import yaml
 
 from spinflow.config import default_params_dict, load_params, validate_params
+from spinflow.graph import build
+from spinflow.validation import check_dvc_keys
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -55,7 +57,10 @@ def test_paper_recipe_validates_and_matches_the_paper():
 
 
 def test_study_preset_has_the_sizes_the_study_needs():
-    params = load_params(ROOT / "configs" / "study-cpu.yaml")
+    path = ROOT / "configs" / "study-cpu.yaml"
+    params = load_params(path)
+    # a file for `cp … params.yaml && dvc repro`: every key a stage lists is in it
+    check_dvc_keys(yaml.safe_load(path.read_text(encoding="utf-8")), build(params), str(path))
     assert params.data.num_sft >= 512 and params.data.num_pool >= 256
     assert params.data.num_test >= 256 and params.generate.max_new_tokens >= 128
     assert params.data.pool == "sft" and params.spin.iterations == 3
