@@ -1,0 +1,225 @@
+"""AutoIF: queries, pairs, accuracy, the stages' failures, and its stages end to end under DVC."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import yaml
+
+from spinflow.config import default_params_dict, validate_params
+from spinflow.errors import SpinflowError
+from spinflow.instructions import Case, Instruction
+from spinflow.io import write_jsonl
+from spinflow.recipes import autoif
+
+
+def _instruction(i: int, group: str = "", conflicts=()) -> Instruction:
+    return Instruction(f"i{i}", f"Do thing {i}.", ("",), (Case("", True),), group, conflicts)
+
+
+def test_heldout_split_and_queries_are_deterministic_and_disjoint():
+    pool = [_instruction(i, group=f"g{i % 4}") for i in range(10)]
+    train, heldout = autoif.split_heldout(pool, 3, seed=42)
+    assert len(heldout) == 3 and len(train) == 7
+    assert not {i.id for i in train} & {i.id for i in heldout}
+    assert autoif.split_heldout(list(reversed(pool)), 3, seed=42) == (train, heldout)
+    assert autoif.split_heldout(pool, 3, seed=43)[1] != heldout
+    prompts = [{"id": f"p{i}", "prompt": f"Question {i}?"} for i in range(5)]
+    queries = autoif.make_queries(prompts, pool, 12, 3, random.Random(1), "q")
+    again = autoif.make_queries(prompts, pool, 12, 3, random.Random(1), "q")
+    assert queries == again and len(queries) == 12
+    by_id = {i.id: i for i in pool}
+    for q in queries:
+        chosen = [by_id[i] for i in q["instructions"]]
+        assert 1 <= len(chosen) <= 3
+        assert all(a.compatible(b) for a in chosen for b in chosen if a is not b)
+        assert q["prompt"].startswith(f"Question {q['source_id'][1:]}?\n\n")
+        assert q["prompt"].endswith(" ".join(c.text for c in chosen))
+    # every instruction leads some query: they are cycled, not drawn with replacement
+    assert {q["instructions"][0] for q in queries[:10]} == set(by_id)
+    with pytest.raises(SpinflowError, match="not more than autoif.heldout"):
+        autoif.split_heldout(pool, 10, seed=42)
+
+
+def _scored(scores):
+    return [
+        {"query": "q", "sample": j, "prompt": "p", "response": f"r{j}", "score": s}
+        for j, s in enumerate(scores)
+    ]
+
+
+@pytest.mark.parametrize(
+    "scores, limit, expected",
+    [
+        ([1.0, 0.0, 0.5, 0.0], 4, [(0, 1), (0, 3), (2, 1), (2, 3)]),
+        ([1.0, 0.0, 0.5, 0.0], 1, [(0, 1)]),
+        ([0.25, 0.0, 0.4, 0.0], 4, []),  # nothing reaches chosen_min
+        ([1.0, 0.5, 0.75, 1.0], 4, []),  # nothing fails every function
+        ([0.5, 1.0, 1.0, 0.0, 0.0, 0.0], 4, [(1, 3), (1, 4), (2, 3), (2, 4)]),
+    ],
+)
+def test_pairs_chosen_against_rejected(scores, limit, expected):
+    pairs = autoif.make_pairs(_scored(scores), 0.5, limit)
+    assert [(p["chosen"], p["rejected"]) for p in pairs] == [
+        (f"r{c}", f"r{r}") for c, r in expected
+    ]
+
+
+def test_strict_accuracy_prompt_and_instruction_level():
+    rows = [{"followed": [True, True]}, {"followed": [True, False]}, {"followed": [False]}]
+    assert autoif.strict_accuracy(rows) == {
+        "autoif_prompt_strict": pytest.approx(1 / 3),
+        "autoif_instruction_strict": pytest.approx(3 / 5),
+    }
+
+
+def _params(tmp_path, **changes):
+    raw = default_params_dict()
+    raw["autoif"].update(enabled=True, **changes)
+    return validate_params(raw)
+
+
+def test_a_library_with_nothing_usable_fails_in_one_line(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "seeds.yaml").write_text(
+        "- id: broken\n  instruction: x\n  functions: ['def evaluate(r) return 1']\n"
+        "  cases: [{response: a, verdict: true}, {response: b, verdict: true}, {response: c}]\n",
+        encoding="utf-8",
+    )
+    with pytest.raises(SpinflowError) as err:
+        autoif.autoif_instructions(_params(tmp_path, seeds="seeds.yaml"))
+    assert str(err.value) == (
+        "autoif_instructions: no usable instruction in seeds.yaml (3 items dropped: "
+        "{'case_without_verdict': 1, 'function_syntax': 1, 'no_function': 1})"
+    )
+    assert not (tmp_path / "autoif").exists()
+
+
+def test_verify_fails_in_one_line_when_no_function_survives(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    wrong = Instruction(
+        "upper",
+        "Shout.",
+        ("def evaluate(response):\n    return response.islower()\n",),
+        (Case("A", True), Case("b", False), Case("C", True)),
+    )
+    write_jsonl(tmp_path / "autoif/instructions/instructions.jsonl", [wrong.to_record()])
+    with pytest.raises(SpinflowError) as err:
+        autoif.autoif_verify(_params(tmp_path, sandbox_workers=1))
+    assert str(err.value) == (
+        "autoif_verify: no instruction kept 1 function(s) with accuracy ≥ 0.8 on its cases "
+        "(1 checked: {'low_accuracy': 1, 'too_few_functions': 1})"
+    )
+    assert not (tmp_path / "autoif/verified").exists()
+
+
+# A library for the tiny model, whose answers are noise: functions on the length of an answer
+# pass some samples and fail others, so pairs form. Two items are bad on purpose.
+TINY_SEEDS = [
+    {
+        "id": "even_length",
+        "instruction": "Answer with an even number of characters.",
+        "functions": ["def evaluate(response):\n    return len(response) % 2 == 0\n"],
+        "cases": [
+            {"response": "ab", "verdict": True},
+            {"response": "abc", "verdict": False},
+            {"response": "abcd", "verdict": True},
+        ],
+    },
+    {
+        "id": "short",
+        "instruction": "Answer in fewer than 20 characters.",
+        "functions": [
+            "def evaluate(response):\n    return len(response) < 20\n",
+            "def evaluate(response):\n    return len(response) > 20\n",  # wrong: dropped
+        ],
+        "cases": [
+            {"response": "short", "verdict": True},
+            {"response": "x" * 30, "verdict": False},
+            {"response": "", "verdict": True},
+            {"response": "no verdict"},
+        ],
+    },
+    {
+        "id": "odd_words",
+        "instruction": "Use an odd number of words.",
+        "functions": ["def evaluate(response):\n    return len(response.split()) % 2 == 1\n"],
+        "cases": [
+            {"response": "one", "verdict": True},
+            {"response": "one two", "verdict": False},
+            {"response": "a b c", "verdict": True},
+        ],
+    },
+    {
+        "id": "broken",
+        "instruction": "Anything.",
+        "functions": ["def evaluate(response) return True\n"],
+        "cases": [{"response": "a", "verdict": True}] * 3,
+    },
+]
+AUTOIF_STAGES = {
+    "autoif_instructions",
+    "autoif_verify",
+    "autoif_queries",
+    "autoif_sample_iter_0",
+    "autoif_train_iter_0",
+    "eval_autoif_theta_0",
+    "eval_autoif_iter_0",
+}
+
+
+@pytest.mark.slow
+def test_autoif_stages_end_to_end(tiny_dvc_repo, tmp_path):
+    """AutoIF switched on in the shared tiny pipeline (one iteration, to keep it short): only its
+    stages and the report run; the filters' counts, pairs, a DPO iteration and the held-out
+    evaluation of θ0 and θ1 come out."""
+    repo = tiny_dvc_repo.copy(tmp_path / "repo")
+    (repo.root / "seeds.yaml").write_text(yaml.safe_dump(TINY_SEEDS), encoding="utf-8")
+    params = repo.root / "params.yaml"
+    raw = yaml.safe_load(params.read_text(encoding="utf-8"))
+    raw["autoif"].update(
+        enabled=True,
+        iterations=1,
+        seeds="seeds.yaml",
+        heldout=1,
+        queries=4,
+        eval_queries=4,
+        samples=4,
+        max_new_tokens=8,
+        sandbox_workers=1,
+        train={**raw["autoif"]["train"], "batch_size": 4},
+    )
+    params.write_text(yaml.safe_dump(raw, sort_keys=False), encoding="utf-8")
+    repo.run("spinflow", "pipeline", "write")
+    ran = repo.ran(repo.run("dvc", "repro", timeout=600))
+    assert ran == AUTOIF_STAGES | {"validate_params", "report"}, f"ran {sorted(ran)}"
+
+    made = repo.json("metrics/autoif_instructions.json")
+    assert made["instructions_kept"] == 3
+    assert made["dropped"] == {"case_without_verdict": 1, "function_syntax": 1, "no_function": 1}
+    drops = [json.loads(line) for line in (repo.root / "autoif/instructions/drops.jsonl").open()]
+    assert {d["id"] for d in drops} == {"short#c3", "broken#f0", "broken"}
+    verified = repo.json("metrics/autoif_verify.json")
+    assert verified["instructions_kept"] == 3 and verified["functions_kept"] == 3
+    assert verified["dropped"] == {"low_accuracy": 1}
+    assert verified["sandbox_calls"] == 12 and verified["sandbox_calls_per_second"] > 0
+    queries = repo.json("metrics/autoif_queries.json")
+    assert queries["train_instructions"] == 2 and queries["heldout_instructions"] == 1
+    for k in (0,):
+        sampled = repo.json(f"metrics/autoif_sample_iter_{k}.json")
+        assert sampled["samples"] == 16 and sampled["sandbox_calls"] == 16
+        assert sampled["pairs"] > 0
+        trained = repo.json(f"metrics/autoif_train_iter_{k}.json")
+        assert trained["pairs"] == sampled["pairs"] and trained["optimizer_steps"] >= 1
+        assert (repo.root / f"models/autoif_theta_{k + 1}/config.json").is_file()
+    for name in ("autoif_theta_0", "autoif_iter_0"):
+        metrics = repo.json(f"metrics/eval_{name}.json")
+        assert metrics["queries"] == 4 and 0.0 <= metrics["autoif_prompt_strict"] <= 1.0
+    results = (repo.root / "reports/results.md").read_text(encoding="utf-8")
+    assert "## AutoIF: held-out instruction following" in results
+    assert "| θ1 (AutoIF iter 0) |" in results and "low_accuracy: 1" in results
+    assert "θ1 (AutoIF iter 0)" not in results.split("## AutoIF")[0]  # not a test-split row
+    # a second repro has nothing to do
+    assert repo.ran(repo.run("dvc", "repro", timeout=300)) == set()
