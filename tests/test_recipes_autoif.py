@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import random
+import re
 
 import pytest
 import yaml
@@ -11,7 +11,7 @@ import yaml
 from spinflow.config import default_params_dict, validate_params
 from spinflow.errors import SpinflowError
 from spinflow.instructions import Case, Instruction
-from spinflow.io import write_jsonl
+from spinflow.io import read_jsonl, write_jsonl
 from spinflow.recipes import autoif
 
 
@@ -199,7 +199,7 @@ def test_autoif_stages_end_to_end(tiny_dvc_repo, tmp_path):
     made = repo.json("metrics/autoif_instructions.json")
     assert made["instructions_kept"] == 3
     assert made["dropped"] == {"case_without_verdict": 1, "function_syntax": 1, "no_function": 1}
-    drops = [json.loads(line) for line in (repo.root / "autoif/instructions/drops.jsonl").open()]
+    drops = read_jsonl(repo.root / "autoif/instructions/drops.jsonl")
     assert {d["id"] for d in drops} == {"short#c3", "broken#f0", "broken"}
     verified = repo.json("metrics/autoif_verify.json")
     assert verified["instructions_kept"] == 3 and verified["functions_kept"] == 3
@@ -223,3 +223,61 @@ def test_autoif_stages_end_to_end(tiny_dvc_repo, tmp_path):
     assert "θ1 (AutoIF iter 0)" not in results.split("## AutoIF")[0]  # not a test-split row
     # a second repro has nothing to do
     assert repo.ran(repo.run("dvc", "repro", timeout=300)) == set()
+
+
+@pytest.mark.parametrize(
+    "text, problem",
+    [
+        ("Sure! Here is a function.", "no JSON object in the answer"),
+        ('{"func": "def evaluate(r):", "cases": [', "invalid JSON (Expecting value at"),
+        ('{"function": "x", "cases": []}', 'the JSON object has no "func" text'),
+        ('{"func": "x", "cases": "none"}', 'the JSON object has no "cases" list of objects'),
+    ],
+)
+def test_unparseable_supervisor_answers_say_why(text, problem):
+    with pytest.raises(ValueError, match=re.escape(problem)):
+        autoif.parse_function_answer(text)
+
+
+def test_supervisor_answers_parse_into_library_items():
+    text = (
+        'Here you go: {"func": "def evaluate(response):\\n    return \',\' not in response", '
+        '"cases": [{"input": "a b", "output": "true"}, {"input": "a, b", "output": false}, '
+        '{"input": "c", "output": "maybe"}]} Hope it helps.'
+    )
+    source, cases = autoif.parse_function_answer(text)
+    assert source == "def evaluate(response):\n    return ',' not in response"
+    # a verdict that is not true/false stays as given: loading drops that case, counted
+    assert cases == [
+        {"response": "a b", "verdict": True},
+        {"response": "a, b", "verdict": False},
+        {"response": "c", "verdict": "maybe"},
+    ]
+    assert autoif.parse_instruction_lines("ok\n- Use no commas.\n-x\n  - End with a dot.\n") == [
+        "Use no commas.",
+        "End with a dot.",
+    ]
+
+
+def test_a_supervisor_writing_noise_is_counted_and_the_seeds_go_on(
+    tmp_path, monkeypatch, tiny_checkpoint_session
+):
+    """The tiny model writes no instruction line: each self-instruct answer is dropped with its
+    id and counted, and autoif_instructions goes on with the seed library alone."""
+    monkeypatch.chdir(tmp_path)
+    params = _params(
+        tmp_path,
+        supervisor=str(tiny_checkpoint_session),
+        supervisor_rounds=2,
+        supervisor_max_new_tokens=8,
+    )
+    params.generate.engine = "torch"
+    summary = autoif.autoif_supervise(params)
+    assert summary["instructions_written"] == 0 and summary["function_answers"] == 0
+    assert summary["dropped"] == {"unparseable_supervisor_output": 2}
+    drops = read_jsonl(tmp_path / "autoif/supervised/drops.jsonl")
+    assert [d["id"] for d in drops] == ["self-instruct-0", "self-instruct-1"]
+    written = tmp_path / "autoif/supervised/instructions.yaml"
+    assert yaml.safe_load(written.read_text(encoding="utf-8")) == []
+    made = autoif.autoif_instructions(params)
+    assert made["instructions_kept"] == 49 and made["dropped"] == {}

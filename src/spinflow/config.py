@@ -476,6 +476,23 @@ class AutoifParams(Section):
     call_timeout: Annotated[float, Field(gt=0.0, le=60.0)] = Field(
         2.0, description="Seconds one function call may take in the sandbox"
     )
+    supervisor: str | None = Field(
+        None,
+        description="A local checkpoint directory that writes new instructions, functions and "
+        "cases from the seeds (autoif_supervise; null: the library alone)",
+    )
+    supervisor_rounds: PositiveInt = Field(
+        4, description="Self-instruct prompts to the supervisor, each with 8 seed examples"
+    )
+    supervisor_instructions: PositiveInt = Field(
+        16, description="Most new instructions kept from the supervisor"
+    )
+    supervisor_attempts: PositiveInt = Field(
+        3, description="Functions with cases the supervisor writes per new instruction"
+    )
+    supervisor_max_new_tokens: PositiveInt = Field(
+        256, description="Longest supervisor answer, in tokens"
+    )
     train: SpinTrainParams = Field(default_factory=SpinTrainParams)
 
 

@@ -39,6 +39,7 @@ AUTOIF_INSTRUCTIONS = AUTOIF_DIR / "instructions"  # autoif_instructions: instru
 AUTOIF_VERIFIED = AUTOIF_DIR / "verified"  # autoif_verify: instructions.jsonl, drops.jsonl
 AUTOIF_QUERIES = AUTOIF_DIR / "queries"  # autoif_queries: train.jsonl, eval.jsonl
 AUTOIF_SEED_LIBRARY = "src/spinflow/autoif_seeds.yaml"  # autoif.seeds: builtin
+AUTOIF_SUPERVISED = AUTOIF_DIR / "supervised"  # autoif_supervise: instructions.yaml, drops.jsonl
 # What the stage runner hands to tracking after a stage.
 TRAINING, EVALUATION, REPORT = "training", "evaluation", "report"
 
@@ -558,12 +559,43 @@ class Graph:
         if not p.autoif.enabled:
             return
         seeds = AUTOIF_SEED_LIBRARY if p.autoif.seeds == "builtin" else p.autoif.seeds
+        supervised: tuple[str, ...] = ()
+        if p.autoif.supervisor is not None:
+            if not Path(p.autoif.supervisor).is_dir():
+                raise ConfigError(
+                    f"autoif.supervisor: {p.autoif.supervisor} is not a directory; it must be "
+                    "a local model checkpoint (for example models/theta_0)"
+                )
+            supervised = (str(AUTOIF_SUPERVISED),)
+            self._add(
+                Stage(
+                    "autoif_supervise",
+                    "autoif_supervise",
+                    (seeds, p.autoif.supervisor),
+                    (
+                        "autoif.seeds",
+                        "autoif.supervisor_rounds",
+                        "autoif.supervisor_instructions",
+                        "autoif.supervisor_attempts",
+                        "autoif.supervisor_max_new_tokens",
+                        "autoif.temperature",
+                        "autoif.top_p",
+                        "generate.engine",
+                        "generate.dtype",
+                        "generate.batch_size",
+                        "generate.vllm",
+                        "seed",
+                    ),
+                    outs=supervised,
+                    metrics=(str(train_metrics("autoif_supervise")),),
+                )
+            )
         self._add(
             Stage(
                 "autoif_instructions",
                 "autoif_instructions",
-                (seeds,),
-                ("autoif.seeds", "autoif.min_cases"),
+                (seeds, *supervised),
+                ("autoif.seeds", "autoif.supervisor", "autoif.min_cases"),
                 outs=(str(AUTOIF_INSTRUCTIONS),),
                 metrics=(str(train_metrics("autoif_instructions")),),
             )
@@ -678,7 +710,7 @@ class Graph:
         autoif = tuple(
             str(train_metrics(s))
             for s in self.stages
-            if s in ("autoif_instructions", "autoif_verify", "autoif_queries")
+            if s in ("autoif_supervise", "autoif_instructions", "autoif_verify", "autoif_queries")
             or s.startswith("autoif_sample_iter_")
         )
         self._add(

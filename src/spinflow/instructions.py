@@ -222,6 +222,20 @@ class Library:
             "dropped": count_drops(self.drops),
         }
 
+    def merge(self, other: Library) -> Library:
+        """Both libraries; an instruction of ``other`` whose id is taken is dropped."""
+        taken = {i.id for i in self.instructions}
+        clashes = [i for i in other.instructions if i.id in taken]
+        return Library(
+            self.instructions + [i for i in other.instructions if i.id not in taken],
+            self.drops
+            + other.drops
+            + [Drop(i.id, DUPLICATE_ID, "id already used by the first library") for i in clashes],
+            self.items + other.items,
+            self.functions + other.functions,
+            self.cases + other.cases,
+        )
+
 
 def load_library(path: str | Path = SEED_LIBRARY, *, min_cases: int = 3) -> Library:
     """Every usable instruction of a library file, and every dropped item with its reason.

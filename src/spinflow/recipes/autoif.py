@@ -41,11 +41,13 @@ from spinflow.graph import (
     AUTOIF_INSTRUCTIONS,
     AUTOIF_QUERIES,
     AUTOIF_SEED_LIBRARY,
+    AUTOIF_SUPERVISED,
     AUTOIF_VERIFIED,
     DATA_DIR,
     autoif_samples_dir,
 )
 from spinflow.instructions import (
+    SEED_LIBRARY,
     Drop,
     Instruction,
     SandboxCounter,
@@ -66,6 +68,7 @@ DROPS_FILE = "drops.jsonl"
 TRAIN_QUERIES, EVAL_QUERIES = "train.jsonl", "eval.jsonl"
 TRAIN_INSTRUCTIONS, EVAL_INSTRUCTIONS = "train_instructions.jsonl", "eval_instructions.jsonl"
 SAMPLES, SFT_DATA, PAIRS = "samples.jsonl", "sft.jsonl", "pairs.jsonl"
+SUPERVISED_FILE = "instructions.yaml"
 
 
 def _sandbox(params: Params):
@@ -97,13 +100,24 @@ def _write_instruction_dir(
 
 
 def seeds_path(params: Params) -> Path:
-    return Path(AUTOIF_SEED_LIBRARY if params.autoif.seeds == "builtin" else params.autoif.seeds)
+    """``autoif.seeds``; builtin: the seed library as the pipeline's dependency (relative to
+    the project root), or the installed package's copy outside a project."""
+    if params.autoif.seeds != "builtin":
+        return Path(params.autoif.seeds)
+    local = Path(AUTOIF_SEED_LIBRARY)
+    return local if local.is_file() else SEED_LIBRARY
 
 
 def autoif_instructions(params: Params) -> dict[str, Any]:
     """The instruction library, its unusable items dropped: autoif/instructions/."""
     source = seeds_path(params)
     library = load_library(source, min_cases=params.autoif.min_cases)
+    inputs = {"seeds": source}
+    if params.autoif.supervisor is not None:
+        graph = pipeline_graph.build(params)
+        written = require(graph, AUTOIF_SUPERVISED / SUPERVISED_FILE)
+        library = library.merge(load_library(written, min_cases=params.autoif.min_cases))
+        inputs["supervised"] = written
     _report_drops("autoif_instructions", library.drops)
     if not library.instructions:
         raise DataError(
@@ -112,8 +126,12 @@ def autoif_instructions(params: Params) -> dict[str, Any]:
         )
     made_by = provenance(
         "autoif_instructions",
-        {"seeds": params.autoif.seeds, "min_cases": params.autoif.min_cases},
-        {"seeds": source},
+        {
+            "seeds": params.autoif.seeds,
+            "supervisor": params.autoif.supervisor,
+            "min_cases": params.autoif.min_cases,
+        },
+        inputs,
     )
     _write_instruction_dir(AUTOIF_INSTRUCTIONS, library.instructions, library.drops, made_by)
     summary = library.summary()
@@ -159,6 +177,161 @@ def autoif_verify(params: Params) -> dict[str, Any]:
         **counter.summary(),
     }
     write_json(pipeline_graph.train_metrics("autoif_verify"), summary)
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------
+# The supervision model
+
+SELF_INSTRUCT_PROMPT = (
+    "You write instructions that constrain the form of a response, not its content or style, "
+    "such that a short Python function can check whether a response follows them. Examples of "
+    "such instructions:\n{examples}\nWrite {count} new instructions of this kind, different from "
+    "the examples. Do not write instructions about tone, metaphors or translation. Give one "
+    'instruction per line, each line starting with "- ".'
+)
+FUNCTION_PROMPT = (
+    "Write a Python function named `evaluate` that takes a string `response` and returns True "
+    "if the response strictly follows the instruction below, and False otherwise. Also write "
+    "three test cases: a response and whether it follows the instruction.\n"
+    "Instruction: {instruction}\n"
+    "Answer with a single JSON object and nothing else, in this format:\n"
+    '{{"func": "def evaluate(response):\\n    ...", "cases": [{{"input": "...", "output": true}}, '
+    '{{"input": "...", "output": false}}, {{"input": "...", "output": true}}]}}'
+)
+UNPARSEABLE = "unparseable_supervisor_output"
+
+
+def parse_instruction_lines(text: str) -> list[str]:
+    """The instructions of a self-instruct answer: its lines starting with "- "."""
+    found = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line.startswith("- ") and len(line) > 6:
+            found.append(line[2:].strip())
+    return found
+
+
+def parse_function_answer(text: str) -> tuple[str, list[dict]]:
+    """(function source, cases in the library's shape) from a supervisor answer holding one JSON
+    object with "func" and "cases"; ValueError saying why when it does not."""
+    import json
+
+    start = text.find("{")
+    if start == -1:
+        raise ValueError("no JSON object in the answer")
+    try:
+        obj, _ = json.JSONDecoder().raw_decode(text[start:])
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"invalid JSON ({exc.msg} at character {exc.pos})") from None
+    if not isinstance(obj, dict) or not isinstance(obj.get("func"), str):
+        raise ValueError('the JSON object has no "func" text')
+    cases = obj.get("cases")
+    if not isinstance(cases, list) or not all(isinstance(c, dict) for c in cases):
+        raise ValueError('the JSON object has no "cases" list of objects')
+    verdicts = {"true": True, "false": False}
+    converted = []
+    for case in cases:
+        output = case.get("output")
+        if isinstance(output, str):
+            output = verdicts.get(output.strip().lower(), output)
+        converted.append({"response": case.get("input"), "verdict": output})
+    return obj["func"], converted
+
+
+def autoif_supervise(params: Params) -> dict[str, Any]:
+    """New instructions, functions and cases written by ``autoif.supervisor``: self-instruct
+    from the seeds, then a function with cases per new instruction, as the paper prompts.
+    Writes autoif/supervised/instructions.yaml (the library's shape; autoif_instructions checks
+    it like the seeds) and every answer that could not be parsed, with its id."""
+    import yaml
+
+    a = params.autoif
+    stage = "autoif_supervise"
+    model_dir = Path(a.supervisor)
+    seeds = load_library(seeds_path(params), min_cases=a.min_cases).instructions
+    if not seeds:
+        raise DataError(f"{stage}: no usable seed instruction in {seeds_path(params)}")
+    rng = random.Random(derive_seed(params.seed, stage))
+    count = max(1, math.ceil(a.supervisor_instructions / a.supervisor_rounds))
+    rounds = [
+        {
+            "id": f"self-instruct-{r}",
+            "prompt": SELF_INSTRUCT_PROMPT.format(
+                examples="\n".join(f"- {i.text}" for i in rng.sample(seeds, min(8, len(seeds)))),
+                count=count,
+            ),
+        }
+        for r in range(a.supervisor_rounds)
+    ]
+    sampling = {"temperature": a.temperature, "max_new_tokens": a.supervisor_max_new_tokens}
+    answers, stats = _answer(params, model_dir, rounds, stage=stage, **sampling)
+    drops: list[Drop] = []
+    known = {i.text.lower() for i in seeds}
+    new: list[str] = []
+    for record, text in zip(rounds, answers, strict=True):
+        lines = parse_instruction_lines(text)
+        if not lines:
+            drops.append(Drop(record["id"], UNPARSEABLE, 'no line starting with "- "'))
+        for line in lines:
+            if line.lower() not in known and len(new) < a.supervisor_instructions:
+                known.add(line.lower())
+                new.append(line)
+    requests = [
+        {"id": f"sup_{i:04d}#r{j}", "prompt": FUNCTION_PROMPT.format(instruction=text), "at": i}
+        for i, text in enumerate(new)
+        for j in range(a.supervisor_attempts)
+    ]
+    written = _answer(params, model_dir, requests, stage=stage, **sampling)[0] if requests else []
+    items = [
+        {"id": f"sup_{i:04d}", "group": f"sup_{i:04d}", "instruction": text}
+        | {"functions": [], "cases": []}
+        for i, text in enumerate(new)
+    ]
+    for request, text in zip(requests, written, strict=True):
+        try:
+            source, cases = parse_function_answer(text)
+        except ValueError as exc:
+            drops.append(Drop(request["id"], UNPARSEABLE, str(exc)))
+            continue
+        items[request["at"]]["functions"].append(source)
+        items[request["at"]]["cases"].extend(cases)
+    _report_drops(stage, drops)
+    settings = {
+        "seeds",
+        "supervisor_rounds",
+        "supervisor_instructions",
+        "supervisor_attempts",
+        "supervisor_max_new_tokens",
+        "temperature",
+        "top_p",
+    }
+    with atomic_path(AUTOIF_SUPERVISED, directory=True) as tmp:
+        (tmp / SUPERVISED_FILE).write_text(
+            yaml.safe_dump(items, sort_keys=False, allow_unicode=True), encoding="utf-8"
+        )
+        write_jsonl(tmp / DROPS_FILE, [d.to_record() for d in drops])
+        write_json(
+            tmp / PROVENANCE_FILE,
+            provenance(
+                stage,
+                {
+                    "autoif": a.model_dump(include=settings),
+                    "engine": params.generate.engine,
+                    "seed": params.seed,
+                },
+                {"supervisor": model_dir, "seeds": seeds_path(params)},
+            ),
+        )
+    summary = {
+        "self_instruct_answers": len(rounds),
+        "instructions_written": len(new),
+        "function_answers": len(requests),
+        "functions_parsed": sum(len(i["functions"]) for i in items),
+        "dropped": count_drops(drops),
+        "self_instruct_tokens": stats.new_tokens,
+    }
+    write_json(pipeline_graph.train_metrics(stage), summary)
     return summary
 
 
@@ -316,9 +489,16 @@ def make_pairs(scored: list[dict], chosen_min: float, limit: int) -> list[dict]:
 
 
 def _answer(
-    params: Params, model_dir: Path, records: list[dict], *, temperature: float, stage: str
+    params: Params,
+    model_dir: Path,
+    records: list[dict],
+    *,
+    temperature: float,
+    stage: str,
+    max_new_tokens: int | None = None,
 ):
-    """Answers of the model at ``model_dir`` to ``records`` with the generate engine."""
+    """Answers of the model at ``model_dir`` to ``records`` with the generate engine
+    (``autoif.max_new_tokens`` unless given)."""
     from spinflow.engines import check_engine, open_engine
     from spinflow.generation import GenerationStats, SamplingParams, generate_answers
     from spinflow.models import load_model, load_tokenizer
@@ -335,7 +515,9 @@ def _answer(
         engine,
         tokenizer,
         records,
-        sampling=SamplingParams(temperature, params.autoif.top_p, params.autoif.max_new_tokens),
+        sampling=SamplingParams(
+            temperature, params.autoif.top_p, max_new_tokens or params.autoif.max_new_tokens
+        ),
         seed=stage_seed(params.seed, stage),
         system_prompt=params.prompt.system_prompt,
         max_prompt_length=params.prompt.max_prompt_length,
