@@ -281,3 +281,64 @@ def test_a_supervisor_writing_noise_is_counted_and_the_seeds_go_on(
     assert yaml.safe_load(written.read_text(encoding="utf-8")) == []
     made = autoif.autoif_instructions(params)
     assert made["instructions_kept"] == 49 and made["dropped"] == {}
+
+
+def test_the_report_section_shows_accuracy_intervals_and_every_filter(tmp_path, monkeypatch):
+    from spinflow import graph as pipeline_graph
+    from spinflow.io import write_json
+    from spinflow.report import autoif_section
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "supervisor").mkdir()
+    params = _params(tmp_path, supervisor="supervisor", iterations=1)
+    graph = pipeline_graph.build(params)
+    metrics = {
+        "autoif_supervise": {
+            "instructions_written": 3,
+            "function_answers": 9,
+            "functions_parsed": 4,
+            "dropped": {"unparseable_supervisor_output": 5},
+        },
+        "autoif_instructions": {
+            "items": 52,
+            "instructions_kept": 50,
+            "functions_in_file": 61,
+            "functions_kept": 59,
+            "dropped": {"function_syntax": 2, "too_few_cases": 2},
+        },
+        "autoif_verify": {
+            "instructions_kept": 48,
+            "functions_kept": 55,
+            "functions_checked": 59,
+            "dropped": {"low_accuracy": 4},
+            "sandbox_calls_per_second": 250.4,
+        },
+        "autoif_queries": {"eval_queries": 4, "heldout_instructions": 12, "train_instructions": 36},
+        "autoif_sample_iter_0": {
+            "samples_passing_all": 5,
+            "samples": 16,
+            "pairs": 3,
+            "queries_with_pairs": 2,
+            "queries": 4,
+            "mean_score": 0.4,
+            "sandbox_calls_per_second": 120.0,
+        },
+    }
+    for stage, values in metrics.items():
+        write_json(pipeline_graph.train_metrics(stage), values)
+    followed = {
+        "autoif_theta_0": [[True, False], [False], [True], [False, False]],
+        "autoif_iter_0": [[True, True], [True], [True], [False, True]],
+    }
+    for name, rows in followed.items():
+        write_jsonl(
+            graph.evaluation(name).generations,
+            [{"id": f"q{i}", "followed": f} for i, f in enumerate(rows)],
+        )
+    text = "\n".join(autoif_section(graph))
+    assert "| θ0 (SFT), before AutoIF | 0.250 [" in text  # 1 of 4 queries, 3 of 6 instructions
+    assert "| θ1 (AutoIF iter 0) | 0.750 [" in text and "| 0.833 [" in text
+    assert "3 new instructions, 4 of 9 function answers | unparseable_supervisor_output: 5" in text
+    assert "function_syntax: 2, too_few_cases: 2" in text and "low_accuracy: 4" in text
+    assert "5 of 16 samples / 3 pairs from 2 of 4 queries" in text
+    assert "Sandbox calls per second: autoif_verify 250, autoif_sample_iter_0 120." in text

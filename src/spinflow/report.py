@@ -379,6 +379,7 @@ def autoif_section(graph: Graph) -> list[str]:
         "",
         "| filter | kept | dropped (reason: count) |",
         "|---|---:|---|",
+        *(_supervisor_row() if "autoif_supervise" in graph.stages else []),
         f"| autoif_instructions: library items usable | {made['instructions_kept']} of "
         f"{made['items']} instructions, {made['functions_kept']} of {made['functions_in_file']} "
         f"functions | {_reasons(made['dropped'])} |",
@@ -406,3 +407,12 @@ def autoif_section(graph: Graph) -> list[str]:
 
 def _reasons(counts: dict[str, int]) -> str:
     return ", ".join(f"{reason}: {n}" for reason, n in counts.items()) or "none"
+
+
+def _supervisor_row() -> list[str]:
+    written = read_json(train_metrics("autoif_supervise"))
+    return [
+        f"| autoif_supervise: supervisor answers parsed | {written['instructions_written']} new "
+        f"instructions, {written['functions_parsed']} of {written['function_answers']} function "
+        f"answers | {_reasons(written['dropped'])} |"
+    ]
