@@ -165,16 +165,16 @@ AUTOIF_STAGES = {
     "autoif_queries",
     "autoif_sample_iter_0",
     "autoif_train_iter_0",
-    "eval_autoif_theta_0",
     "eval_autoif_iter_0",
 }
 
 
 @pytest.mark.slow
 def test_autoif_stages_end_to_end(tiny_dvc_repo, tmp_path):
-    """AutoIF switched on in the shared tiny pipeline (one iteration, to keep it short): only its
-    stages and the report run; the filters' counts, pairs, a DPO iteration and the held-out
-    evaluation of θ0 and θ1 come out."""
+    """AutoIF switched on in the shared tiny pipeline, one iteration: DVC runs the AutoIF stages
+    up to θ1's held-out evaluation and nothing of the SPIN chain; the filters' counts, pairs, a
+    DPO iteration and the evaluation come out. (θ0's evaluation runs the same code, and the
+    report's section is tested on written metrics above: both are left out to keep this short.)"""
     repo = tiny_dvc_repo.copy(tmp_path / "repo")
     (repo.root / "seeds.yaml").write_text(yaml.safe_dump(TINY_SEEDS), encoding="utf-8")
     params = repo.root / "params.yaml"
@@ -193,8 +193,8 @@ def test_autoif_stages_end_to_end(tiny_dvc_repo, tmp_path):
     )
     params.write_text(yaml.safe_dump(raw, sort_keys=False), encoding="utf-8")
     repo.run("spinflow", "pipeline", "write")
-    ran = repo.ran(repo.run("dvc", "repro", timeout=600))
-    assert ran == AUTOIF_STAGES | {"validate_params", "report"}, f"ran {sorted(ran)}"
+    ran = repo.ran(repo.run("dvc", "repro", "eval_autoif_iter_0", timeout=600))
+    assert ran == AUTOIF_STAGES, f"ran {sorted(ran)}"
 
     made = repo.json("metrics/autoif_instructions.json")
     assert made["instructions_kept"] == 3
@@ -207,22 +207,19 @@ def test_autoif_stages_end_to_end(tiny_dvc_repo, tmp_path):
     assert verified["sandbox_calls"] == 12 and verified["sandbox_calls_per_second"] > 0
     queries = repo.json("metrics/autoif_queries.json")
     assert queries["train_instructions"] == 2 and queries["heldout_instructions"] == 1
-    for k in (0,):
-        sampled = repo.json(f"metrics/autoif_sample_iter_{k}.json")
-        assert sampled["samples"] == 16 and sampled["sandbox_calls"] == 16
-        assert sampled["pairs"] > 0
-        trained = repo.json(f"metrics/autoif_train_iter_{k}.json")
-        assert trained["pairs"] == sampled["pairs"] and trained["optimizer_steps"] >= 1
-        assert (repo.root / f"models/autoif_theta_{k + 1}/config.json").is_file()
-    for name in ("autoif_theta_0", "autoif_iter_0"):
-        metrics = repo.json(f"metrics/eval_{name}.json")
-        assert metrics["queries"] == 4 and 0.0 <= metrics["autoif_prompt_strict"] <= 1.0
-    results = (repo.root / "reports/results.md").read_text(encoding="utf-8")
-    assert "## AutoIF: held-out instruction following" in results
-    assert "| θ1 (AutoIF iter 0) |" in results and "low_accuracy: 1" in results
-    assert "θ1 (AutoIF iter 0)" not in results.split("## AutoIF")[0]  # not a test-split row
-    # a second repro has nothing to do
-    assert repo.ran(repo.run("dvc", "repro", timeout=300)) == set()
+    sampled = repo.json("metrics/autoif_sample_iter_0.json")
+    assert sampled["samples"] == 16 and sampled["sandbox_calls"] == 16 and sampled["pairs"] > 0
+    pairs = read_jsonl(repo.root / "autoif/iter_0/pairs.jsonl")
+    assert len(pairs) == sampled["pairs"] and all(p["chosen_score"] >= 0.5 for p in pairs)
+    trained = repo.json("metrics/autoif_train_iter_0.json")
+    assert trained["pairs"] == sampled["pairs"] and trained["optimizer_steps"] >= 1
+    assert (repo.root / "models/autoif_theta_1/config.json").is_file()
+    metrics = repo.json("metrics/eval_autoif_iter_0.json")
+    assert metrics["queries"] == 4 and metrics["instructions"] >= 4
+    rows = read_jsonl(repo.root / "eval/autoif_iter_0/generations.jsonl")
+    followed = [f for r in rows for f in r["followed"]]
+    assert metrics["autoif_instruction_strict"] == sum(followed) / len(followed)
+    assert metrics["autoif_prompt_strict"] == sum(all(r["followed"]) for r in rows) / 4
 
 
 @pytest.mark.parametrize(
