@@ -369,7 +369,8 @@ def autoif_section(graph: Graph) -> list[str]:
         f"{queries['eval_queries']} test prompts with {queries['heldout_instructions']} held-out "
         "instructions (never trained on), greedy answers; an instruction is followed when every "
         f"one of its verified functions passes. 95% bootstrap intervals ({BOOTSTRAP_RESAMPLES} "
-        "resamples over queries).",
+        "resamples: over queries for prompt level, over (query, instruction) for instruction "
+        "level).",
         "",
         "| model | prompt-level strict [95% CI] | instruction-level strict [95% CI] | queries |",
         "|---|---:|---:|---:|",
