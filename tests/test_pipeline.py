@@ -142,6 +142,8 @@ def test_stages_list_only_what_they_read():
         "sft.enabled",
         "sft_extra",
         "lobass",
+        "autoif.enabled",
+        "autoif.iterations",
     ]
 
 

@@ -423,6 +423,79 @@ class LmEvalParams(Section):
         return self
 
 
+class AutoifParams(Section):
+    """AutoIF (arXiv 2406.13542): instructions checked by code, execution feedback, online DPO."""
+
+    enabled: bool = Field(
+        False,
+        description="Verifiable instructions attached to SFT prompts; θk's samples scored by "
+        "their functions in the sandbox; DPO on passing vs failing samples (autoif_* stages)",
+    )
+    seeds: str = Field(
+        "builtin",
+        description='Instruction library: "builtin" (the seed library shipped with spinflow) '
+        "or a YAML file of the same shape",
+    )
+    iterations: PositiveInt = Field(2, description="AutoIF iterations (online DPO rounds)")
+    min_cases: PositiveInt = Field(3, description="Drop an instruction with fewer usable cases")
+    min_function_accuracy: Probability = Field(
+        0.8,
+        description="Keep a function whose accuracy on its cases reaches this (paper 0.5, code 0.8)",
+    )
+    min_functions: PositiveInt = Field(
+        1, description="Keep an instruction that keeps at least this many functions"
+    )
+    heldout: PositiveInt = Field(
+        12, description="Instructions held out for evaluation (never trained on)"
+    )
+    queries: PositiveInt = Field(
+        32, description="Training queries: an SFT prompt with one training instruction"
+    )
+    eval_queries: PositiveInt = Field(
+        32, description="Evaluation queries: a test prompt with held-out instructions"
+    )
+    eval_instructions_per_query: PositiveInt = Field(
+        2, description="Most held-out instructions given together in one evaluation query"
+    )
+    samples: PositiveInt = Field(4, description="Responses θk samples per query")
+    temperature: Annotated[float, Field(ge=0.0)] = Field(
+        0.8, description="Sampling temperature (paper: 0.8)"
+    )
+    top_p: Annotated[float, Field(gt=0.0, le=1.0)] = Field(1.0, description="Nucleus sampling mass")
+    max_new_tokens: PositiveInt = Field(
+        64, description="Longest sampled and evaluated response, in tokens"
+    )
+    chosen_min: Probability = Field(
+        0.5, description="A sample passing at least this share of its functions may be chosen"
+    )
+    pairs_per_query: PositiveInt = Field(
+        4, description="Most (chosen, rejected) pairs per query (paper: 2×2)"
+    )
+    beta: Annotated[float, Field(gt=0.0)] = Field(0.1, description="β of the DPO loss")
+    sandbox_workers: PositiveInt = Field(2, description="Sandbox calls run side by side")
+    call_timeout: Annotated[float, Field(gt=0.0, le=60.0)] = Field(
+        2.0, description="Seconds one function call may take in the sandbox"
+    )
+    supervisor: str | None = Field(
+        None,
+        description="A local checkpoint directory that writes new instructions, functions and "
+        "cases from the seeds (autoif_supervise; null: the library alone)",
+    )
+    supervisor_rounds: PositiveInt = Field(
+        4, description="Self-instruct prompts to the supervisor, each with 8 seed examples"
+    )
+    supervisor_instructions: PositiveInt = Field(
+        16, description="Most new instructions kept from the supervisor"
+    )
+    supervisor_attempts: PositiveInt = Field(
+        3, description="Functions with cases the supervisor writes per new instruction"
+    )
+    supervisor_max_new_tokens: PositiveInt = Field(
+        256, description="Longest supervisor answer, in tokens"
+    )
+    train: SpinTrainParams = Field(default_factory=SpinTrainParams)
+
+
 class EvalParams(Section):
     batch_size: PositiveInt = Field(16, description="Examples per evaluation batch")
     max_new_tokens: PositiveInt = Field(32, description="Longest greedy answer, in tokens")
@@ -463,6 +536,7 @@ class Params(Section):
     spin: SpinParams = Field(default_factory=SpinParams)
     sft_extra: SftExtraParams = Field(default_factory=SftExtraParams)
     lobass: LobassParams = Field(default_factory=LobassParams)
+    autoif: AutoifParams = Field(default_factory=AutoifParams)
     eval: EvalParams = Field(default_factory=EvalParams)
     tracking: TrackingParams = Field(default_factory=TrackingParams)
 

@@ -33,6 +33,13 @@ LOBASS, RANDOM_SELECTION = "lobass", "random_selection"
 LOBASS_DIR = Path("lobass")
 LOBASS_SCORES = LOBASS_DIR / "scores"  # lobass_score: scores.jsonl, provenance.json
 LOBASS_SELECTION = LOBASS_DIR / "selection"  # lobass_select: selected.jsonl, random.jsonl
+AUTOIF = "autoif"  # a model of the AutoIF chain (θk+1 of AutoIF iteration k)
+AUTOIF_DIR = Path("autoif")
+AUTOIF_INSTRUCTIONS = AUTOIF_DIR / "instructions"  # autoif_instructions: instructions.jsonl, drops
+AUTOIF_VERIFIED = AUTOIF_DIR / "verified"  # autoif_verify: instructions.jsonl, drops.jsonl
+AUTOIF_QUERIES = AUTOIF_DIR / "queries"  # autoif_queries: train.jsonl, eval.jsonl
+AUTOIF_SEED_LIBRARY = "src/spinflow/autoif_seeds.yaml"  # autoif.seeds: builtin
+AUTOIF_SUPERVISED = AUTOIF_DIR / "supervised"  # autoif_supervise: instructions.yaml, drops.jsonl
 # What the stage runner hands to tracking after a stage.
 TRAINING, EVALUATION, REPORT = "training", "evaluation", "report"
 
@@ -70,6 +77,7 @@ class Evaluation:
     model: str  # the evaluated model's node name
     stage: str
     opponent: str | None  # evaluation whose rows hold the opponent's answers and log-probs
+    kind: str = "test"  # "test": the test split; AUTOIF: held-out instruction following
 
     @property
     def directory(self) -> Path:
@@ -151,6 +159,11 @@ def timings_file(stage: str) -> Path:
     return TIMINGS_DIR / f"{stage}.json"
 
 
+def autoif_samples_dir(k: int) -> Path:
+    """autoif_sample_iter_k: samples.jsonl, sft.jsonl, pairs.jsonl."""
+    return AUTOIF_DIR / f"iter_{k}"
+
+
 def mixed_iterations(params: Params, k: int) -> range:
     """Iterations whose pairs train_iter_k trains on: its own and ``spin.mix_previous`` before."""
     return range(max(0, k - params.spin.mix_previous), k + 1)
@@ -170,6 +183,7 @@ class Graph:
         self._lobass()
         self._spin()
         self._sft_extra()
+        self._autoif()
         self._report()
         self._check_sources()
 
@@ -534,8 +548,171 @@ class Graph:
             )
             self._evaluate(name, name, self.evaluation_of(theta_0.name).name, ("spin.beta",))
 
+    def _autoif(self) -> None:
+        """AutoIF: instructions with verification functions (autoif_instructions), kept when the
+        functions pass their cases in the sandbox (autoif_verify), attached to SFT prompts
+        (autoif_queries); iteration k: θk samples responses scored by the functions
+        (autoif_sample_iter_k) and DPO against θk on passing vs failing ones makes the AutoIF
+        θk+1 (autoif_train_iter_k). θ0 and every AutoIF model are evaluated on queries with
+        held-out instructions (eval_autoif_*)."""
+        p = self.params
+        if not p.autoif.enabled:
+            return
+        seeds = AUTOIF_SEED_LIBRARY if p.autoif.seeds == "builtin" else p.autoif.seeds
+        supervised: tuple[str, ...] = ()
+        if p.autoif.supervisor is not None:
+            if not Path(p.autoif.supervisor).is_dir():
+                raise ConfigError(
+                    f"autoif.supervisor: {p.autoif.supervisor} is not a directory; it must be "
+                    "a local model checkpoint (for example models/theta_0)"
+                )
+            supervised = (str(AUTOIF_SUPERVISED),)
+            self._add(
+                Stage(
+                    "autoif_supervise",
+                    "autoif_supervise",
+                    (seeds, p.autoif.supervisor),
+                    (
+                        "autoif.seeds",
+                        "autoif.supervisor_rounds",
+                        "autoif.supervisor_instructions",
+                        "autoif.supervisor_attempts",
+                        "autoif.supervisor_max_new_tokens",
+                        "autoif.temperature",
+                        "autoif.top_p",
+                        "generate.engine",
+                        "generate.dtype",
+                        "generate.batch_size",
+                        "generate.vllm",
+                        "seed",
+                    ),
+                    outs=supervised,
+                    metrics=(str(train_metrics("autoif_supervise")),),
+                )
+            )
+        self._add(
+            Stage(
+                "autoif_instructions",
+                "autoif_instructions",
+                (seeds, *supervised),
+                ("autoif.seeds", "autoif.supervisor", "autoif.min_cases"),
+                outs=(str(AUTOIF_INSTRUCTIONS),),
+                metrics=(str(train_metrics("autoif_instructions")),),
+            )
+        )
+        sandbox = ("autoif.sandbox_workers", "autoif.call_timeout")
+        self._add(
+            Stage(
+                "autoif_verify",
+                "autoif_verify",
+                (str(AUTOIF_INSTRUCTIONS),),
+                ("autoif.min_function_accuracy", "autoif.min_functions", *sandbox),
+                outs=(str(AUTOIF_VERIFIED),),
+                metrics=(str(train_metrics("autoif_verify")),),
+            )
+        )
+        self._add(
+            Stage(
+                "autoif_queries",
+                "autoif_queries",
+                (str(AUTOIF_VERIFIED), str(DATA_DIR)),
+                (
+                    "autoif.heldout",
+                    "autoif.queries",
+                    "autoif.eval_queries",
+                    "autoif.eval_instructions_per_query",
+                    "seed",
+                ),
+                outs=(str(AUTOIF_QUERIES),),
+                metrics=(str(train_metrics("autoif_queries")),),
+            )
+        )
+        engine = ("generate.engine", "generate.dtype", "generate.batch_size", "generate.vllm")
+        prompt = ("prompt.system_prompt", "prompt.max_prompt_length", "seed")
+        self._autoif_evaluate(f"{AUTOIF}_theta_0", self.theta(0).name, sandbox + engine + prompt)
+        previous = self.theta(0)
+        for k in range(p.autoif.iterations):
+            samples = autoif_samples_dir(k)
+            self._add(
+                Stage(
+                    f"autoif_sample_iter_{k}",
+                    "autoif_sample",
+                    (str(previous.path), str(AUTOIF_QUERIES)),
+                    (
+                        "autoif.samples",
+                        "autoif.temperature",
+                        "autoif.top_p",
+                        "autoif.max_new_tokens",
+                        "autoif.chosen_min",
+                        "autoif.pairs_per_query",
+                        *sandbox,
+                        *engine,
+                        *prompt,
+                    ),
+                    outs=(str(samples),),
+                    metrics=(str(train_metrics(f"autoif_sample_iter_{k}")),),
+                    args={"k": k},
+                )
+            )
+            name, stage = f"{AUTOIF}_theta_{k + 1}", f"autoif_train_iter_{k}"
+            self.models[name] = Model(
+                name,
+                Path(f"models/{name}"),
+                stage,
+                f"θ{k + 1} (AutoIF iter {k})",
+                AUTOIF,
+                iteration=k,
+                step=k + 1,
+                run_name=f"autoif_iter_{k}",
+                train_metrics=train_metrics(stage),
+                steps_csv=steps_csv(stage),
+                timings=timings_file(stage),
+                opponent=previous.name,
+                chart=AUTOIF,
+            )
+            self._add(
+                Stage(
+                    stage,
+                    "autoif_train",
+                    (str(previous.path), str(samples)),
+                    ("autoif.train", "autoif.beta", *PROMPT_KEYS),
+                    outs=(f"models/{name}",),
+                    metrics=(str(train_metrics(stage)),),
+                    plots=(steps_plot(stage),),
+                    accelerate="spin.accelerate_config",
+                    args={"k": k},
+                    track=TRAINING,
+                    subject=name,
+                )
+            )
+            self._autoif_evaluate(f"{AUTOIF}_iter_{k}", name, sandbox + engine + prompt)
+            previous = self.models[name]
+
+    def _autoif_evaluate(self, name: str, model: str, params: tuple[str, ...]) -> None:
+        evaluation = Evaluation(name, model, f"eval_{name}", None, kind=AUTOIF)
+        self.evaluations[name] = evaluation
+        self._add(
+            Stage(
+                evaluation.stage,
+                "autoif_evaluate",
+                (str(self.models[model].path), str(AUTOIF_QUERIES)),
+                ("autoif.max_new_tokens", "eval.batch_size", *params),
+                outs=(str(evaluation.directory),),
+                metrics=(str(evaluation.metrics),),
+                args={"name": name},
+                track=EVALUATION,
+                subject=name,
+            )
+        )
+
     def _report(self) -> None:
         scores = (str(LOBASS_SCORES),) if "lobass_score" in self.stages else ()
+        autoif = tuple(
+            str(train_metrics(s))
+            for s in self.stages
+            if s in ("autoif_supervise", "autoif_instructions", "autoif_verify", "autoif_queries")
+            or s.startswith("autoif_sample_iter_")
+        )
         self._add(
             Stage(
                 "report",
@@ -555,10 +732,19 @@ class Graph:
                         if scores
                         else ()
                     ),
+                    *autoif,
                 ),
                 # the switches that add or remove rows: DVC does not re-run a stage whose
                 # dependency list merely shrank, but it does see a listed value change
-                ("spin.iterations", "spin.start", "sft.enabled", "sft_extra", "lobass"),
+                (
+                    "spin.iterations",
+                    "spin.start",
+                    "sft.enabled",
+                    "sft_extra",
+                    "lobass",
+                    "autoif.enabled",
+                    "autoif.iterations",
+                ),
                 uncached_outs=(
                     str(REPORT_DIR / "results.md"),
                     str(REPORT_DIR / "metrics.png"),

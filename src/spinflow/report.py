@@ -2,7 +2,8 @@
 
 Exact match and verifier pass rate come with 95% bootstrap intervals over the test examples, so
 a difference of one or two examples is not read as a result. With LoBaSS on, the report adds the
-selection's statistics and a histogram of the learnability scores.
+selection's statistics and a histogram of the learnability scores; with AutoIF on, held-out
+instruction-following accuracy (with intervals) and what each AutoIF filter kept.
 """
 
 from __future__ import annotations
@@ -13,7 +14,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from spinflow.graph import DATA_DIR, LOBASS_SCORES, METRICS_DIR, REPORT_DIR, SFT_EXTRA, Graph
+from spinflow.graph import (
+    AUTOIF,
+    DATA_DIR,
+    LOBASS_SCORES,
+    METRICS_DIR,
+    REPORT_DIR,
+    SFT_EXTRA,
+    Graph,
+    train_metrics,
+)
 from spinflow.io import atomic_path, read_json, read_jsonl, write_text
 
 BOOTSTRAP_RESAMPLES = 2000
@@ -43,6 +53,7 @@ def collect(graph: Graph) -> list[dict[str, Any]]:
             **read_json(evaluation.metrics),
         }
         for model, evaluation in graph.evaluated()
+        if evaluation.kind == "test"
     ]
 
 
@@ -226,6 +237,8 @@ def write_report(graph: Graph) -> dict[str, Any]:
     if "lobass_select" in graph.stages:
         text += lobass_section()
         write_score_histogram(REPORT_DIR / "lobass_scores.png")
+    if "autoif_verify" in graph.stages:
+        text += autoif_section(graph)
     write_text(REPORT_DIR / "results.md", "\n".join(text))
     write_chart(rows, REPORT_DIR / "metrics.png")
     return {"rows": len(rows)}
@@ -330,3 +343,77 @@ def write_score_histogram(path: Path) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)
+
+
+def autoif_section(graph: Graph) -> list[str]:
+    """Held-out instruction following of θ0 and each AutoIF model, and the filters' counts."""
+    rows = []
+    for model, evaluation in graph.evaluated():
+        if evaluation.kind != AUTOIF:
+            continue
+        generations = read_jsonl(evaluation.generations, ("id",))
+        prompt = [float(all(r["followed"])) for r in generations]
+        instruction = [float(f) for r in generations for f in r["followed"]]
+        cells = []
+        for values in (prompt, instruction):
+            low, high = bootstrap_interval(values)
+            cells.append(f"{sum(values) / len(values):.3f} [{low:.3f}, {high:.3f}]")
+        label = model.label if model.role == AUTOIF else f"{model.label}, before AutoIF"
+        rows.append(f"| {label} | " + " | ".join(cells) + f" | {len(prompt)} |")
+    made = read_json(train_metrics("autoif_instructions"))
+    verified = read_json(train_metrics("autoif_verify"))
+    queries = read_json(train_metrics("autoif_queries"))
+    text = [
+        "## AutoIF: held-out instruction following",
+        "",
+        f"{queries['eval_queries']} test prompts with {queries['heldout_instructions']} held-out "
+        "instructions (never trained on), greedy answers; an instruction is followed when every "
+        f"one of its verified functions passes. 95% bootstrap intervals ({BOOTSTRAP_RESAMPLES} "
+        "resamples: over queries for prompt level, over (query, instruction) for instruction "
+        "level).",
+        "",
+        "| model | prompt-level strict [95% CI] | instruction-level strict [95% CI] | queries |",
+        "|---|---:|---:|---:|",
+        *rows,
+        "",
+        "### What each filter kept",
+        "",
+        "| filter | kept | dropped (reason: count) |",
+        "|---|---:|---|",
+        *(_supervisor_row() if "autoif_supervise" in graph.stages else []),
+        f"| autoif_instructions: library items usable | {made['instructions_kept']} of "
+        f"{made['items']} instructions, {made['functions_kept']} of {made['functions_in_file']} "
+        f"functions | {_reasons(made['dropped'])} |",
+        f"| autoif_verify: functions pass their cases | {verified['instructions_kept']} "
+        f"instructions, {verified['functions_kept']} of {verified['functions_checked']} functions "
+        f"| {_reasons(verified['dropped'])} |",
+        f"| autoif_queries: training / held-out instructions | {queries['train_instructions']} / "
+        f"{queries['heldout_instructions']} | – |",
+    ]
+    calls = [f"autoif_verify {verified['sandbox_calls_per_second']:.0f}"]
+    k = 0
+    while f"autoif_sample_iter_{k}" in graph.stages:
+        sampled = read_json(train_metrics(f"autoif_sample_iter_{k}"))
+        text.append(
+            f"| autoif_sample_iter_{k}: samples passing all functions (SFT data) / pairs | "
+            f"{sampled['samples_passing_all']} of {sampled['samples']} samples / "
+            f"{sampled['pairs']} pairs from {sampled['queries_with_pairs']} of "
+            f"{sampled['queries']} queries | mean pass rate {sampled['mean_score']:.3f} |"
+        )
+        calls.append(f"autoif_sample_iter_{k} {sampled['sandbox_calls_per_second']:.0f}")
+        k += 1
+    text += ["", f"Sandbox calls per second: {', '.join(calls)}.", ""]
+    return text
+
+
+def _reasons(counts: dict[str, int]) -> str:
+    return ", ".join(f"{reason}: {n}" for reason, n in counts.items()) or "none"
+
+
+def _supervisor_row() -> list[str]:
+    written = read_json(train_metrics("autoif_supervise"))
+    return [
+        f"| autoif_supervise: supervisor answers parsed | {written['instructions_written']} new "
+        f"instructions, {written['functions_parsed']} of {written['function_answers']} function "
+        f"answers | {_reasons(written['dropped'])} |"
+    ]

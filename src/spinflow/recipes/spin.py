@@ -244,13 +244,22 @@ def reference_logps(
     ]
 
 
-def resolve_optim(optim: OptimParams, model, tokenizer, examples, beta: float, loss: str):
+def resolve_optim(
+    optim: OptimParams,
+    model,
+    tokenizer,
+    examples,
+    beta: float,
+    loss: str,
+    key: str = "spin.train.bf16",
+):
     """``optim`` with ``bf16: auto`` resolved on ``model`` and the first batch of ``examples``
-    under the SPIN loss (see :mod:`spinflow.precision`), and the precision chosen."""
+    under the SPIN loss (see :mod:`spinflow.precision`), and the precision chosen; ``key`` names
+    the setting in messages."""
     from spinflow.precision import resolve_precision
 
     batch = pair_collate(tokenizer.pad_token_id)(examples[: optim.batch_size])
-    return resolve_precision(optim, model, batch, spin_loss_fn(beta, loss), key="spin.train.bf16")
+    return resolve_precision(optim, model, batch, spin_loss_fn(beta, loss), key=key)
 
 
 def spin_iteration(
@@ -397,29 +406,50 @@ def iteration_compute(
     }
 
 
-def train(params: Params, k: int) -> dict[str, Any]:
-    """θk+1: start from θk, opponent θk, SPIN loss on real vs generated answers."""
+@dataclasses.dataclass
+class PairTraining:
+    """What :func:`train_on_pairs` did: the pairs encoded, those trained on, the optimisation
+    settings with bf16 resolved, the precision chosen, the training result."""
+
+    encoded: list[PairExample]
+    examples: list[PairExample]
+    optim: OptimParams
+    precision: Any
+    result: Any
+    accelerator: Any
+
+
+def train_on_pairs(
+    params: Params,
+    target: pipeline_graph.Model,
+    source: Path,
+    pairs: list[dict],
+    optim: OptimParams,
+    *,
+    beta: float,
+    loss: str,
+    settings: dict[str, Any],
+    inputs: dict[str, Path],
+    select=None,
+    bf16_key: str = "spin.train.bf16",
+) -> PairTraining:
+    """``target``: ``source`` trained on preference ``pairs`` (``real`` preferred to
+    ``generated``) with the SPIN/DPO loss against ``source`` as the frozen reference; saved with
+    its provenance (``optim`` as configured, the precision chosen, then ``settings``).
+
+    ``select(encoded) -> examples`` picks the encoded pairs to train on (default: all).
+    """
     from spinflow.models import load_model, load_tokenizer
     from spinflow.training import make_accelerator, save_checkpoint, seed_everything
 
-    graph = pipeline_graph.build(params)
-    target = graph.theta(k + 1)
-    optim, beta = params.train_for(k)
     configured = optim  # as params.yaml has it (bf16 may be auto)
-    source = require(graph, graph.theta(k).path)
-    pairs = training_pairs(params, k, graph)
     seed = stage_seed(params.seed, target.stage)
     seed_everything(seed)
     tokenizer = load_tokenizer(source)
     model = load_model(source)
     encoded = encode_pairs(tokenizer, pairs, params.prompt)
-    examples, filtered = feedback_filter(encoded, pairs, params.spin.feedback_filter)
-    if not examples:
-        raise SpinflowError(
-            f"{target.stage}: spin.feedback_filter: drop removed every pair (θ{k}'s answers all "
-            "pass their verifiers); use real_only, or keep"
-        )
-    optim, precision = resolve_optim(optim, model, tokenizer, examples, beta, params.spin.loss)
+    examples = select(encoded) if select is not None else encoded
+    optim, precision = resolve_optim(optim, model, tokenizer, examples, beta, loss, key=bf16_key)
     accelerator = make_accelerator(optim)
     model, result, _ = spin_iteration(
         accelerator,
@@ -428,19 +458,61 @@ def train(params: Params, k: int) -> dict[str, Any]:
         examples,
         optim,
         beta=beta,
-        loss=params.spin.loss,
+        loss=loss,
         seed=seed,
         desc=target.stage,
     )
-    inputs: dict[str, Path] = {"model": source}
-    for path in target.pairs:
-        inputs[f"pairs_{path.parent.name}"] = path
     # main process only: it hashes the inputs, a whole checkpoint among them
     made_by = accelerator.is_main_process and provenance(
         target.stage,
-        {
-            "train": configured.model_dump(),
-            "precision": precision.name,
+        {"train": configured.model_dump(), "precision": precision.name, **settings},
+        inputs,
+    )
+    save_checkpoint(
+        accelerator, model, tokenizer, target.path, {PROVENANCE_FILE: made_by} if made_by else None
+    )
+    return PairTraining(encoded, examples, optim, precision, result, accelerator)
+
+
+def write_training_outputs(target: pipeline_graph.Model, summary: dict, trained: PairTraining):
+    """The training summary, per-step CSV and timings of ``target`` (main process only)."""
+    if trained.accelerator.is_main_process:
+        write_json(target.train_metrics, summary)
+        write_rows_csv(target.steps_csv, trained.result.history)
+        write_timings(target.timings, target.path, trained.result.timings())
+
+
+def train(params: Params, k: int) -> dict[str, Any]:
+    """θk+1: start from θk, opponent θk, SPIN loss on real vs generated answers."""
+    graph = pipeline_graph.build(params)
+    target = graph.theta(k + 1)
+    optim, beta = params.train_for(k)
+    source = require(graph, graph.theta(k).path)
+    pairs = training_pairs(params, k, graph)
+    inputs: dict[str, Path] = {"model": source}
+    for path in target.pairs:
+        inputs[f"pairs_{path.parent.name}"] = path
+    filtered: dict[str, Any] = {}
+
+    def select(encoded: list[PairExample]) -> list[PairExample]:
+        examples, counts = feedback_filter(encoded, pairs, params.spin.feedback_filter)
+        if not examples:
+            raise SpinflowError(
+                f"{target.stage}: spin.feedback_filter: drop removed every pair (θ{k}'s answers "
+                "all pass their verifiers); use real_only, or keep"
+            )
+        filtered.update(counts)
+        return examples
+
+    trained = train_on_pairs(
+        params,
+        target,
+        source,
+        pairs,
+        optim,
+        beta=beta,
+        loss=params.spin.loss,
+        settings={
             "beta": beta,
             "loss": params.spin.loss,
             "mix_previous": params.spin.mix_previous,
@@ -448,28 +520,25 @@ def train(params: Params, k: int) -> dict[str, Any]:
             "prompt": params.prompt.model_dump(),
             "seed": params.seed,
         },
-        inputs,
+        inputs=inputs,
+        select=select,
     )
-    save_checkpoint(
-        accelerator, model, tokenizer, target.path, {PROVENANCE_FILE: made_by} if made_by else None
-    )
-    cost = iteration_compute(encoded, pairs, examples, optim.epochs, k)
+    result = trained.result
+    cost = iteration_compute(trained.encoded, pairs, trained.examples, trained.optim.epochs, k)
     summary = {
         "iteration": k,
-        "pairs": len(examples),
+        "pairs": len(trained.examples),
         **filtered,
         "beta": beta,
-        "learning_rate": optim.learning_rate,
-        **precision.summary(),
+        "learning_rate": trained.optim.learning_rate,
+        **trained.precision.summary(),
         **result.summary(),
         **cost,
     }
-    if accelerator.is_main_process:
-        write_json(target.train_metrics, summary)
+    write_training_outputs(target, summary, trained)
+    if trained.accelerator.is_main_process:
         write_json(
             pipeline_graph.spin_steps(k),
             {"optimizer_steps": result.steps, "compute_tokens": cost["compute_tokens"]},
         )
-        write_rows_csv(target.steps_csv, result.history)
-        write_timings(target.timings, target.path, result.timings())
     return {**summary, **result.timings()}

@@ -1,0 +1,7 @@
+"""DVC stage autoif_evaluate: held-out instruction-following accuracy of one model (AutoIF)."""
+
+from spinflow.recipes.autoif import autoif_evaluate
+from spinflow.runner import run_stage
+
+if __name__ == "__main__":
+    run_stage("autoif_evaluate", autoif_evaluate)

@@ -1,0 +1,7 @@
+"""DVC stage autoif_sample: θk samples responses scored by their instruction's functions (AutoIF)."""
+
+from spinflow.recipes.autoif import autoif_sample
+from spinflow.runner import run_stage
+
+if __name__ == "__main__":
+    run_stage("autoif_sample", autoif_sample)
