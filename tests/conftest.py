@@ -93,7 +93,7 @@ OUTPUT_DIRS = ("models", "data", "generated", "eval")
 TINY_PIPELINE = {
     "model": {"source": "tiny"},
     "data": {"num_sft": 8, "num_val": 4, "num_pool": 8, "num_test": 8},
-    "sft": {"batch_size": 4, "epochs": 2, "patience": 1},
+    "sft": {"batch_size": 4, "epochs": 1},  # the validation curve, one point
     "generate": {"max_new_tokens": 8},
     "spin": {"iterations": 1, "train": {"batch_size": 4}},
     "sft_extra": {"enabled": False},

@@ -56,8 +56,8 @@ EVAL_KEYS = {
 def _params() -> dict:
     raw = default_params_dict()  # every key: DVC reads the file itself
     raw["model"]["source"] = "tiny"
-    raw["data"].update(num_sft=16, num_pool=NUM_POOL, num_test=NUM_TEST)
-    raw["sft"]["batch_size"] = 4
+    raw["data"].update(num_sft=16, num_val=4, num_pool=NUM_POOL, num_test=NUM_TEST)
+    raw["sft"].update(batch_size=4, epochs=1)
     raw["generate"]["max_new_tokens"] = 12
     raw["spin"]["iterations"] = ITERATIONS
     raw["spin"]["train"].update(batch_size=4, learning_rate=1e-4)
