@@ -247,14 +247,17 @@ def write_report(graph: Graph) -> dict[str, Any]:
 def training_section(graph: Graph) -> list[str]:
     """What each model cost to train, and θ0's validation curve."""
     rows = ["| model | optimizer steps | token passes (compute) |", "|---|---:|---:|"]
-    spin_total = 0
-    for model in graph.models.values():
-        if model.train_metrics is None or not model.train_metrics.is_file():
-            continue
-        summary = read_json(model.train_metrics)
-        if model.iteration is not None:  # SPIN: cumulative, generation and reference included
-            spin_total += int(summary.get("compute_tokens", 0))
-            compute = spin_total
+    summaries = {
+        name: read_json(model.train_metrics)
+        for name, model in graph.models.items()
+        if model.train_metrics is not None and model.train_metrics.is_file()
+    }
+    chain_totals: dict[str, int] = {}  # a chain's compute so far (SPIN, AutoIF), by role
+    for name, summary in summaries.items():
+        model = graph.models[name]
+        if "compute_tokens" in summary:  # an iteration: generation and reference included
+            chain_totals[model.role] = chain_totals.get(model.role, 0) + summary["compute_tokens"]
+            compute = chain_totals[model.role]
         else:
             compute = 3 * int(summary.get("tokens_seen", 0))
         rows.append(f"| {model.label} | {summary.get('optimizer_steps', '–')} | {compute:,} |")
@@ -268,13 +271,10 @@ def training_section(graph: Graph) -> list[str]:
         *rows,
         "",
     ]
-    theta_0 = graph.theta(0)
-    curve = []
-    if theta_0.train_metrics is not None and theta_0.train_metrics.is_file():
-        summary = read_json(theta_0.train_metrics)
-        curve = summary.get("validation") or []
+    theta_0 = summaries.get(graph.theta(0).name, {})
+    curve = theta_0.get("validation") or []
     if curve:
-        best = summary.get("best_epoch")
+        best = theta_0.get("best_epoch")
         text += [
             "## θ0 validation loss",
             "",

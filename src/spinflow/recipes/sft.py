@@ -256,7 +256,7 @@ def sft_extra(params: Params, budget: str = "steps") -> dict[str, Any]:
         compute = spin_compute(params, graph)
         steps = steps_for_compute(params, load_tokenizer(source), records, compute)
         spent = {"spin_compute_tokens": compute}
-    summary = supervised(
+    return supervised(
         params,
         graph.model(name),
         source=source,
@@ -266,4 +266,3 @@ def sft_extra(params: Params, budget: str = "steps") -> dict[str, Any]:
         validation=load_split(DATA_DIR, "val"),
         budget=spent,
     )
-    return summary
