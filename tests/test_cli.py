@@ -40,7 +40,7 @@ def test_help_is_written_for_users_not_a_docstring(capsys):
     out = capsys.readouterr().out
     assert "``" not in out and ":mod:" not in out
     assert "dvc repro" in out
-    for command in ("validate", "params", "pipeline", "benchmark"):
+    for command in ("validate", "params", "pipeline", "benchmark", "evaluate"):
         assert command in out
     assert "spinflow validate --params x.yaml" in out  # examples
 
@@ -167,3 +167,35 @@ def test_pipeline_write_on_a_read_only_directory_is_one_line(tmp_path, capsys, m
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: cannot write dvc.yaml: read-only file system"), err
     assert len(err.splitlines()) == 1
+
+
+def test_evaluate_scores_checkpoints_on_the_validation_split(tmp_path, tiny_checkpoint, capsys):
+    from spinflow.io import read_json, write_jsonl
+    from spinflow.tasks import generate_examples
+
+    data = tmp_path / "prepared"
+    data.mkdir()
+    records = generate_examples(5, seed=3)
+    write_jsonl(data / "val.jsonl", records)
+    raw = default_params_dict()
+    raw["eval"]["max_new_tokens"] = 4
+    params = _write(tmp_path / "params.yaml", raw)
+    out = tmp_path / "val.json"
+    argv = ["evaluate", str(tiny_checkpoint), "--params", str(params), "--data", str(data)]
+    assert cli.main([*argv, "--out", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert f"| {tiny_checkpoint} | 5 | " in table
+    [result] = read_json(out)
+    assert result["split"] == "val" and result["num_examples"] == 5
+    passed = result["verifier_pass_rate"]
+    assert result["verifier_pass_rate_ci"].startswith(f"{passed:.3f} [")
+    # no test split prepared: one line naming the file, and no checkpoint that is not one
+    assert cli.main([*argv, "--split", "test"]) == 1
+    assert capsys.readouterr().err.strip() == (
+        f"error: {data / 'test.jsonl'}: file not found; "
+        "run `dvc repro prepare_data` to prepare the data"
+    )
+    assert cli.main(["evaluate", str(tmp_path), "--params", str(params)]) == 1
+    assert capsys.readouterr().err.strip() == (
+        f"error: {tmp_path}: not a checkpoint directory (no config.json in it)"
+    )

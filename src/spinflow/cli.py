@@ -30,6 +30,7 @@ examples:
   spinflow params                        current values, allowed values and meaning of every key
   spinflow params --defaults --yaml      the defaults as a complete params.yaml
   spinflow pipeline write                re-render dvc.yaml, then `dvc repro`
+  spinflow evaluate models/theta_* --split val   compare checkpoints off the test split
 
 `spinflow <command> --help` describes a command's options."""
 
@@ -145,6 +146,27 @@ def _cmd_benchmark(args) -> int:
     return 0
 
 
+def _cmd_evaluate(args) -> int:
+    from pathlib import Path
+
+    from spinflow.io import write_json
+    from spinflow.recipes.evaluate import evaluate_checkpoints
+
+    params = load_params(args.params)
+    results = evaluate_checkpoints(
+        params, [Path(m) for m in args.models], args.split, Path(args.data)
+    )
+    print(f"| model | {args.split} examples | verifier pass rate [95% CI] | exact match [95% CI] |")
+    print("|---|---:|---:|---:|")
+    for r in results:
+        cells = (r["num_examples"], r["verifier_pass_rate_ci"], r["exact_match_ci"])
+        print(f"| {r['model']} | " + " | ".join(map(str, cells)) + " |")
+    if args.out:
+        write_json(Path(args.out), results)
+        print(f"wrote {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="spinflow",
@@ -220,6 +242,19 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--no-hf", action="store_true", help="skip the comparison with HF generate")
     b.add_argument("--generate-only", action="store_true", help="time generation only")
     b.set_defaults(fn=_cmd_benchmark)
+    e = sub.add_parser(
+        "evaluate",
+        parents=[common],
+        help="evaluate checkpoints on a prepared split (val: choose settings off the test split)",
+        description="Greedy answers of each checkpoint to one prepared split, scored as the "
+        "eval stages score the test split (eval.*, prompt.*, generate.engine), with 95%% "
+        "bootstrap intervals. Writes nothing in the pipeline.",
+    )
+    e.add_argument("models", nargs="+", help="checkpoint directories")
+    e.add_argument("--split", default="val", help="prepared split (default: val)")
+    e.add_argument("--data", default="data/prepared", help="prepared data directory")
+    e.add_argument("--out", default=None, help="also write the metrics to this JSON file")
+    e.set_defaults(fn=_cmd_evaluate)
     return parser
 
 

@@ -71,9 +71,15 @@ def bootstrap_interval(
 
 def per_example_scores(generations: Path, test: Sequence[dict]) -> dict[str, list[float]]:
     """1/0 per test example: exact match, and verifier pass where the example has a verifier."""
+    answers = {row["id"]: row["generated"] for row in read_jsonl(generations, ("id", "generated"))}
+    return answer_scores(answers, test)
+
+
+def answer_scores(answers: dict[str, str], test: Sequence[dict]) -> dict[str, list[float]]:
+    """1/0 per example of ``test`` for its answer in ``answers`` (by id): exact match, and
+    verifier pass where the example has a verifier."""
     from spinflow.verifiers import exact_match, verify
 
-    answers = {row["id"]: row["generated"] for row in read_jsonl(generations, ("id", "generated"))}
     scores: dict[str, list[float]] = {"exact_match": [], "verifier_pass_rate": []}
     for record in test:
         answer = answers[record["id"]]
@@ -88,16 +94,21 @@ def interval_table(rows: list[dict[str, Any]], test: Sequence[dict]) -> str:
     body = [header, "|---|---:|---:|"]
     for row in rows:
         scores = per_example_scores(row["generations"], test)
-        cells = []
-        for key in ("verifier_pass_rate", "exact_match"):
-            values = scores[key]
-            if not values:
-                cells.append("–")
-                continue
-            low, high = bootstrap_interval(values)
-            cells.append(f"{sum(values) / len(values):.3f} [{low:.3f}, {high:.3f}]")
-        body.append(f"| {row['label']} | " + " | ".join(cells) + " |")
+        body.append(f"| {row['label']} | " + " | ".join(interval_cells(scores)) + " |")
     return "\n".join(body)
+
+
+def interval_cells(scores: dict[str, list[float]]) -> list[str]:
+    """Verifier pass rate and exact match as "mean [low, high]" (95% bootstrap), "–" if none."""
+    cells = []
+    for key in ("verifier_pass_rate", "exact_match"):
+        values = scores[key]
+        if not values:
+            cells.append("–")
+            continue
+        low, high = bootstrap_interval(values)
+        cells.append(f"{sum(values) / len(values):.3f} [{low:.3f}, {high:.3f}]")
+    return cells
 
 
 def _cell(row: dict[str, Any], key: str, fmt: str) -> str:

@@ -9,6 +9,7 @@ written to ``eval/<name>/lm_eval.json``.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from spinflow import graph as pipeline_graph
@@ -93,6 +94,57 @@ def evaluate(params: Params, name: str) -> dict[str, Any]:
         )
     write_json(evaluation.metrics, metrics)
     return metrics
+
+
+def evaluate_checkpoints(
+    params: Params, models: list[Path], split: str, data_dir: Path = DATA_DIR
+) -> list[dict[str, Any]]:
+    """Evaluate checkpoints outside the pipeline on one prepared split (``val`` to choose
+    settings without looking at the test split): for each, its metrics and the 95% bootstrap
+    intervals of verifier pass rate and exact match. Writes nothing."""
+    from spinflow.data import SPLITS, load_split
+    from spinflow.engines import check_engine, open_engine
+    from spinflow.errors import SpinflowError
+    from spinflow.evaluation import evaluate as run_eval
+    from spinflow.models import load_model, load_tokenizer
+    from spinflow.report import answer_scores, interval_cells
+
+    if split not in SPLITS:
+        raise SpinflowError(f"--split {split}: not a split (splits: {', '.join(SPLITS)})")
+    for path in models:
+        if not (path / "config.json").is_file():
+            raise SpinflowError(f"{path}: not a checkpoint directory (no config.json in it)")
+    check_engine(params.generate.engine)
+    records = load_split(data_dir, split)
+    if not records:
+        raise SpinflowError(f"{data_dir / split}.jsonl is empty: nothing to evaluate")
+    results = []
+    for path in models:
+        tokenizer = load_tokenizer(path)
+        model = load_model(path)
+        metrics, rows = run_eval(
+            model,
+            tokenizer,
+            records,
+            prompt=params.prompt,
+            params=params.eval,
+            seed=params.seed,
+            engine=open_engine(
+                params.generate, model, tokenizer, model_dir=path, batch_size=params.eval.batch_size
+            ),
+        )
+        scores = answer_scores({row["id"]: row["generated"] for row in rows}, records)
+        pass_rate, exact = interval_cells(scores)
+        results.append(
+            {
+                "model": str(path),
+                "split": split,
+                **metrics,
+                "verifier_pass_rate_ci": pass_rate,
+                "exact_match_ci": exact,
+            }
+        )
+    return results
 
 
 def report(params: Params) -> dict[str, Any]:
