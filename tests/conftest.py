@@ -15,6 +15,16 @@ import pytest
 import yaml
 
 
+def pytest_configure(config) -> None:
+    """With several pytest-xdist workers, each worker's torch gets its share of the cores
+    (stage processes the tests start use one thread: see pipeline_env)."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        import torch
+
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+
+
 @pytest.fixture(scope="session", autouse=True)
 def precision_cache(tmp_path_factory) -> Path:
     """bf16: auto keeps its decisions in a cache of this test session, never in the home

@@ -618,12 +618,12 @@ def test_bwrap_view_is_read_only_outside_scratch():
         assert_result(box.run([(source, "")])[0], ErrorKind.FORBIDDEN)  # EROFS
 
 
-def test_required_bwrap_fails_clearly_when_missing(monkeypatch):
+def test_required_bwrap_fails_clearly_when_missing(monkeypatch, tmp_path):
     monkeypatch.setattr(sandbox_module.shutil, "which", lambda name: None)
-    scratch_dirs = set(Path(tempfile.gettempdir()).glob("spinflow-sandbox-*"))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # no other test's scratch dirs
     with pytest.raises(SandboxError, match="bwrap"):
         Sandbox(bwrap=True)
-    assert set(Path(tempfile.gettempdir()).glob("spinflow-sandbox-*")) == scratch_dirs
+    assert not list(tmp_path.glob("spinflow-sandbox-*"))
 
 
 def test_layers_can_be_turned_off():
