@@ -261,7 +261,11 @@ def test_autoif_stages_end_to_end(tiny_dvc_repo, tmp_path):
     assert trained["generation_tokens"] > sampled["answer_tokens"]
     made_by = repo.json("eval/autoif_iter_0/provenance.json")
     assert made_by["inputs"]["model"]["path"] == "models/theta_1"
-    assert repo.json("metrics/eval_autoif_iter_0.json")["queries"] == 4
+    followed_by_theta_1 = repo.json("metrics/eval_autoif_iter_0.json")
+    assert followed_by_theta_1["queries"] == 4
+    # both evaluations of θ1 log into its MLflow run as eval/<key>: no name may be shared
+    tested = repo.json("metrics/eval_iter_0.json")  # the fixture's run; its keys are the same
+    assert set(tested) & set(followed_by_theta_1) == {"model"}
 
 
 def _run_function(source: str, response: str) -> bool:
