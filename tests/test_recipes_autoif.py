@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 import re
 
@@ -174,7 +175,11 @@ def test_autoif_stages_end_to_end(tiny_dvc_repo, tmp_path):
     """AutoIF switched on in the shared tiny pipeline, one iteration: DVC runs the AutoIF stages
     up to θ1's held-out evaluation and nothing of the SPIN chain; the filters' counts, pairs, a
     DPO iteration and the evaluation come out. (θ0's evaluation runs the same code, and the
-    report's section is tested on written metrics above: both are left out to keep this short.)"""
+    report's section is tested on written metrics above: both are left out to keep this short.)
+
+    Then autoif.with_spin: SPIN's generate_iter_0 also answers θ0's verified queries (the pool's
+    own answers unchanged) and checks them by their functions, train_iter_0 trains on SPIN's
+    and AutoIF's pairs together, and θ1 of SPIN is the one evaluated on held-out instructions."""
     repo = tiny_dvc_repo.copy(tmp_path / "repo")
     (repo.root / "seeds.yaml").write_text(yaml.safe_dump(TINY_SEEDS), encoding="utf-8")
     params = repo.root / "params.yaml"
@@ -220,6 +225,53 @@ def test_autoif_stages_end_to_end(tiny_dvc_repo, tmp_path):
     followed = [f for r in rows for f in r["followed"]]
     assert metrics["autoif_instruction_strict"] == sum(followed) / len(followed)
     assert metrics["autoif_prompt_strict"] == sum(all(r["followed"]) for r in rows) / 4
+
+    # ---- combined with SPIN: the same repository, autoif.with_spin switched on
+    spin_pairs = repo.root / "generated/iter_0/pairs.jsonl"
+    plain = spin_pairs.read_text(encoding="utf-8").splitlines()  # θ0's answers, the fixture's run
+    raw["autoif"]["with_spin"] = True
+    raw["spin"]["feedback_filter"] = "drop"
+    params.write_text(yaml.safe_dump(raw, sort_keys=False), encoding="utf-8")
+    repo.run("spinflow", "pipeline", "write")
+    ran = repo.ran(repo.run("dvc", "repro", "eval_autoif_iter_0", timeout=600))
+    # autoif_sample_iter_0 sampled θ0 already; no AutoIF model is trained
+    assert ran == {"generate_iter_0", "train_iter_0", "eval_autoif_iter_0"}, f"ran {sorted(ran)}"
+    lines = spin_pairs.read_text(encoding="utf-8").splitlines()
+    assert lines[: len(plain)] == plain  # the ordinary pool's pairs, byte for byte
+    added = [json.loads(line) for line in lines[len(plain) :]]
+    verified = read_jsonl(repo.root / "autoif/iter_0/sft.jsonl")
+    assert [p["id"] for p in added] == list(dict.fromkeys(f"autoif/{r['query']}" for r in verified))
+    assert 0 < len(added) <= queries["train_queries"]
+    functions = {
+        i["id"]: i["functions"]
+        for i in read_jsonl(repo.root / "autoif/verified/instructions.jsonl")
+    }
+    for pair in added:  # the library's own functions, run here in-process (they are ours)
+        expected = all(_run_function(f, pair["generated"]) for f in functions[pair["instruction"]])
+        assert pair["task"] == "autoif" and pair["generated_passes"] is expected
+    passing = sum(p["generated_passes"] for p in added)
+    trained = repo.json("metrics/train_iter_0.json")
+    autoif_pairs = read_jsonl(repo.root / "autoif/iter_0/pairs.jsonl")
+    assert trained["pairs_autoif"] == len(autoif_pairs) > 0
+    assert trained["instruction_pairs"] == len(added)
+    assert trained["instruction_generated_passing"] == passing
+    assert trained["pairs_dropped"] == trained["pairs_generated_correct"] >= passing
+    assert trained["pairs_spin"] == len(lines) - trained["pairs_dropped"]
+    assert trained["pairs"] == trained["pairs_spin"] + trained["pairs_autoif"]
+    assert trained["generation_tokens"] > sampled["answer_tokens"]
+    made_by = repo.json("eval/autoif_iter_0/provenance.json")
+    assert made_by["inputs"]["model"]["path"] == "models/theta_1"
+    followed_by_theta_1 = repo.json("metrics/eval_autoif_iter_0.json")
+    assert followed_by_theta_1["queries"] == 4
+    # both evaluations of θ1 log into its MLflow run as eval/<key>: no name may be shared
+    tested = repo.json("metrics/eval_iter_0.json")  # the fixture's run; its keys are the same
+    assert set(tested) & set(followed_by_theta_1) == {"model"}
+
+
+def _run_function(source: str, response: str) -> bool:
+    namespace: dict = {}
+    exec(source, namespace)  # noqa: S102 - the test's own library above, not model output
+    return bool(namespace["evaluate"](response))
 
 
 @pytest.mark.parametrize(
@@ -280,6 +332,41 @@ def test_a_supervisor_writing_noise_is_counted_and_the_seeds_go_on(
     assert made["instructions_kept"] == 49 and made["dropped"] == {}
 
 
+# what the AutoIF stages wrote, for the report's section (one iteration, with a supervisor)
+REPORT_METRICS = {
+    "autoif_supervise": {
+        "instructions_written": 3,
+        "function_answers": 9,
+        "functions_parsed": 4,
+        "dropped": {"unparseable_supervisor_output": 5},
+    },
+    "autoif_instructions": {
+        "items": 52,
+        "instructions_kept": 50,
+        "functions_in_file": 61,
+        "functions_kept": 59,
+        "dropped": {"function_syntax": 2, "too_few_cases": 2},
+    },
+    "autoif_verify": {
+        "instructions_kept": 48,
+        "functions_kept": 55,
+        "functions_checked": 59,
+        "dropped": {"low_accuracy": 4},
+        "sandbox_calls_per_second": 250.4,
+    },
+    "autoif_queries": {"eval_queries": 4, "heldout_instructions": 12, "train_instructions": 36},
+    "autoif_sample_iter_0": {
+        "samples_passing_all": 5,
+        "samples": 16,
+        "pairs": 3,
+        "queries_with_pairs": 2,
+        "queries": 4,
+        "mean_score": 0.4,
+        "sandbox_calls_per_second": 120.0,
+    },
+}
+
+
 def test_the_report_section_shows_accuracy_intervals_and_every_filter(tmp_path, monkeypatch):
     from spinflow import graph as pipeline_graph
     from spinflow.io import write_json
@@ -289,38 +376,7 @@ def test_the_report_section_shows_accuracy_intervals_and_every_filter(tmp_path, 
     (tmp_path / "supervisor").mkdir()
     params = _params(tmp_path, supervisor="supervisor", iterations=1)
     graph = pipeline_graph.build(params)
-    metrics = {
-        "autoif_supervise": {
-            "instructions_written": 3,
-            "function_answers": 9,
-            "functions_parsed": 4,
-            "dropped": {"unparseable_supervisor_output": 5},
-        },
-        "autoif_instructions": {
-            "items": 52,
-            "instructions_kept": 50,
-            "functions_in_file": 61,
-            "functions_kept": 59,
-            "dropped": {"function_syntax": 2, "too_few_cases": 2},
-        },
-        "autoif_verify": {
-            "instructions_kept": 48,
-            "functions_kept": 55,
-            "functions_checked": 59,
-            "dropped": {"low_accuracy": 4},
-            "sandbox_calls_per_second": 250.4,
-        },
-        "autoif_queries": {"eval_queries": 4, "heldout_instructions": 12, "train_instructions": 36},
-        "autoif_sample_iter_0": {
-            "samples_passing_all": 5,
-            "samples": 16,
-            "pairs": 3,
-            "queries_with_pairs": 2,
-            "queries": 4,
-            "mean_score": 0.4,
-            "sandbox_calls_per_second": 120.0,
-        },
-    }
+    metrics = REPORT_METRICS
     for stage, values in metrics.items():
         write_json(pipeline_graph.train_metrics(stage), values)
     followed = {

@@ -436,7 +436,17 @@ class AutoifParams(Section):
         description='Instruction library: "builtin" (the seed library shipped with spinflow) '
         "or a YAML file of the same shape",
     )
-    iterations: PositiveInt = Field(2, description="AutoIF iterations (online DPO rounds)")
+    iterations: PositiveInt = Field(
+        2, description="AutoIF iterations (online DPO rounds); not read with autoif.with_spin"
+    )
+    with_spin: bool = Field(
+        False,
+        description="Combine with SPIN: the AutoIF chain is the SPIN chain (θk of SPIN samples, "
+        "no AutoIF models, one AutoIF iteration per SPIN iteration); SPIN also answers θ0's "
+        "verified AutoIF queries, a generated answer passing its instruction's functions is "
+        "filtered like one passing its verifier (spin.feedback_filter), and train_iter_k trains "
+        "on SPIN's and iteration k's AutoIF pairs together",
+    )
     min_cases: PositiveInt = Field(3, description="Drop an instruction with fewer usable cases")
     min_function_accuracy: Probability = Field(
         0.8,
@@ -549,6 +559,15 @@ class Params(Section):
             )
         if self.spin.start == "lobass" and not self.lobass.enabled:
             raise ValueError("spin.start: lobass needs lobass.enabled: true")
+        if self.autoif.with_spin:
+            if not self.autoif.enabled:
+                raise ValueError("autoif.with_spin: true needs autoif.enabled: true")
+            if self.spin.feedback_filter == "keep":
+                raise ValueError(
+                    "autoif.with_spin: true needs spin.feedback_filter: drop or real_only; keep "
+                    "would use generated answers that pass their instruction's functions as "
+                    "rejected answers, which is what the combination exists to prevent"
+                )
         if self.sft.patience is not None and self.data.num_val == 0:
             raise ValueError(
                 "sft.patience stops θ0's training on its validation loss, but data.num_val is 0; "

@@ -46,6 +46,7 @@ TRAINING, EVALUATION, REPORT = "training", "evaluation", "report"
 VALIDATE_STAGE = "validate_params"  # first in dvc.yaml: checks all of params.yaml on every change
 PROMPT_KEYS = ("prompt", "seed")
 OVERRIDE_PREFIX = "spin.per_iteration."  # params that exist only while params.yaml sets them
+WITH_SPIN = "autoif.with_spin"  # listed only while true: SPIN stages that read AutoIF's outputs
 
 
 @dataclass(frozen=True)
@@ -124,8 +125,11 @@ class Stage:
 
     @property
     def overrides(self) -> list[str]:
-        """The per-iteration override keys it reads (named in its command too)."""
-        return sorted(key for key in self.params if key.startswith(OVERRIDE_PREFIX))
+        """The keys it lists only under some params, named in its command too: the per-iteration
+        overrides it reads, and autoif.with_spin."""
+        return sorted(
+            key for key in self.params if key.startswith(OVERRIDE_PREFIX) or key == WITH_SPIN
+        )
 
 
 # what evaluation reads of the generate section: the engine that answers the test prompts
@@ -162,6 +166,9 @@ def timings_file(stage: str) -> Path:
 def autoif_samples_dir(k: int) -> Path:
     """autoif_sample_iter_k: samples.jsonl, sft.jsonl, pairs.jsonl."""
     return AUTOIF_DIR / f"iter_{k}"
+
+
+AUTOIF_SANDBOX_KEYS = ("autoif.sandbox_workers", "autoif.call_timeout")
 
 
 def mixed_iterations(params: Params, k: int) -> range:
@@ -373,16 +380,30 @@ class Graph:
 
     def _spin(self) -> None:
         """Iteration k: θk answers the pool (generate_iter_k), θk+1 learns to tell the real
-        answers from θk's (train_iter_k), θk+1 is evaluated against θk (eval_iter_k)."""
+        answers from θk's (train_iter_k), θk+1 is evaluated against θk (eval_iter_k).
+
+        With ``autoif.with_spin`` the pool also takes θ0's verified AutoIF answers (autoif/iter_0)
+        and the generated ones are checked by the instructions' functions (autoif/verified, in
+        the sandbox); train_iter_k also trains on iteration k's AutoIF pairs (autoif/iter_k),
+        made by autoif_sample_iter_k from θk (:meth:`_autoif`)."""
         p = self.params
+        combined = p.autoif.with_spin
         for k in range(p.spin.iterations):
             theta_k = self.theta(k)
+            extra_inputs = (str(autoif_samples_dir(0)), str(AUTOIF_VERIFIED)) if combined else ()
+            extra_params = (*AUTOIF_SANDBOX_KEYS, WITH_SPIN) if combined else ()
             self._add(
                 Stage(
                     f"generate_iter_{k}",
                     "generate",
-                    (str(theta_k.path), str(DATA_DIR)),
-                    ("generate", "prompt.system_prompt", "prompt.max_prompt_length", "seed"),
+                    (str(theta_k.path), str(DATA_DIR), *extra_inputs),
+                    (
+                        "generate",
+                        "prompt.system_prompt",
+                        "prompt.max_prompt_length",
+                        "seed",
+                        *extra_params,
+                    ),
                     outs=(str(generated_dir(k)),),
                     accelerate="generate.accelerate_config",
                     args={"k": k},
@@ -392,13 +413,18 @@ class Graph:
                 (f"spin.per_iteration.iter_{k}",) if f"iter_{k}" in p.spin.per_iteration else ()
             )
             mixed = tuple(generated_dir(j) for j in mixed_iterations(p, k))
+            autoif_pairs = (
+                (str(autoif_samples_dir(k)), str(train_metrics(f"autoif_sample_iter_{k}")))
+                if combined
+                else ()
+            )
             name = f"theta_{k + 1}"
             stage = f"train_iter_{k}"
             self.models[name] = Model(
                 name,
                 Path(f"models/{name}"),
                 stage,
-                f"θ{k + 1} (SPIN iter {k})",
+                f"θ{k + 1} (SPIN + AutoIF iter {k})" if combined else f"θ{k + 1} (SPIN iter {k})",
                 ITERATION,
                 index=k + 1,
                 iteration=k,
@@ -414,7 +440,7 @@ class Graph:
                 Stage(
                     stage,
                     "train",
-                    (str(theta_k.path), *map(str, mixed)),
+                    (str(theta_k.path), *map(str, mixed), *autoif_pairs),
                     (
                         "spin.train",
                         "spin.beta",
@@ -423,7 +449,8 @@ class Graph:
                         "spin.feedback_filter",
                     )
                     + PROMPT_KEYS
-                    + override,
+                    + override
+                    + ((WITH_SPIN,) if combined else ()),
                     outs=(f"models/{name}",),
                     metrics=(str(train_metrics(stage)), str(spin_steps(k))),
                     plots=(steps_plot(stage),),
@@ -554,7 +581,12 @@ class Graph:
         (autoif_queries); iteration k: θk samples responses scored by the functions
         (autoif_sample_iter_k) and DPO against θk on passing vs failing ones makes the AutoIF
         θk+1 (autoif_train_iter_k). θ0 and every AutoIF model are evaluated on queries with
-        held-out instructions (eval_autoif_*)."""
+        held-out instructions (eval_autoif_*).
+
+        With ``autoif.with_spin`` the AutoIF chain is the SPIN chain: autoif_sample_iter_k
+        samples from SPIN's θk for k < spin.iterations, train_iter_k trains on its pairs
+        (:meth:`_spin`), there is no AutoIF model, and every SPIN θk+1 is evaluated on the
+        held-out instructions (eval_autoif_iter_k)."""
         p = self.params
         if not p.autoif.enabled:
             return
@@ -600,7 +632,7 @@ class Graph:
                 metrics=(str(train_metrics("autoif_instructions")),),
             )
         )
-        sandbox = ("autoif.sandbox_workers", "autoif.call_timeout")
+        sandbox = AUTOIF_SANDBOX_KEYS
         self._add(
             Stage(
                 "autoif_verify",
@@ -630,8 +662,9 @@ class Graph:
         engine = ("generate.engine", "generate.dtype", "generate.batch_size", "generate.vllm")
         prompt = ("prompt.system_prompt", "prompt.max_prompt_length", "seed")
         self._autoif_evaluate(f"{AUTOIF}_theta_0", self.theta(0).name, sandbox + engine + prompt)
+        combined = p.autoif.with_spin
         previous = self.theta(0)
-        for k in range(p.autoif.iterations):
+        for k in range(p.spin.iterations if combined else p.autoif.iterations):
             samples = autoif_samples_dir(k)
             self._add(
                 Stage(
@@ -654,6 +687,12 @@ class Graph:
                     args={"k": k},
                 )
             )
+            if combined:  # train_iter_k trains on the pairs; SPIN's θk+1 is evaluated
+                previous = self.theta(k + 1)
+                self._autoif_evaluate(
+                    f"{AUTOIF}_iter_{k}", previous.name, sandbox + engine + prompt
+                )
+                continue
             name, stage = f"{AUTOIF}_theta_{k + 1}", f"autoif_train_iter_{k}"
             self.models[name] = Model(
                 name,

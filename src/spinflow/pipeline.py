@@ -121,9 +121,10 @@ def _cmd(stage: Stage, params: Params) -> str:
     launcher = (
         f"accelerate launch --config_file {accelerate_config}" if accelerate_config else "python"
     )
-    # A per-iteration override is a param that exists only while params.yaml holds it. DVC does
-    # not re-run a stage whose param list merely shrank, so the override is named in the command
-    # too: removing it changes the command, which DVC does compare.
+    # A per-iteration override is a param that exists only while params.yaml holds it, and
+    # autoif.with_spin is listed only while true. DVC does not re-run a stage whose param list
+    # merely shrank, so such a key is named in the command too: removing it changes the command,
+    # which DVC does compare.
     overrides = "".join(f" --override {key}" for key in stage.overrides)
     return f"{launcher} {STAGES_DIR / stage.script}.py {stage.name}{overrides}"
 

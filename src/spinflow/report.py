@@ -357,7 +357,8 @@ def write_score_histogram(path: Path) -> None:
 
 
 def autoif_section(graph: Graph) -> list[str]:
-    """Held-out instruction following of θ0 and each AutoIF model, and the filters' counts."""
+    """Held-out instruction following of θ0 and each AutoIF model (each SPIN model with
+    ``autoif.with_spin``), and the filters' counts."""
     rows = []
     for model, evaluation in graph.evaluated():
         if evaluation.kind != AUTOIF:
@@ -369,7 +370,7 @@ def autoif_section(graph: Graph) -> list[str]:
         for values in (prompt, instruction):
             low, high = bootstrap_interval(values)
             cells.append(f"{sum(values) / len(values):.3f} [{low:.3f}, {high:.3f}]")
-        label = model.label if model.role == AUTOIF else f"{model.label}, before AutoIF"
+        label = f"{model.label}, before AutoIF" if model.index == 0 else model.label
         rows.append(f"| {label} | " + " | ".join(cells) + f" | {len(prompt)} |")
     made = read_json(train_metrics("autoif_instructions"))
     verified = read_json(train_metrics("autoif_verify"))
@@ -413,8 +414,32 @@ def autoif_section(graph: Graph) -> list[str]:
         )
         calls.append(f"autoif_sample_iter_{k} {sampled['sandbox_calls_per_second']:.0f}")
         k += 1
+    if graph.params.autoif.with_spin:
+        text += _with_spin_rows(graph)
     text += ["", f"Sandbox calls per second: {', '.join(calls)}.", ""]
     return text
+
+
+def _with_spin_rows(graph: Graph) -> list[str]:
+    """``autoif.with_spin``: per SPIN iteration, SPIN's answers to θ0's verified AutoIF queries
+    that pass their instruction's functions (spin.feedback_filter treats them as correct) and
+    the pairs trained together."""
+    mode = graph.params.spin.feedback_filter
+    what = {"drop": "pairs_dropped", "real_only": "pairs_real_only"}[mode]
+    rows = []
+    for name in graph.chain[1:]:
+        model = graph.model(name)
+        if not model.train_metrics.is_file():
+            continue
+        trained = read_json(model.train_metrics)
+        rows.append(
+            f"| {model.stage}: SPIN answers to AutoIF queries passing their functions / pairs "
+            f"trained, SPIN + AutoIF | {trained['instruction_generated_passing']} of "
+            f"{trained['instruction_pairs']} / {trained['pairs_spin']} + "
+            f"{trained['pairs_autoif']} | spin.feedback_filter {mode}: {what} "
+            f"{trained[what]} (all SPIN pairs) |"
+        )
+    return rows
 
 
 def _reasons(counts: dict[str, int]) -> str:

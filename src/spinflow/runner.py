@@ -53,7 +53,8 @@ def run_stage(script: str, fn: StageFunction, argv: Sequence[str] | None = None)
         action="append",
         default=[],
         metavar="KEY",
-        help="a spin.per_iteration entry the stage was rendered with (dvc.yaml names it)",
+        help="a key the stage was rendered with that only some params list: a "
+        "spin.per_iteration entry, autoif.with_spin (dvc.yaml names it)",
     )
     args = parser.parse_args(argv)
     configure_logging()

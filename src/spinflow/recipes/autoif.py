@@ -23,6 +23,12 @@ Stages (``autoif.enabled``):
   function of the instruction passes), prompt-level strict the share of queries whose every
   instruction is followed.
 
+Combined with SPIN (``autoif.with_spin``) the AutoIF chain is the SPIN chain: there is no
+``autoif_train_iter_k``; ``autoif_sample_iter_k`` samples from SPIN's θk, SPIN's
+``generate_iter_k`` also answers θ0's verified queries (:func:`spin_pool_records`, checked by
+:func:`check_generated`) and ``train_iter_k`` also trains on the pairs of ``autoif_sample_iter_k``
+(:func:`spin_training_pairs`); ``eval_autoif_iter_k`` evaluates SPIN's θk+1.
+
 A stage fails only when nothing survives its filter, with one line saying so.
 """
 
@@ -528,8 +534,11 @@ def _answer(
 
 
 def _model_k(graph, k: int):
-    """θk of the AutoIF chain: θ0 of the pipeline, then the AutoIF models."""
-    return graph.theta(0) if k == 0 else graph.model(f"{pipeline_graph.AUTOIF}_theta_{k}")
+    """θk of the AutoIF chain: θ0 of the pipeline, then the AutoIF models (SPIN's θk when
+    combined with SPIN)."""
+    if k == 0 or graph.params.autoif.with_spin:
+        return graph.theta(k)
+    return graph.model(f"{pipeline_graph.AUTOIF}_theta_{k}")
 
 
 def autoif_sample(params: Params, k: int) -> dict[str, Any]:
@@ -568,7 +577,13 @@ def autoif_sample(params: Params, k: int) -> dict[str, Any]:
     for start in range(0, len(scored), a.samples):
         pairs.extend(make_pairs(scored[start : start + a.samples], a.chosen_min, a.pairs_per_query))
     sft = [
-        {"id": f"{s['query']}/s{s['sample']}", "prompt": s["prompt"], "answer": s["response"]}
+        {
+            "id": f"{s['query']}/s{s['sample']}",
+            "query": s["query"],
+            "instruction": s["instruction"],
+            "prompt": s["prompt"],
+            "answer": s["response"],
+        }
         for s in scored
         if all(s["passes"])
     ]
@@ -631,8 +646,8 @@ def autoif_train(params: Params, k: int) -> dict[str, Any]:
     target = graph.model(f"{pipeline_graph.AUTOIF}_theta_{k + 1}")
     source = require(graph, _model_k(graph, k).path)
     pairs_path = require(graph, autoif_samples_dir(k) / PAIRS)
-    records = read_jsonl(pairs_path, ("id", "prompt", "chosen", "rejected"))
-    if not records:
+    pairs = preference_pairs(pairs_path, k)
+    if not pairs:
         sampled = read_json(pipeline_graph.train_metrics(f"autoif_sample_iter_{k}"))
         raise SpinflowError(
             f"autoif_train_iter_{k}: no preference pair survived: of {sampled['samples']} "
@@ -640,11 +655,6 @@ def autoif_train(params: Params, k: int) -> dict[str, Any]:
             f"of their functions and {sampled['samples_failing_all']} pass none, and no query "
             "has both; raise autoif.samples or autoif.queries, or lower autoif.chosen_min"
         )
-    # the SPIN pair layout: the preferred answer where SPIN has the real one
-    pairs = [
-        {"id": r["id"], "prompt": r["prompt"], "real": r["chosen"], "generated": r["rejected"]}
-        for r in records
-    ]
     a = params.autoif
     trained = train_on_pairs(
         params,
@@ -669,6 +679,80 @@ def autoif_train(params: Params, k: int) -> dict[str, Any]:
     }
     write_training_outputs(target, summary, trained)
     return {**summary, **result.timings()}
+
+
+def preference_pairs(path: Path, k: int, id_prefix: str = "") -> list[dict]:
+    """Iteration k's AutoIF pairs (``path``) in SPIN's layout: the chosen answer where SPIN has
+    the real one, the rejected where it has the generated one."""
+    return [
+        {
+            "id": f"{id_prefix}{r['id']}",
+            "iteration": k,
+            "task": pipeline_graph.AUTOIF,
+            "prompt": r["prompt"],
+            "real": r["chosen"],
+            "generated": r["rejected"],
+        }
+        for r in read_jsonl(path, ("id", "prompt", "chosen", "rejected"))
+    ]
+
+
+# ---------------------------------------------------------------------------------------------
+# Combined with SPIN (autoif.with_spin)
+
+SPIN_ID_PREFIX = "autoif/"  # AutoIF records among SPIN's: ids that cannot be a pool record's
+
+
+def spin_pool_records(graph) -> list[dict]:
+    """θ0's verified AutoIF answers as SPIN pool records, one per training query: the first
+    answer of the query in autoif/iter_0/sft.jsonl (it passes every function of its instruction)
+    is the real answer, the query (prompt and instruction) the prompt."""
+    path = require(graph, autoif_samples_dir(0) / SFT_DATA)
+    records: dict[str, dict] = {}
+    for r in read_jsonl(path, ("query", "instruction", "prompt", "answer")):
+        records.setdefault(
+            r["query"],
+            {
+                "id": f"{SPIN_ID_PREFIX}{r['query']}",
+                "task": pipeline_graph.AUTOIF,
+                "prompt": r["prompt"],
+                "answer": r["answer"],
+                "instruction": r["instruction"],
+            },
+        )
+    return list(records.values())
+
+
+def check_generated(params: Params, graph, pairs: list[dict], counter: SandboxCounter) -> None:
+    """Execution feedback on SPIN's generated answers: every pair with an ``instruction`` gets
+    ``generated_passes``, whether its generated answer passes every function of that instruction
+    (autoif/verified, run in the sandbox)."""
+    source = require(graph, AUTOIF_VERIFIED / INSTRUCTIONS_FILE)
+    instructions = {i.id: i for i in _read_instructions(source)}
+    checked = [p for p in pairs if p.get("instruction") is not None]
+    unknown = sorted({p["instruction"] for p in checked} - set(instructions))
+    if unknown:
+        raise DataError(
+            f"{source}: no instruction {unknown[0]!r}, which autoif/iter_0/{SFT_DATA} names; "
+            "the two come from different runs: `dvc repro` makes them again",
+            path=source,
+        )
+    if not checked:
+        return
+    with _sandbox(params) as sandbox:
+        passes = check_responses(
+            [(instructions[p["instruction"]], p["generated"]) for p in checked], sandbox, counter
+        )
+    for pair, passed in zip(checked, passes, strict=True):
+        pair["generated_passes"] = all(passed)
+
+
+def spin_training_pairs(graph, k: int) -> tuple[list[dict], int]:
+    """Iteration k's AutoIF pairs for train_iter_k (ids prefixed so they cannot collide with
+    SPIN's), and the answer tokens autoif_sample_iter_k generated (its compute)."""
+    pairs = preference_pairs(require(graph, autoif_samples_dir(k) / PAIRS), k, SPIN_ID_PREFIX)
+    sampled = read_json(require(graph, pipeline_graph.train_metrics(f"autoif_sample_iter_{k}")))
+    return pairs, int(sampled["answer_tokens"])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,6 +12,11 @@ Iteration k:
 
 Evaluation of θk+1 against θk (``eval_iter_k``) is the shared evaluate stage; the reward margin it
 reports is :func:`spinflow.losses.spin_logits` on the test answers.
+
+With ``autoif.with_spin`` (:mod:`spinflow.recipes.autoif`), generate_iter_k also answers θ0's
+verified AutoIF queries, whose generated answers the instructions' functions check in the
+sandbox (a passing one is treated by ``spin.feedback_filter`` like one passing its verifier),
+and train_iter_k also trains on iteration k's AutoIF pairs: one loss, one optimizer.
 """
 
 from __future__ import annotations
@@ -84,8 +89,9 @@ def make_pairs(pool: Sequence[dict], answers: Sequence, k: int) -> list[dict]:
             "real": r["answer"],
             "generated": a if isinstance(a, str) else a.text,
         }
-        if r.get("verifier") is not None:
-            pair["verifier"] = r["verifier"]
+        for key in ("verifier", "instruction"):  # what checks the generated answer
+            if r.get(key) is not None:
+                pair[key] = r[key]
         if not isinstance(a, str):
             pair["generated_logp"] = round(a.logp, 4)
             pair["generated_ended"] = a.ended
@@ -103,9 +109,13 @@ def training_pairs(params: Params, k: int, graph: Graph | None = None) -> list[d
 
 
 def generated_passes(pair: dict) -> bool:
-    """Whether the generated answer passes the pair's verifier (False when it has none)."""
+    """Whether the generated answer passes the pair's check: ``generated_passes`` when generate
+    stored it (an AutoIF instruction's functions, run in the sandbox), else the pair's verifier
+    (False when it has none)."""
     from spinflow.verifiers import verify
 
+    if "generated_passes" in pair:
+        return bool(pair["generated_passes"])
     verifier = pair.get("verifier")
     return verifier is not None and verify(pair["generated"], verifier)
 
@@ -128,6 +138,24 @@ def feedback_filter(
     ]
     counts["pairs_real_only"] = sum(passing)
     return kept, counts
+
+
+def join_autoif_pairs(
+    encoded: Sequence[PairExample], spin_pairs: Sequence[dict], mode: str
+) -> tuple[list[PairExample], dict[str, int]]:
+    """``autoif.with_spin``: ``encoded`` holds the SPIN pairs, then the AutoIF pairs. The SPIN
+    pairs go through :func:`feedback_filter`; the AutoIF pairs follow, never filtered (their
+    rejected answer passes no function of its instruction, by construction)."""
+    examples, counts = feedback_filter(encoded[: len(spin_pairs)], spin_pairs, mode)
+    autoif_examples = list(encoded[len(spin_pairs) :])
+    instruction = [p for p in spin_pairs if p.get("instruction") is not None]
+    counts.update(
+        pairs_spin=len(examples),
+        pairs_autoif=len(autoif_examples),
+        instruction_pairs=len(instruction),
+        instruction_generated_passing=sum(map(generated_passes, instruction)),
+    )
+    return examples + autoif_examples, counts
 
 
 def encode_pairs(tokenizer, pairs: Sequence[dict], prompt: PromptParams) -> list[PairExample]:
@@ -316,6 +344,7 @@ def generate(params: Params, k: int) -> dict[str, Any] | None:
     from spinflow.engines import check_engine, open_engine
     from spinflow.generation import GenerationStats, SamplingParams, generate_answers
     from spinflow.models import load_model, load_tokenizer
+    from spinflow.recipes.autoif import spin_pool_records
 
     g = params.generate
     check_engine(g.engine)
@@ -323,51 +352,74 @@ def generate(params: Params, k: int) -> dict[str, Any] | None:
     stage = f"generate_iter_{k}"
     source = require(graph, graph.theta(k).path)
     pool = load_split(DATA_DIR, "pool")
+    combined = params.autoif.with_spin
+    instruction_pool = spin_pool_records(graph) if combined else []
+    clash = {r["id"] for r in pool} & {r["id"] for r in instruction_pool}
+    if clash:
+        raise SpinflowError(
+            f"{DATA_DIR / 'pool.jsonl'}: record id {sorted(clash)[0]!r} is also the id of an "
+            "AutoIF query in the SPIN pool (autoif.with_spin); give the data other ids"
+        )
     state = PartialState(cpu=not torch.cuda.is_available())
-    shard = list(range(state.process_index, len(pool), state.num_processes))
     tokenizer = load_tokenizer(source)
     model = load_model(source) if g.engine != "vllm" else None
     engine = open_engine(g, model, tokenizer, model_dir=source)
     stats = GenerationStats()
-    completions = generate_answers(
-        engine,
-        tokenizer,
-        [pool[i] for i in shard],
-        sampling=SamplingParams(g.temperature, g.top_p, g.max_new_tokens),
-        seed=stage_seed(params.seed, stage),
-        system_prompt=params.prompt.system_prompt,
-        max_prompt_length=params.prompt.max_prompt_length,
-        desc=stage if state.num_processes == 1 else f"{stage} [{state.process_index}]",
-        stats=stats,
-    )
-    answers: list = [None] * len(pool)
-    if state.num_processes > 1:
-        shares = gather_object([(shard, completions, stats.new_tokens)])
+
+    def answer(records: list[dict]) -> list | None:
+        """θk's answers to ``records`` in their order (None off the main process)."""
+        shard = list(range(state.process_index, len(records), state.num_processes))
+        tokens_before = stats.new_tokens
+        completions = generate_answers(
+            engine,
+            tokenizer,
+            [records[i] for i in shard],
+            sampling=SamplingParams(g.temperature, g.top_p, g.max_new_tokens),
+            seed=stage_seed(params.seed, stage),
+            system_prompt=params.prompt.system_prompt,
+            max_prompt_length=params.prompt.max_prompt_length,
+            desc=stage if state.num_processes == 1 else f"{stage} [{state.process_index}]",
+            stats=stats,
+        )
+        if state.num_processes == 1:
+            return completions
+        answers: list = [None] * len(records)
+        shares = gather_object([(shard, completions, stats.new_tokens - tokens_before)])
         for indices, share, _ in shares:
             for i, completion in zip(indices, share, strict=True):
                 answers[i] = completion
-        stats.prompts = len(pool)
-        stats.new_tokens = sum(tokens for _, _, tokens in shares)
-        if not state.is_main_process:
-            return None
-    else:
-        answers = completions
-    pairs = make_pairs(pool, answers, k)
+        stats.new_tokens = tokens_before + sum(tokens for _, _, tokens in shares)
+        return answers if state.is_main_process else None
+
+    # the ordinary pool first and on its own, so its answers are those of a run without AutoIF
+    answers = answer(pool)
+    instruction_answers = answer(instruction_pool) if instruction_pool else []
+    if not state.is_main_process:
+        return None
+    stats.prompts = len(pool) + len(instruction_pool)
+    pairs = make_pairs(pool + instruction_pool, answers + instruction_answers, k)
+    counter = None
+    settings: dict[str, Any] = {
+        "generate": g.model_dump(exclude={"accelerate_config"}),
+        "prompt": params.prompt.model_dump(),
+        "seed": params.seed,
+    }
+    inputs: dict[str, Path] = {"model": source, "pool": DATA_DIR / "pool.jsonl"}
+    if combined:
+        from spinflow.instructions import SandboxCounter
+        from spinflow.recipes.autoif import INSTRUCTIONS_FILE, SFT_DATA, check_generated
+
+        counter = SandboxCounter()
+        check_generated(params, graph, pairs, counter)
+        settings["autoif"] = params.autoif.model_dump(
+            include={"with_spin", "sandbox_workers", "call_timeout"}
+        )
+        inputs["autoif_sft"] = pipeline_graph.autoif_samples_dir(0) / SFT_DATA
+        inputs["instructions"] = pipeline_graph.AUTOIF_VERIFIED / INSTRUCTIONS_FILE
     out = pipeline_graph.generated_dir(k)
     with atomic_path(out, directory=True) as tmp:
         write_jsonl(tmp / pipeline_graph.pairs_file(k).name, pairs)
-        write_json(
-            tmp / PROVENANCE_FILE,
-            provenance(
-                stage,
-                {
-                    "generate": g.model_dump(exclude={"accelerate_config"}),
-                    "prompt": params.prompt.model_dump(),
-                    "seed": params.seed,
-                },
-                {"model": source, "pool": DATA_DIR / "pool.jsonl"},
-            ),
-        )
+        write_json(tmp / PROVENANCE_FILE, provenance(stage, settings, inputs))
     summary = {
         "engine": g.engine,
         "processes": state.num_processes,
@@ -377,6 +429,11 @@ def generate(params: Params, k: int) -> dict[str, Any] | None:
         "tokens_per_second": round(stats.new_tokens / stats.seconds, 2) if stats.seconds else 0.0,
         "identical_to_real": sum(p["generated"].strip() == p["real"].strip() for p in pairs),
     }
+    if counter is not None:
+        checked = [p for p in pairs if "generated_passes" in p]
+        summary["instruction_prompts"] = len(checked)
+        summary["instruction_generated_passing"] = sum(p["generated_passes"] for p in checked)
+        summary.update(counter.summary())
     log.info("%s: %s", stage, summary)
     return summary
 
@@ -387,13 +444,19 @@ def iteration_compute(
     trained: Sequence[PairExample],
     epochs: int,
     k: int,
+    sampled_tokens: int = 0,
 ) -> dict[str, int]:
     """What iteration k cost, in token passes (one token through one forward pass; a backward
     pass counts as two): θk's generation of its pairs (each prompt and answer token once; the
     pairs of earlier iterations mixed in were paid for there), the reference pass over every
     trained pair, and ``epochs`` of training (forward and backward) over them. A pair's row is
-    its prompt once and both answers (:func:`spinflow.chat.collate_shared`)."""
-    generation = sum(
+    its prompt once and both answers (:func:`spinflow.chat.collate_shared`).
+
+    ``encoded`` and ``pairs`` are SPIN's generated pairs; ``sampled_tokens`` is other generation
+    the iteration paid for: with ``autoif.with_spin``, the answer tokens θk sampled in
+    autoif_sample_iter_k (all samples, not only the paired ones; their prompt tokens are not
+    counted), so the same-compute baseline sft_extra_compute gets that budget too."""
+    generation = sampled_tokens + sum(
         len(e.generated.input_ids)
         for e, p in zip(encoded, pairs, strict=True)
         if int(p.get("iteration", k)) == k
@@ -483,7 +546,12 @@ def write_training_outputs(target: pipeline_graph.Model, summary: dict, trained:
 
 
 def train(params: Params, k: int) -> dict[str, Any]:
-    """θk+1: start from θk, opponent θk, SPIN loss on real vs generated answers."""
+    """θk+1: start from θk, opponent θk, SPIN loss on real vs generated answers.
+
+    With ``autoif.with_spin`` iteration k's AutoIF pairs (chosen as real, rejected as generated)
+    join the SPIN pairs after the feedback filter has judged those: one loss, one optimizer."""
+    from spinflow.recipes.autoif import spin_training_pairs
+
     graph = pipeline_graph.build(params)
     target = graph.theta(k + 1)
     optim, beta = params.train_for(k)
@@ -492,10 +560,20 @@ def train(params: Params, k: int) -> dict[str, Any]:
     inputs: dict[str, Path] = {"model": source}
     for path in target.pairs:
         inputs[f"pairs_{path.parent.name}"] = path
+    autoif_pairs: list[dict] = []
+    sampled_tokens = 0
+    settings: dict[str, Any] = {}
+    if params.autoif.with_spin:
+        autoif_pairs, sampled_tokens = spin_training_pairs(graph, k)
+        inputs["pairs_autoif"] = pipeline_graph.autoif_samples_dir(k) / "pairs.jsonl"
+        settings["autoif_with_spin"] = True
     filtered: dict[str, Any] = {}
 
     def select(encoded: list[PairExample]) -> list[PairExample]:
-        examples, counts = feedback_filter(encoded, pairs, params.spin.feedback_filter)
+        if params.autoif.with_spin:
+            examples, counts = join_autoif_pairs(encoded, pairs, params.spin.feedback_filter)
+        else:
+            examples, counts = feedback_filter(encoded, pairs, params.spin.feedback_filter)
         if not examples:
             raise SpinflowError(
                 f"{target.stage}: spin.feedback_filter: drop removed every pair (θ{k}'s answers "
@@ -508,7 +586,7 @@ def train(params: Params, k: int) -> dict[str, Any]:
         params,
         target,
         source,
-        pairs,
+        pairs + autoif_pairs,
         optim,
         beta=beta,
         loss=params.spin.loss,
@@ -517,6 +595,7 @@ def train(params: Params, k: int) -> dict[str, Any]:
             "loss": params.spin.loss,
             "mix_previous": params.spin.mix_previous,
             "feedback_filter": params.spin.feedback_filter,
+            **settings,
             "prompt": params.prompt.model_dump(),
             "seed": params.seed,
         },
@@ -524,7 +603,14 @@ def train(params: Params, k: int) -> dict[str, Any]:
         select=select,
     )
     result = trained.result
-    cost = iteration_compute(trained.encoded, pairs, trained.examples, trained.optim.epochs, k)
+    cost = iteration_compute(
+        trained.encoded[: len(pairs)],
+        pairs,
+        trained.examples,
+        trained.optim.epochs,
+        k,
+        sampled_tokens,
+    )
     summary = {
         "iteration": k,
         "pairs": len(trained.examples),
