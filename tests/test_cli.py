@@ -199,3 +199,20 @@ def test_evaluate_scores_checkpoints_on_the_validation_split(tmp_path, tiny_chec
     assert capsys.readouterr().err.strip() == (
         f"error: {tmp_path}: not a checkpoint directory (no config.json in it)"
     )
+
+
+@pytest.mark.parametrize("preset", sorted(p.name for p in (REPO / "configs").glob("*.yaml")))
+def test_every_preset_validates_with_every_key_dvc_reads(preset, capsys, monkeypatch):
+    monkeypatch.chdir(REPO)  # the files presets name are relative to the project root
+    assert cli.main(["validate", "--params", f"configs/{preset}"]) == 0, capsys.readouterr().err
+
+
+def test_validate_names_a_key_a_stage_reads_that_the_file_lacks(tmp_path, capsys):
+    raw = default_params_dict()
+    del raw["spin"]["feedback_filter"]
+    path = _write(tmp_path / "x.yaml", raw)
+    assert cli.main(["validate", "--params", str(path)]) == 1
+    assert capsys.readouterr().err.strip() == (
+        f"error: {path}: missing key 'spin.feedback_filter' (stage 'train_iter_0' depends on it "
+        "and DVC reads it from the file; `spinflow params` shows its default)"
+    )

@@ -36,9 +36,14 @@ examples:
 
 
 def _cmd_validate(args) -> int:
-    from spinflow.validation import check_references
+    from spinflow.config import read_params_file
+    from spinflow.graph import build
+    from spinflow.validation import check_dvc_keys, check_references
 
-    check_references(load_params(args.params))
+    params = load_params(args.params)
+    check_references(params)
+    # DVC reads each stage's keys from the file itself: a preset must list them all
+    check_dvc_keys(read_params_file(args.params), build(params), args.params)
     print(f"{args.params}: valid")
     return 0
 
