@@ -15,7 +15,7 @@ from spinflow.graph import BASELINE, EVALUATION, ITERATION, REPORT, SFT_EXTRA, T
 def _graph(iterations=3, sft=True, sft_extra=True, mix_previous=1, per_iteration=None):
     raw = default_params_dict()
     raw["sft"]["enabled"] = sft
-    raw["sft_extra"]["enabled"] = sft_extra
+    raw["sft_extra"].update(enabled=sft_extra, compute=sft_extra)  # both baselines
     raw["spin"].update(
         iterations=iterations, mix_previous=mix_previous, per_iteration=per_iteration or {}
     )
@@ -124,6 +124,7 @@ def test_per_iteration_override_is_read_only_by_its_iteration():
 def _lobass_graph(start="sft"):
     raw = default_params_dict()
     raw["lobass"]["enabled"] = True
+    raw["sft_extra"]["compute"] = True
     raw["spin"].update(iterations=2, start=start)
     return pipeline_graph.build(validate_params(raw))
 

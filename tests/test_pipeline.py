@@ -74,11 +74,14 @@ def test_committed_dvc_yaml_names_existing_scripts_and_code():
 def test_render_four_iterations_has_exactly_the_expected_stages():
     stages = pipeline.render(_params(spin={"iterations": 4}))["stages"]
     expected = {"prepare_model", "prepare_data", "sft", "eval_sft", "sft_extra", "eval_sft_extra"}
-    expected |= {"sft_extra_compute", "eval_sft_extra_compute", "report", "validate_params"}
+    expected |= {"report", "validate_params"}
     for k in range(4):
         expected |= {f"generate_iter_{k}", f"train_iter_{k}", f"eval_iter_{k}"}
     assert set(stages) == expected
-    assert len(stages) == 22
+    assert len(stages) == 20
+    # the equal-compute baseline is one switch away
+    stages = pipeline.render(_params(spin={"iterations": 4}, sft_extra={"compute": True}))["stages"]
+    assert set(stages) == expected | {"sft_extra_compute", "eval_sft_extra_compute"}
 
 
 def test_iterations_chain_models():

@@ -83,7 +83,7 @@ class DataParams(Section):
         16,
         description="Validation examples carved from the SFT data (θ0's early stopping reads them)",
     )
-    num_pool: PositiveInt = Field(32, description="Prompts in the SPIN pool (with real answers)")
+    num_pool: PositiveInt = Field(64, description="Prompts in the SPIN pool (with real answers)")
     pool: Literal["sft", "disjoint"] = Field(
         "sft",
         description=(
@@ -230,7 +230,7 @@ class GenerateParams(Section):
         1.0, description="Sampling temperature for θk's answers (0: greedy)"
     )
     top_p: Annotated[float, Field(gt=0.0, le=1.0)] = Field(1.0, description="Nucleus sampling mass")
-    max_new_tokens: PositiveInt = Field(32, description="Longest generated answer, in tokens")
+    max_new_tokens: PositiveInt = Field(128, description="Longest generated answer, in tokens")
     batch_size: PositiveInt = Field(
         32, description="Prompts per generation batch (continuous engine: prompts decoding at once)"
     )
@@ -275,7 +275,7 @@ class SpinParams(Section):
         1, description="Also train on the pairs of this many previous iterations (paper: 1)"
     )
     feedback_filter: Literal["keep", "drop", "real_only"] = Field(
-        "keep",
+        "real_only",
         description=(
             "Pairs whose generated answer passes the task's verifier (it is not wrong): keep "
             "them, drop them, or real_only: keep only the real answer's term of the loss"
@@ -318,10 +318,11 @@ class SftExtraParams(Section):
         ),
     )
     compute: bool = Field(
-        True,
+        False,
         description=(
             "Second baseline (sft_extra_compute): the same, for as much training compute as "
-            "SPIN used (token passes of generation, reference passes and training)"
+            "SPIN used (token passes of generation, reference passes and training); off in "
+            "the default, which it would take past 10 minutes on 2 cores"
         ),
     )
 
