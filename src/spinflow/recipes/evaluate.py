@@ -28,27 +28,13 @@ def _beta(params: Params, model: pipeline_graph.Model) -> float:
     return params.spin.beta
 
 
-def evaluate(params: Params, name: str) -> dict[str, Any]:
-    """Evaluate one model on the test split: metrics/eval_<name>.json and eval/<name>/."""
-    from spinflow.data import load_split
-    from spinflow.engines import check_engine, open_engine
+def _score(params: Params, source: Path, records: list[dict], reference=None, beta: float = 0.1):
+    """Load the checkpoint at ``source`` and evaluate it on ``records`` (eval.*, prompt.*,
+    generate.engine); returns (model, tokenizer, metrics, rows)."""
+    from spinflow.engines import open_engine
     from spinflow.evaluation import evaluate as run_eval
     from spinflow.models import load_model, load_tokenizer
 
-    check_engine(params.generate.engine)
-    # unknown harness tasks or data that cannot be loaded stop here, before any model is loaded
-    benchmarks = harness.prepare(params.eval.lm_eval)
-
-    graph = pipeline_graph.build(params)
-    evaluation = graph.evaluation(name)
-    model_node = graph.model(evaluation.model)
-    source = require(graph, model_node.path)
-    records = load_split(DATA_DIR, "test")
-    opponent = graph.evaluation(evaluation.opponent) if evaluation.opponent else None
-    reference = (
-        read_jsonl(require(graph, opponent.generations), ("id", "generated")) if opponent else None
-    )
-    beta = _beta(params, model_node)
     tokenizer = load_tokenizer(source)
     model = load_model(source)
     metrics, rows = run_eval(
@@ -64,6 +50,29 @@ def evaluate(params: Params, name: str) -> dict[str, Any]:
             params.generate, model, tokenizer, model_dir=source, batch_size=params.eval.batch_size
         ),
     )
+    return model, tokenizer, metrics, rows
+
+
+def evaluate(params: Params, name: str) -> dict[str, Any]:
+    """Evaluate one model on the test split: metrics/eval_<name>.json and eval/<name>/."""
+    from spinflow.data import load_split
+    from spinflow.engines import check_engine
+
+    check_engine(params.generate.engine)
+    # unknown harness tasks or data that cannot be loaded stop here, before any model is loaded
+    benchmarks = harness.prepare(params.eval.lm_eval)
+
+    graph = pipeline_graph.build(params)
+    evaluation = graph.evaluation(name)
+    model_node = graph.model(evaluation.model)
+    source = require(graph, model_node.path)
+    records = load_split(DATA_DIR, "test")
+    opponent = graph.evaluation(evaluation.opponent) if evaluation.opponent else None
+    reference = (
+        read_jsonl(require(graph, opponent.generations), ("id", "generated")) if opponent else None
+    )
+    beta = _beta(params, model_node)
+    model, tokenizer, metrics, rows = _score(params, source, records, reference, beta)
     benchmark_results = None
     if benchmarks is not None:  # last: it may move the model to another device
         benchmark_results = harness.run(model, tokenizer, benchmarks)
@@ -103,10 +112,8 @@ def evaluate_checkpoints(
     settings without looking at the test split): for each, its metrics and the 95% bootstrap
     intervals of verifier pass rate and exact match. Writes nothing."""
     from spinflow.data import SPLITS, load_split
-    from spinflow.engines import check_engine, open_engine
+    from spinflow.engines import check_engine
     from spinflow.errors import SpinflowError
-    from spinflow.evaluation import evaluate as run_eval
-    from spinflow.models import load_model, load_tokenizer
     from spinflow.report import answer_scores, interval_cells
 
     if split not in SPLITS:
@@ -120,19 +127,7 @@ def evaluate_checkpoints(
         raise SpinflowError(f"{data_dir / split}.jsonl is empty: nothing to evaluate")
     results = []
     for path in models:
-        tokenizer = load_tokenizer(path)
-        model = load_model(path)
-        metrics, rows = run_eval(
-            model,
-            tokenizer,
-            records,
-            prompt=params.prompt,
-            params=params.eval,
-            seed=params.seed,
-            engine=open_engine(
-                params.generate, model, tokenizer, model_dir=path, batch_size=params.eval.batch_size
-            ),
-        )
+        _, _, metrics, rows = _score(params, path, records)
         scores = answer_scores({row["id"]: row["generated"] for row in rows}, records)
         pass_rate, exact = interval_cells(scores)
         results.append(
