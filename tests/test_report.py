@@ -115,6 +115,12 @@ def test_collect_orders_the_chain_then_the_baseline(report):
 def test_markdown_tables(report):
     text = (REPORT_DIR / "results.md").read_text(encoding="utf-8")
     lines = text.splitlines()
+    # the introduction names the baseline this pipeline has, and only that one
+    assert lines[2] == (
+        "Held-out test split; θ0 is the SFT model, θk+1 the result of SPIN iteration k. The "
+        "SFT-extra baseline keeps training θ0 with plain SFT on the same SFT data, for as many "
+        "optimizer steps as all SPIN iterations together (same steps)."
+    )
     header = (
         "| model | verifier pass rate | exact match | log-lik / token | reward margin "
         "| reward acc. | answer length |"

@@ -211,14 +211,32 @@ def write_report(graph: Graph) -> dict[str, Any]:
         for row in rows:
             if row["iteration"] is not None:
                 writer.writerow([row["iteration"], *[row.get(k) for k, _, _ in COLUMNS]])
+    budgets = [
+        what
+        for name, what in (
+            (
+                "sft_extra",
+                "for as many optimizer steps as all SPIN iterations together (same steps)",
+            ),
+            (
+                "sft_extra_compute",
+                "for as much compute (same compute: token passes of generation, reference passes "
+                "and training)",
+            ),
+        )
+        if name in graph.models
+    ]
+    baselines = (
+        f" The SFT-extra baseline{'s' if len(budgets) > 1 else ''} keep"
+        f"{'' if len(budgets) > 1 else 's'} training θ0 with plain SFT on the same SFT data, "
+        f"{' or '.join(budgets)}."
+        if budgets
+        else ""
+    )
     text = [
         "# SPIN results",
         "",
-        "Held-out test split; θ0 is the SFT model, θk+1 the result of SPIN "
-        "iteration k. The SFT-extra baselines keep training θ0 with plain SFT on the same SFT "
-        "data, for as many optimizer steps as all SPIN iterations together (same steps) or for "
-        "as much compute (same compute: token passes of generation, reference passes and "
-        "training).",
+        f"Held-out test split; θ0 is the SFT model, θk+1 the result of SPIN iteration k.{baselines}",
         "",
         markdown_table(rows),
         "",
