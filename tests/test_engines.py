@@ -240,7 +240,7 @@ def _auto(model, tokenizer, monkeypatch, tmp_path, *, native=True, **constants):
     for name, value in constants.items():
         monkeypatch.setattr(continuous, name, value)
     prompts = [r.prompt_ids for r in _requests(tokenizer)]
-    return continuous.choose_dtype(model, prompts, 4)
+    return continuous.choose_dtype(model, prompts, 4, eos_token_id=tokenizer.eos_token_id)
 
 
 def test_auto_dtype_is_float32_without_native_bfloat16(
@@ -290,7 +290,10 @@ def test_auto_dtype_is_measured_once_then_cached(
 
     monkeypatch.setattr(continuous, "_probe", lambda *a: pytest.fail("measured again"))
     again, reason = continuous.choose_dtype(
-        tiny_model_session, [r.prompt_ids for r in _requests(tiny_tokenizer_session)], 4
+        tiny_model_session,
+        [r.prompt_ids for r in _requests(tiny_tokenizer_session)],
+        4,
+        eos_token_id=tiny_tokenizer_session.eos_token_id,
     )
     assert again == "bfloat16" and "cached" in reason
 

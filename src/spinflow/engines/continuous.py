@@ -1,30 +1,36 @@
 """The ``continuous`` engine: a static KV cache and continuous batching, in plain torch.
 
-``batch_size`` slots decode together, one token per slot per step. Slots whose answers end are
-refilled with the next waiting prompts as soon as a quarter of them are free, prefilled together,
-so hardly a step is spent on rows that have finished (with HF ``generate`` most of the work at
-the default settings went to such rows). Each slot keeps
-its keys and values in a preallocated cache ``[slots, kv_heads, length, head_dim]`` per layer, and
-its own position; attention reads only the columns up to the longest live row.
+``batch_size`` slots decode together, one token per slot per step. A slot whose answer ends
+takes the next waiting prompt at once, and that prompt's tokens run in the same forward pass as
+the other slots' decode step: the tokens of both are packed into one set of rows, so the step
+reads the weights once for both (on a small model a step is bound by reading the weights, not
+by arithmetic). Hardly a step is spent on rows that have finished, where HF ``generate`` spent
+most of its work at the default settings. Each slot keeps its keys and values in a
+preallocated cache ``[slots, kv_heads, length, head_dim]`` per layer, and its own position;
+attention reads only the columns up to the longest live row. A prefix every prompt shares (a
+chat template's system prompt) is computed once and copied into each slot.
 
 The decoder is written against the modules of llama-style models (llama, mistral, qwen2, qwen3:
 pre-norm, rotary embeddings, grouped-query attention, gated MLP) and reuses their weights and
-their rotary module. Sampling is the reference sampler of :mod:`spinflow.generation` with each
-prompt's own noise stream, so a prompt's answer does not depend on its slot, its neighbours or
-the number of slots, as with the ``torch`` engine.
+their rotary module; the projections that read the same input are fused into one product.
+Sampling is the reference sampler of :mod:`spinflow.generation` with each prompt's own noise
+stream, so a prompt's answer does not depend on its slot, its neighbours or the number of
+slots, as with the ``torch`` engine.
 
-``dtype: bfloat16`` runs a bfloat16 copy of the decoder layers (the final norm, the output layer
-and sampling stay float32); it pays where
-the processor computes bfloat16 natively. ``dtype: auto`` (:func:`choose_dtype`) takes bfloat16
-only where the device computes it natively and a probe on the model finds decoding at least
-:data:`SPEED_MARGIN` times faster, with the next-token log-probs within :data:`TOLERANCE` of
-float32; the decision is cached per machine and model shape, as ``bf16: auto`` is for training
-(:mod:`spinflow.precision`), so every stage on a machine makes the same choice.
+``dtype: bfloat16`` runs the matrix products of the decoder layers and of the output layer in
+bfloat16 (on CPUs with the weights packed once for oneDNN); the residual stream, the norms, the
+rotary embedding, the keys and values on CPUs, and sampling stay float32, and the
+:data:`EXACT_TOP` largest logits of each row are computed again in float32. It pays where the
+processor computes bfloat16 natively. ``dtype: auto`` (:func:`choose_dtype`) takes bfloat16 only
+where the device computes it natively and a probe on the model finds generation at least
+:data:`SPEED_MARGIN` times faster, with the log-probs of the answers float32 samples within
+:data:`TOLERANCE` of float32's; the decision is cached per machine and model shape, as
+``bf16: auto`` is for training (:mod:`spinflow.precision`), so every stage on a machine makes
+the same choice.
 """
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import time
@@ -42,52 +48,78 @@ log = logging.getLogger(__name__)
 
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
 SPEED_MARGIN = 1.2  # bfloat16 decoding must be at least this many times faster
-TOLERANCE = 0.05  # largest mean |log-prob difference| of the next token, in nats
+TOLERANCE = 0.05  # largest mean |log-prob difference| of an answer token, in nats
 MIN_SHARED_PREFIX = 8  # shorter shared prefixes are recomputed with each prompt
-PROBE_VERSION = 2  # part of the cache key: a change to the probe or the bf16 path measures again
+EXACT_TOP = 64  # bfloat16: the largest logits of a row recomputed in float32
+PROBE_TOKENS = 32  # the probe's answers: at most this many tokens
+PROBE_VERSION = 3  # part of the cache key: a change to the probe or the bf16 path measures again
 
 
 def supports(model) -> bool:
     return getattr(model.config, "model_type", None) in SUPPORTED
 
 
-def _probe(model, prompts: list[list[int]], slots: int) -> dict:
-    """Decode-step time of float32 and bfloat16 weights (fastest of 3, interleaved) and the mean
-    |difference| of the log-probs both give the float32 model's next tokens after the prompts."""
+def _teacher_forced(engine, prompts: list[list[int]], answers: list[list[int]]):
+    """The log-probs ``engine`` gives each token of ``answers`` after its prompt (one tensor per
+    answer), and the seconds its forward passes took: the prompts in one pass, then the answers
+    a token a step, as decoding runs."""
+    rows = list(range(len(prompts)))
+    engine._allocate(len(rows), max(len(p) + len(a) for p, a in zip(prompts, answers, strict=True)))
+    logps: list[list[torch.Tensor]] = [[] for _ in rows]
+    started = time.perf_counter()
+    fed, logits = rows, engine._forward(rows, prompts, [0] * len(rows))
+    for step in range(max(len(a) for a in answers)):
+        for row, row_logits in zip(fed, torch.log_softmax(logits.float(), -1), strict=True):
+            logps[row].append(row_logits[answers[row][step]])
+        fed = [row for row in rows if step + 1 < len(answers[row])]
+        if fed:
+            logits = engine._forward(
+                fed, [[answers[r][step]] for r in fed], [len(prompts[r]) + step for r in fed]
+            )
+    seconds = time.perf_counter() - started
+    engine.cache, engine.prefix = [], []
+    return [torch.stack(row) for row in logps], seconds
+
+
+def _probe(model, prompts: list[list[int]], slots: int, eos_token_id: int) -> dict:
+    """bfloat16 against float32 on the answers the float32 engine samples for ``prompts``
+    (temperature 1, at most :data:`PROBE_TOKENS` tokens, fixed seeds): the mean |difference| of
+    the log-probs both give each answer token (the end token included), that of the first answer
+    token alone (right after the prompt, where bfloat16 differs most), and how much faster
+    bfloat16 runs the same forward passes (fastest of 2, interleaved, after a warm-up)."""
     engines = {
-        dtype: ContinuousEngine(model, eos_token_id=-1, batch_size=slots, dtype=dtype)
+        dtype: ContinuousEngine(model, eos_token_id=eos_token_id, batch_size=slots, dtype=dtype)
         for dtype in ("float32", "bfloat16")
     }
-    seconds = {dtype: math.inf for dtype in engines}
-    next_logps = {}
-    rows = list(range(len(prompts)))
-    with torch.inference_mode():
-        for engine in engines.values():
-            engine._allocate(len(prompts), max(len(p) for p in prompts) + 1)
-        for dtype, engine in engines.items():
-            next_logps[dtype] = torch.log_softmax(engine._prefill(rows, prompts).float(), -1)
-        tokens = next_logps["float32"].argmax(-1)
-        positions = torch.tensor([len(p) for p in prompts])
-        index = torch.tensor(rows)
-        for _ in range(4):  # the first round warms up
-            for dtype, engine in engines.items():
-                started = time.perf_counter()
-                engine._decode(index, tokens, positions)
-                if _ > 0:
-                    seconds[dtype] = min(seconds[dtype], time.perf_counter() - started)
-    chosen = tokens.unsqueeze(1)
-    difference = (
-        (next_logps["float32"].gather(1, chosen) - next_logps["bfloat16"].gather(1, chosen))
-        .abs()
-        .mean()
+    sampled = engines["float32"].complete(
+        [Request(prompt, seed) for seed, prompt in enumerate(prompts)],
+        SamplingParams(temperature=1.0, top_p=1.0, max_new_tokens=PROBE_TOKENS),
+        desc="generate.dtype probe",
     )
+    answers = [c.token_ids + [eos_token_id] * c.ended for c in sampled]  # never empty
+    seconds = {dtype: math.inf for dtype in engines}
+    logps = {}
+    with torch.inference_mode():
+        for round_ in range(3):  # the first round warms up
+            for dtype, engine in engines.items():
+                logps[dtype], took = _teacher_forced(engine, prompts, answers)
+                if round_ > 0:
+                    seconds[dtype] = min(seconds[dtype], took)
+    differences = [
+        (exact - rounded).abs()
+        for exact, rounded in zip(logps["float32"], logps["bfloat16"], strict=True)
+    ]
     return {
         "speedup": seconds["float32"] / seconds["bfloat16"],
-        "logp_difference": float(difference),
+        "logp_difference": float(torch.cat(differences).mean()),
+        "first_token_logp_difference": float(torch.stack([d[0] for d in differences]).mean()),
+        "answer_tokens": sum(len(a) for a in answers),
     }
 
 
-def choose_dtype(model, prompts: list[list[int]], slots: int) -> tuple[str, str]:
+def choose_dtype(
+    model, prompts: list[list[int]], slots: int, *, eos_token_id: int
+) -> tuple[str, str]:
     """``dtype: auto``: bfloat16 or float32 for decoding ``model`` here, and why, in words."""
     from spinflow.io import read_json, write_json
     from spinflow.precision import measurement_key, native_bf16
@@ -104,24 +136,105 @@ def choose_dtype(model, prompts: list[list[int]], slots: int) -> tuple[str, str]
         return record["dtype"], record["reason"] + f" (cached in {path})"
     except (OSError, ValueError, KeyError, TypeError):
         pass
-    figures = _probe(model, prompts[:slots], slots)
+    figures = _probe(model, prompts[:slots], slots, eos_token_id)
     if not figures["logp_difference"] <= TOLERANCE:
         dtype = "float32"
-        reason = f"bfloat16 log-probs differ by {figures['logp_difference']:.3f} > {TOLERANCE}"
+        reason = (
+            f"bfloat16 answer log-probs differ by {figures['logp_difference']:.3f} nats a token "
+            f"> {TOLERANCE}"
+        )
     elif not figures["speedup"] >= SPEED_MARGIN:
         dtype = "float32"
-        reason = f"bfloat16 decodes {figures['speedup']:.2f}x as fast, under {SPEED_MARGIN}x"
+        reason = f"bfloat16 generates {figures['speedup']:.2f}x as fast, under {SPEED_MARGIN}x"
     else:
         dtype = "bfloat16"
         reason = (
-            f"bfloat16 decodes {figures['speedup']:.2f}x as fast, log-probs within "
-            f"{figures['logp_difference']:.3f} nats"
+            f"bfloat16 generates {figures['speedup']:.2f}x as fast, answer log-probs within "
+            f"{figures['logp_difference']:.3f} nats a token (the first token "
+            f"{figures['first_token_logp_difference']:.3f})"
         )
     try:
         write_json(path, {**fields, **figures, "dtype": dtype, "reason": reason})
     except OSError as exc:
         log.warning("%s: cannot write the generation precision cache (%s)", path, exc)
     return dtype, reason
+
+
+class _Linear:
+    """``x @ weightᵀ (+ bias)`` computed in ``dtype``, out in ``dtype`` (float32 with a bias); the weights of several
+    projections that read the same input are concatenated into one product.
+
+    On CPUs a bfloat16 weight is packed once into oneDNN's blocked layout: a plain bfloat16
+    weight is re-laid out on every call, which at a decode step's few rows costs as much as the
+    product itself (θ0's layers: 21 ms a step plain, 14.5 packed, at 1 to 64 rows).
+    """
+
+    def __init__(self, modules: Sequence[torch.nn.Linear], dtype: torch.dtype):
+        weights = [m.weight.detach() for m in modules]
+        weight = (torch.cat(weights) if len(weights) > 1 else weights[0]).to(dtype).contiguous()
+        biases = [m.bias for m in modules]
+        self.bias = None
+        if any(b is not None for b in biases):
+            self.bias = torch.cat(
+                [
+                    m.bias.detach().float()
+                    if m.bias is not None
+                    else torch.zeros(m.out_features, device=weight.device)
+                    for m in modules
+                ]
+            )
+        self.dtype = dtype
+        self.weight = weight
+        self.packed = None
+        if weight.device.type == "cpu" and dtype == torch.bfloat16 and _onednn_bf16():
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, 16)
+            self.weight = None  # the packed copy is all the product needs
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.dtype)
+        if self.packed is not None:
+            y = torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
+        else:
+            y = F.linear(x, self.weight)
+        # in ``dtype``: adding it to a float32 tensor promotes it without a separate cast
+        return y if self.bias is None else y + self.bias
+
+
+def _to(value, device: torch.device):
+    """``value`` (a tensor, or tuples of them and other things) on ``device``."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, tuple):
+        return tuple(_to(v, device) for v in value)
+    return value
+
+
+def _onednn_bf16() -> bool:
+    try:
+        return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def _rms_norm(norm: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The model's RMSNorm module ``norm`` on float32 ``x``, as one fused operation."""
+    return F.rms_norm(x, norm.weight.shape, norm.weight.float(), norm.variance_epsilon)
+
+
+class _Block:
+    """One decoder layer's weights, ready for :class:`ContinuousEngine`'s forward."""
+
+    def __init__(self, layer, dtype: torch.dtype):
+        attention, mlp = layer.self_attn, layer.mlp
+        self.input_norm, self.post_norm = layer.input_layernorm, layer.post_attention_layernorm
+        self.qkv = _Linear([attention.q_proj, attention.k_proj, attention.v_proj], dtype)
+        self.q_norm = getattr(attention, "q_norm", None)  # qwen3: per-head norms before rope
+        self.k_norm = getattr(attention, "k_norm", None)
+        self.o = _Linear([attention.o_proj], dtype)
+        self.gate_up = _Linear([mlp.gate_proj, mlp.up_proj], dtype)
+        self.down = _Linear([mlp.down_proj], dtype)
+        self.act = mlp.act_fn
+        self.width = mlp.gate_proj.out_features  # gate_up's output splits here
 
 
 class ContinuousEngine:
@@ -146,84 +259,187 @@ class ContinuousEngine:
             self._load(dtype)
 
     def _load(self, dtype: str) -> None:
-        model = self.source
-        if dtype == "bfloat16":
-            model = copy.deepcopy(model).to(torch.bfloat16)
-        self.model = model.eval()
-        self.dtype = next(model.parameters()).dtype
-        self.device = next(model.parameters()).device
+        model = self.source.eval()
         inner = model.model
-        self.embed, self.layers = inner.embed_tokens, inner.layers
+        self.dtype = torch.bfloat16 if dtype == "bfloat16" else torch.float32
+        self.device = next(model.parameters()).device
+        # keys and values: float32 on CPUs, where attention over them ran faster than over
+        # bfloat16 ones (θ0's decode step 34 against 36 ms), else the matrix products' dtype
+        self.cache_dtype = torch.float32 if self.device.type == "cpu" else self.dtype
+        self.embed = inner.embed_tokens
+        self.blocks = [_Block(layer, self.dtype) for layer in inner.layers]
         self.rotary = inner.rotary_emb
-        # the final norm and output layer stay float32: bfloat16 logits (8 bits of mantissa)
-        # would round values near 20 to steps of 0.125
-        self.norm, self.lm_head = self.source.model.norm, self.source.lm_head
-        attention = self.layers[0].self_attn
+        # the residual stream, the norms and sampling stay float32, and so do the largest logits:
+        # bfloat16 ones (8 bits of mantissa) would round values near 20 to steps of 0.125
+        self.norm = inner.norm
+        self.head = _Linear([model.lm_head], self.dtype)
+        self.head_weight = model.lm_head.weight.detach().float()
+        attention = inner.layers[0].self_attn
         self.head_dim = attention.head_dim
         self.scaling = attention.scaling
         self.dtype_choice = dtype
 
     # -- the decoder ------------------------------------------------------------------------
 
+    def _layer(self, block: _Block, hidden: torch.Tensor, rope, attend) -> torch.Tensor:
+        """One decoder layer on float32 ``hidden`` [tokens, dim]. ``rope`` rotates queries and
+        keys; ``attend(q, k, v)`` ([tokens, heads, head_dim] each) stores the new keys and values
+        and attends."""
+        tokens = hidden.size(0)
+        qkv = block.qkv(_rms_norm(block.input_norm, hidden)).view(tokens, -1, self.head_dim)
+        qk, v = qkv.split([self.heads + self.kv_heads, self.kv_heads], dim=1)
+        if block.q_norm is not None:
+            q, k = qk.split([self.heads, self.kv_heads], dim=1)
+            qk = torch.cat((_rms_norm(block.q_norm, q), _rms_norm(block.k_norm, k)), dim=1)
+        q, k = rope(qk).to(self.cache_dtype).split([self.heads, self.kv_heads], dim=1)
+        out = attend(q, k, v.to(self.cache_dtype))
+        hidden = hidden + block.o(out.reshape(tokens, -1))
+        gate, up = block.gate_up(_rms_norm(block.post_norm, hidden)).split(block.width, dim=-1)
+        return hidden + block.down(block.act(gate) * up)
+
     def _rope(self, hidden: torch.Tensor, positions: torch.Tensor):
-        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+        """The rotation of queries and keys [tokens, heads, head_dim] at ``positions``."""
+        cos, sin = self.rotary(hidden, positions.unsqueeze(0))
+        cos, sin = cos[0].unsqueeze(1), sin[0].unsqueeze(1)
 
-        cos, sin = self.rotary(hidden, positions)
-        return lambda q, k: apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1)
+        def rotate(x: torch.Tensor) -> torch.Tensor:
+            first, second = x.chunk(2, dim=-1)
+            return x * cos + torch.cat((-second, first), dim=-1) * sin
 
-    def _qkv(self, attention, hidden: torch.Tensor, rows: int, length: int):
-        shape = (rows, length, -1, self.head_dim)
-        q = attention.q_proj(hidden).view(shape)
-        k = attention.k_proj(hidden).view(shape)
-        v = attention.v_proj(hidden).view(shape)
-        if hasattr(attention, "q_norm"):
-            q, k = attention.q_norm(q), attention.k_norm(k)
-        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        return rotate
 
-    def _prefill(self, slots: list[int], prompts: list[list[int]], offset: int = 0) -> torch.Tensor:
-        """Run prompts (right-padded, one forward), fill their slots' caches; the logits of each
-        prompt's next token. Columns past a prompt's end hold padding until decoding overwrites
-        them, and decoding never reads a column before writing it.
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Float32 logits of float32 ``hidden`` [rows, dim]. In bfloat16 the output layer's
+        product is rounded to bfloat16; the :data:`EXACT_TOP` largest logits of each row, which
+        hold most of the probability, are computed again in float32."""
+        hidden = _rms_norm(self.norm, hidden)
+        logits = self.head(hidden).float()
+        if self.dtype != torch.float32:
+            top = logits.topk(EXACT_TOP, dim=-1).indices
+            exact = torch.einsum("rd,rkd->rk", hidden, self.head_weight[top])
+            logits.scatter_(1, top, exact)
+        return logits
 
-        With ``offset``, the prompts continue the shared prefix held in ``self.prefix`` (its keys
-        and values per layer, ``offset`` columns): it is copied into the slots, not recomputed.
-        """
-        lengths = torch.tensor([len(p) for p in prompts])
-        width = int(lengths.max())
-        ids = torch.zeros((len(prompts), width), dtype=torch.long)
-        for row, prompt in enumerate(prompts):
-            ids[row, : len(prompt)] = torch.tensor(prompt)
-        positions = torch.arange(offset, offset + width).unsqueeze(0).expand(len(prompts), -1)
-        query = torch.arange(offset, offset + width).unsqueeze(1)
-        key = torch.arange(offset + width).unsqueeze(0)
-        visible = key <= query
+    def _visible(self, queries: torch.Tensor, end: int) -> torch.Tensor:
+        """Which of the cache columns ``0 … end-1`` each query position sees ([..., end]);
+        a padding query (position -1) sees the first column, so its output is finite."""
+        columns = torch.arange(end)
+        visible = columns <= queries.unsqueeze(-1)
         if self.window is not None:
-            visible &= key > query - self.window
-        mask = (visible.unsqueeze(0) & (key < offset + lengths.view(-1, 1, 1))).unsqueeze(1)
-        # a padding query row sees no key at all: let it see the first, its output is unused
-        mask[:, :, :, 0] = True
-        index = torch.tensor(slots, device=self.device)
-        hidden = self.embed(ids.to(self.device))
-        rope = self._rope(hidden, positions.to(self.device))
-        mask = mask.to(self.device)
-        for number, (layer, (keys, values)) in enumerate(zip(self.layers, self.cache, strict=True)):
-            attention = layer.self_attn
-            q, k, v = self._qkv(attention, layer.input_layernorm(hidden), len(prompts), width)
-            q, k = rope(q, k)
-            keys[index, :, offset : offset + width] = k
-            values[index, :, offset : offset + width] = v
-            if offset:
-                prefix_keys, prefix_values = self.prefix[number]
-                keys[index, :, :offset] = prefix_keys
-                values[index, :, :offset] = prefix_values
-                k, v = keys[index, :, : offset + width], values[index, :, : offset + width]
-            out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, scale=self.scaling, enable_gqa=True
+            visible &= columns > queries.unsqueeze(-1) - self.window
+        visible[..., 0] |= queries < 0
+        return visible
+
+    def _forward(self, slots: list[int], chunks: list[list[int]], starts: list[int]):
+        """One forward over several slots: slot ``slots[i]`` runs the tokens ``chunks[i]`` at
+        positions ``starts[i]``, ``starts[i] + 1``, …, attending to its cache before them. A
+        decode step is a chunk of one token; a new prompt, its tokens after the shared prefix.
+        The chunks' tokens are packed for the matrix products, so decode steps and new prompts
+        share one pass over the weights. The logits after each chunk's last token.
+
+        Chunks of one token attend in one batched product over their slots' caches; longer
+        chunks are right-padded together for :func:`F.scaled_dot_product_attention`.
+        """
+        slot, position, last, single, several = [], [], [], [], []  # per token, per chunk
+        for number, (cache_slot, chunk, start) in enumerate(
+            zip(slots, chunks, starts, strict=True)
+        ):
+            (single if len(chunk) == 1 else several).append(number)
+            slot += [cache_slot] * len(chunk)
+            position += range(start, start + len(chunk))
+            last.append(len(position) - 1)
+        groups = []
+        if single:
+            tokens = [last[number] for number in single]
+            rows = [slots[number] for number in single]
+            end = max(position[t] for t in tokens) + 1
+            # [rows × kv_heads, query heads per kv head, end], for the batched product
+            visible = self._visible(torch.tensor([position[t] for t in tokens]), end)
+            bias = torch.zeros(len(tokens), 1, 1, end).masked_fill_(
+                ~visible[:, None, None, :], float("-inf")
             )
-            hidden = hidden + attention.o_proj(out.transpose(1, 2).reshape(len(prompts), width, -1))
-            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
-        last = hidden[torch.arange(len(prompts)), (lengths - 1).to(self.device)]
-        return self.lm_head(self.norm(last.float()))
+            bias = bias.expand(-1, self.kv_heads, self.heads // self.kv_heads, -1)
+            bias = bias.reshape(-1, self.heads // self.kv_heads, end)
+            view = rows == list(range(self.cache[0][0].size(0)))  # every slot: no gather
+            groups.append(("single", tokens, None if view else rows, end, bias))
+        if several:
+            width = max(len(chunks[number]) for number in several)
+            tokens, flat = [], []  # each token's place in the packed and the padded layout
+            queries = torch.full((len(several), width), -1)
+            for local, number in enumerate(several):
+                first = last[number] - len(chunks[number]) + 1
+                tokens += range(first, last[number] + 1)
+                flat += range(local * width, local * width + len(chunks[number]))
+                queries[local, : len(chunks[number])] = torch.tensor(
+                    position[first : last[number] + 1]
+                )
+            end = int(queries.max()) + 1
+            mask = self._visible(queries, end).unsqueeze(1)
+            rows = [slots[number] for number in several]
+            groups.append(
+                ("several", tokens, rows, end, (mask, torch.tensor(flat), len(several), width))
+            )
+        device = self.device
+        groups = [
+            (
+                kind,
+                torch.tensor(tokens, device=device),
+                rows if rows is None else torch.tensor(rows, device=device),
+                end,
+                _to(extra, device),
+            )
+            for kind, tokens, rows, end, extra in groups
+        ]
+        slot = torch.tensor(slot, device=device)
+        position = torch.tensor(position, device=device)
+        ids = torch.tensor([token for chunk in chunks for token in chunk], device=device)
+        hidden = self.embed(ids).float()
+        rope = self._rope(hidden, position)
+        for block, (keys, values) in zip(self.blocks, self.cache, strict=True):
+
+            def attend(q, k, v, keys=keys, values=values):
+                keys[slot, :, position] = k
+                values[slot, :, position] = v
+                out = None if len(groups) == 1 else q.new_empty(q.shape)
+                for kind, tokens, rows, end, extra in groups:
+                    seen_keys, seen_values = keys[:, :, :end], values[:, :, :end]
+                    if rows is not None:
+                        seen_keys = seen_keys.index_select(0, rows)
+                        seen_values = seen_values.index_select(0, rows)
+                    attend_group = self._attend_single if kind == "single" else self._attend_padded
+                    if out is None:  # one kind of chunk: every token, in order
+                        return attend_group(q, seen_keys, seen_values, extra)
+                    got = attend_group(q.index_select(0, tokens), seen_keys, seen_values, extra)
+                    out.index_copy_(0, tokens, got)
+                return out
+
+            hidden = self._layer(block, hidden, rope, attend)
+        return self._logits(hidden[torch.tensor(last, device=device)])
+
+    def _attend_single(self, q, keys, values, bias):
+        """One query per row ([rows, heads, head_dim]) over the rows' caches [rows, kv_heads,
+        end, head_dim]: two batched products, the query heads grouped by the key head they
+        share (for a decode step this was faster than ``scaled_dot_product_attention``)."""
+        rows, end = q.size(0), keys.size(2)
+        grouped = q.reshape(rows * self.kv_heads, -1, self.head_dim)
+        keys = keys.reshape(rows * self.kv_heads, end, self.head_dim)
+        scores = torch.baddbmm(bias, grouped, keys.transpose(1, 2), alpha=self.scaling)
+        out = torch.bmm(scores.softmax(-1), values.reshape(rows * self.kv_heads, end, -1))
+        return out.view(rows, self.heads, self.head_dim)
+
+    def _attend_padded(self, q, keys, values, extra):
+        """Chunks of several queries: right-padded to [chunks, heads, width, head_dim]."""
+        mask, flat, chunks, width = extra
+        padded = q.new_zeros(chunks * width, self.heads, self.head_dim).index_copy_(0, flat, q)
+        out = F.scaled_dot_product_attention(
+            padded.view(chunks, width, self.heads, self.head_dim).transpose(1, 2),
+            keys,
+            values,
+            attn_mask=mask,
+            scale=self.scaling,
+            enable_gqa=True,
+        )
+        return out.transpose(1, 2).reshape(chunks * width, self.heads, -1).index_select(0, flat)
 
     def _shared_prefix(self, requests: Sequence[Request]) -> int:
         """Compute once the keys and values of the prefix every prompt shares (a chat template's
@@ -238,50 +454,34 @@ class ContinuousEngine:
         self.prefix = []
         if length < MIN_SHARED_PREFIX:
             return 0
-        self._prefill([0], [list(first[:length])])
+        self._forward([0], [list(first[:length])], [0])
         self.prefix = [
             (keys[0, :, :length].clone(), values[0, :, :length].clone())
             for keys, values in self.cache
         ]
         return length
 
-    def _decode(self, slots: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor):
-        """One token for each of ``slots`` at its own position; the logits of the next ones."""
-        rows = tokens.size(0)
-        full = rows == self.cache[0][0].size(0)
-        width = int(positions.max()) + 1
-        columns = torch.arange(width, device=self.device)
-        visible = columns.unsqueeze(0) <= positions.unsqueeze(1)
-        if self.window is not None:
-            visible &= columns.unsqueeze(0) > positions.unsqueeze(1) - self.window
-        mask = visible[:, None, None, :]
-        hidden = self.embed(tokens).unsqueeze(1)
-        rope = self._rope(hidden, positions.unsqueeze(1))
-        for layer, (keys, values) in zip(self.layers, self.cache, strict=True):
-            attention = layer.self_attn
-            q, k, v = self._qkv(attention, layer.input_layernorm(hidden), rows, 1)
-            q, k = rope(q, k)
-            keys[slots, :, positions] = k[:, :, 0]
-            values[slots, :, positions] = v[:, :, 0]
-            # all slots live: a view of the cache; at the tail of the pool: the live rows only
-            seen_keys = keys[:, :, :width] if full else keys[slots, :, :width]
-            seen_values = values[:, :, :width] if full else values[slots, :, :width]
-            out = F.scaled_dot_product_attention(
-                q, seen_keys, seen_values, attn_mask=mask, scale=self.scaling, enable_gqa=True
-            )
-            hidden = hidden + attention.o_proj(out.transpose(1, 2).reshape(rows, 1, -1))
-            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
-        return self.lm_head(self.norm(hidden[:, 0].float()))
+    def _place_prefix(self, slots: list[int]) -> None:
+        """Copy the shared prefix's keys and values into ``slots``."""
+        if not self.prefix or not slots:
+            return
+        index = torch.tensor(slots, device=self.device)
+        for (keys, values), (prefix_keys, prefix_values) in zip(
+            self.cache, self.prefix, strict=True
+        ):
+            keys[index, :, : prefix_keys.size(1)] = prefix_keys
+            values[index, :, : prefix_values.size(1)] = prefix_values
 
     def _allocate(self, slots: int, length: int) -> None:
         shape = (slots, self.kv_heads, length, self.head_dim)
         self.cache = [
             (
-                torch.zeros(shape, dtype=self.dtype, device=self.device),
-                torch.zeros(shape, dtype=self.dtype, device=self.device),
+                torch.zeros(shape, dtype=self.cache_dtype, device=self.device),
+                torch.zeros(shape, dtype=self.cache_dtype, device=self.device),
             )
-            for _ in self.layers
+            for _ in self.blocks
         ]
+        self.prefix = []
 
     # -- the scheduler ----------------------------------------------------------------------
 
@@ -293,7 +493,12 @@ class ContinuousEngine:
             return []
         slots = min(self.slots, len(requests))
         if self.dtype_choice == "auto":
-            dtype, reason = choose_dtype(self.source, [r.prompt_ids for r in requests], slots)
+            dtype, reason = choose_dtype(
+                self.source,
+                [r.prompt_ids for r in requests],
+                slots,
+                eos_token_id=self.eos_token_id,
+            )
             log.info("generate.dtype auto: %s (%s)", dtype, reason)
             self._load(dtype)
         self._allocate(slots, max(len(r.prompt_ids) for r in requests) + sampling.max_new_tokens)
@@ -304,28 +509,31 @@ class ContinuousEngine:
         answers: list[list[int]] = [[] for _ in requests]
         logps = [0.0] * len(requests)
         ended = [False] * len(requests)
-        tokens = torch.zeros(slots, dtype=torch.long)
-        positions = torch.zeros(slots, dtype=torch.long)
-        logits = torch.zeros(slots, self.model.config.vocab_size)
+        positions = [0] * slots  # where each slot's next token goes
+        logits = torch.zeros(slots, self.source.config.vocab_size)
         with tqdm(total=len(requests), desc=desc, unit="prompt", dynamic_ncols=True) as bar:
+            shared = self._shared_prefix(requests)
 
-            def admit(free: list[int]) -> None:
-                """Give free slots the next waiting prompts, prefilled together."""
+            def admit(free: list[int]) -> list[tuple[int, list[int], int]]:
+                """Give free slots the next waiting prompts; their chunks for the next forward."""
                 taken = free[: len(waiting)]
-                if not taken:
-                    return
                 for slot in taken:
                     index = waiting.popleft()
                     owner[slot] = index
                     generators[slot] = torch.Generator().manual_seed(requests[index].seed)
                     positions[slot] = len(requests[index].prompt_ids)
-                prompts = [list(requests[owner[slot]].prompt_ids[shared:]) for slot in taken]
-                logits[taken] = self._prefill(taken, prompts, shared).float().cpu()
+                self._place_prefix(taken)
+                return [
+                    (slot, list(requests[owner[slot]].prompt_ids[shared:]), shared)
+                    for slot in taken
+                ]
 
-            shared = self._shared_prefix(requests)
-            admit(list(range(slots)))
-            idle: list[int] = []
-            refill_at = max(1, slots // 4)
+            def run(chunks: list[tuple[int, list[int], int]]) -> None:
+                rows = [slot for slot, _, _ in chunks]
+                fresh = self._forward(rows, [c for _, c, _ in chunks], [s for _, _, s in chunks])
+                logits[rows] = fresh.float().cpu()
+
+            run(admit(list(range(slots))))
             while True:
                 live = [s for s in range(slots) if owner[s] is not None]
                 if not live:
@@ -333,7 +541,7 @@ class ContinuousEngine:
                 chosen = next_tokens(logits[live], sampling, [generators[s] for s in live])
                 token_logps = torch.log_softmax(logits[live], dim=-1)
                 token_logps = token_logps.gather(1, chosen.unsqueeze(1))[:, 0].tolist()
-                stepping, free = [], []
+                chunks, free = [], []
                 for slot, token, logp in zip(live, chosen.tolist(), token_logps, strict=True):
                     index = owner[slot]
                     logps[index] += logp
@@ -345,24 +553,14 @@ class ContinuousEngine:
                         free.append(slot)
                         bar.update(1)
                     else:
-                        tokens[slot] = token
-                        stepping.append(slot)
-                if stepping:
-                    index = torch.tensor(stepping)
-                    fresh = self._decode(
-                        index.to(self.device),
-                        tokens[index].to(self.device),
-                        positions[index].to(self.device),
-                    )
-                    logits[index] = fresh.float().cpu()
-                    positions[index] += 1
-                # Freed slots are refilled a few at a time: one prefill of several prompts reads
-                # the weights once, where one prefill per prompt would read them for each. A new
-                # prompt's first token comes from its prefill, sampled at the next step.
-                idle.extend(free)
-                if len(idle) >= refill_at or not stepping:
-                    admit(idle)
-                    idle = [slot for slot in idle if owner[slot] is None]
+                        chunks.append((slot, [token], positions[slot]))
+                        positions[slot] += 1
+                # A freed slot takes the next waiting prompt at once: the prompt runs in the same
+                # forward as the decode step, so both share one pass over the weights. Its first
+                # token comes from this forward, sampled at the next step.
+                chunks += admit(free)
+                if chunks:
+                    run(chunks)
         self.cache, self.prefix = [], []
         return [
             Completion(token_ids=answers[i], logp=logps[i], ended=ended[i])
