@@ -20,13 +20,13 @@ def test_benchmark_figures_are_the_counts_over_the_measured_seconds(
 ):
     """Each figure is what was counted divided by the time measured for it: the counts are
     recorded here, independently of the statistics the benchmark keeps."""
-    generated_tokens = []
+    calls = []  # the answers' lengths, per call
     runs = []
     real_generate_batch, real_spin_iteration = generation.generate_batch, spin.spin_iteration
 
     def counting_generate_batch(*args, **kwargs):
         answers = real_generate_batch(*args, **kwargs)
-        generated_tokens.extend(len(a.token_ids) for a in answers)
+        calls.append([len(a.token_ids) for a in answers])
         return answers
 
     def recording_spin_iteration(accelerator, model, tokenizer, examples, *args, **kwargs):
@@ -42,11 +42,12 @@ def test_benchmark_figures_are_the_counts_over_the_measured_seconds(
     params.spin.train.batch_size = 2
     started = time.perf_counter()
     results = run_benchmark(
-        params, model_dir=str(tiny_checkpoint_session), pairs=PAIRS, prompts=PAIRS
+        params, model_dir=str(tiny_checkpoint_session), pairs=PAIRS, prompts=PAIRS, repeats=1
     )
     elapsed = time.perf_counter() - started
 
-    assert len(generated_tokens) == PAIRS
+    warm_up, generated_tokens = calls  # a warm-up batch, then the timed run
+    assert len(warm_up) == len(generated_tokens) == PAIRS
     new_tokens = sum(generated_tokens)
     assert new_tokens > 0
     # both generation figures share one measured duration, within the call's own

@@ -13,6 +13,7 @@ float32 and how far the two agree) and runs everything in it.
 from __future__ import annotations
 
 import importlib.util
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -172,10 +173,18 @@ def hf_generate_answer_tokens(model, tokenizer, requests, sampling, batch_size: 
 
 
 def benchmark_generation(
-    params: Params, model, tokenizer, model_dir: str, *, prompts: int, compare_hf: bool = True
+    params: Params,
+    model,
+    tokenizer,
+    model_dir: str,
+    *,
+    prompts: int,
+    compare_hf: bool = True,
+    repeats: int = 3,
 ) -> tuple[dict[str, float], list[dict]]:
     """Answer tokens/s of ``generate.engine`` and, side by side, of HF ``generate`` on the same
-    prompts, seeds and settings; also the pairs the engine's answers make."""
+    prompts, seeds and settings (the median of ``repeats`` alternating runs of each); also the
+    pairs the engine's answers make."""
     from spinflow.chat import prompt_ids
     from spinflow.engines import open_engine
     from spinflow.generation import Request, SamplingParams
@@ -199,18 +208,37 @@ def benchmark_generation(
         f"at most {g.max_new_tokens} new tokens"
     )
     engine = open_engine(g, model, tokenizer, model_dir=Path(model_dir))
-    started = time.perf_counter()
-    completions = engine.complete(requests, sampling, desc="benchmark generate")
-    seconds = time.perf_counter() - started
-    tokens = sum(len(c.token_ids) for c in completions)
+    # a warm-up batch on both sides, not timed: it resolves `dtype: auto` (a probe, then cached)
+    # and the kernels' first-call work
+    warm = requests[: g.batch_size]
+    warm_sampling = SamplingParams(g.temperature, g.top_p, min(8, g.max_new_tokens))
+    engine.complete(warm, warm_sampling, desc="benchmark warm-up")
+    if compare_hf:
+        hf_generate_answer_tokens(model, tokenizer, warm, warm_sampling, g.batch_size)
+    # the two sides alternate, `repeats` times: a change of load on the machine hits both
+    runs: dict[str, list[float]] = {"generate": [], "hf_generate": []}
+    seconds = []
+    for repeat in range(repeats):
+        started = time.perf_counter()
+        completions = engine.complete(requests, sampling, desc="benchmark generate")
+        seconds.append(time.perf_counter() - started)
+        tokens = sum(len(c.token_ids) for c in completions)
+        runs["generate"].append(tokens / seconds[-1])
+        line = f"repeat {repeat + 1}/{repeats}: generate {runs['generate'][-1]:.2f} tokens/s"
+        if compare_hf:
+            started = time.perf_counter()
+            hf_tokens = hf_generate_answer_tokens(
+                model, tokenizer, requests, sampling, g.batch_size
+            )
+            runs["hf_generate"].append(hf_tokens / (time.perf_counter() - started))
+            line += f", hf_generate {runs['hf_generate'][-1]:.2f} tokens/s"
+        print(line)
     results = {
-        "generation_tokens_per_second": tokens / seconds,
-        "generation_prompts_per_second": len(requests) / seconds,
+        "generation_tokens_per_second": statistics.median(runs["generate"]),
+        "generation_prompts_per_second": len(requests) / statistics.median(seconds),
     }
     if compare_hf:
-        started = time.perf_counter()
-        hf_tokens = hf_generate_answer_tokens(model, tokenizer, requests, sampling, g.batch_size)
-        results["hf_generate_tokens_per_second"] = hf_tokens / (time.perf_counter() - started)
+        results["hf_generate_tokens_per_second"] = statistics.median(runs["hf_generate"])
     for key, value in results.items():
         print(f"{key:<32} {value:10.2f}")
     if compare_hf:
@@ -233,6 +261,7 @@ def run_benchmark(
     prompts: int = 64,
     compare_hf: bool = True,
     train: bool = True,
+    repeats: int = 3,
 ) -> dict[str, float]:
     import torch
 
@@ -260,7 +289,13 @@ def run_benchmark(
         print(f"pairs: {len(pair_records)} from {pairs_file} (generation not timed)")
     else:
         generation, pair_records = benchmark_generation(
-            params, model, tokenizer, model_dir, prompts=prompts, compare_hf=compare_hf
+            params,
+            model,
+            tokenizer,
+            model_dir,
+            prompts=prompts,
+            compare_hf=compare_hf,
+            repeats=repeats,
         )
         results.update(generation)
         pair_records = pair_records[:pairs]

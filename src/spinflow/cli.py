@@ -35,6 +35,13 @@ examples:
 `spinflow <command> --help` describes a command's options."""
 
 
+def _positive_int(text: str) -> int:
+    number = int(text)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {number}")
+    return number
+
+
 def _cmd_validate(args) -> int:
     from spinflow.config import read_params_file
     from spinflow.graph import build
@@ -147,6 +154,7 @@ def _cmd_benchmark(args) -> int:
         prompts=args.prompts,
         compare_hf=not args.no_hf,
         train=not args.generate_only,
+        repeats=args.repeats,
     )
     return 0
 
@@ -246,6 +254,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     b.add_argument("--no-hf", action="store_true", help="skip the comparison with HF generate")
     b.add_argument("--generate-only", action="store_true", help="time generation only")
+    b.add_argument(
+        "--repeats",
+        type=_positive_int,
+        default=3,
+        help="alternating timed runs of generation and HF generate; the medians are reported",
+    )
     b.set_defaults(fn=_cmd_benchmark)
     e = sub.add_parser(
         "evaluate",
