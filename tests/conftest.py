@@ -104,7 +104,8 @@ TINY_PIPELINE = {
     "model": {"source": "tiny"},
     "data": {"num_sft": 8, "num_val": 4, "num_pool": 8, "num_test": 8},
     "sft": {"batch_size": 4, "epochs": 1},  # the validation curve, one point
-    "generate": {"max_new_tokens": 8},
+    # float32: the batch-invariant path, which the tests of byte-equal files rely on
+    "generate": {"max_new_tokens": 8, "dtype": "float32"},
     "spin": {"iterations": 1, "train": {"batch_size": 4}},
     "sft_extra": {"enabled": False},
     "eval": {"max_new_tokens": 8},
