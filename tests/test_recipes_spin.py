@@ -240,3 +240,46 @@ def test_iteration_compute_counts_generation_of_this_iteration_only(tiny_tokeniz
         "reference_tokens": row,
         "compute_tokens": generated + row + 2 * 3 * row,
     }
+
+
+def test_generated_logp_agreement_compares_this_iterations_answers_with_the_reference(
+    tiny_tokenizer_session, tiny_model
+):
+    accelerator = training.make_accelerator(make_optim())
+    pairs = [dict(p, iteration=1) for p in PAIRS]
+    examples = _pair_examples(tiny_tokenizer_session, accelerator, tiny_model, pairs)
+    for pair, example, off in zip(pairs, examples, [0.0, 0.0, -0.2, 0.3, 2.0, 0.0], strict=True):
+        pair["generated_logp"] = example.reference_generated_logps + off
+    pairs[5].update(iteration=0, generated_logp=-1e3)  # an earlier opponent's answer: left out
+    pairs.append(dict(pairs[0], iteration=1, generated_ended=False))  # cut short: left out
+    examples.append(spin.PairExample(6, examples[0].real, examples[0].generated))
+    figures = spin.generated_logp_agreement(1, pairs, examples)
+    assert figures["generated_logp_difference_median"] == pytest.approx(0.2, abs=1e-3)
+    assert figures["generated_logp_difference_max"] == pytest.approx(2.0, abs=1e-3)
+    assert figures["generated_logp_far"] == 1
+    assert spin.generated_logp_agreement(2, pairs, examples) == {}  # none of iteration 2
+
+
+def test_spin_iteration_returns_the_pairs_with_their_reference_log_probs(
+    tiny_tokenizer_session, tiny_model
+):
+    tok = tiny_tokenizer_session
+    accelerator = training.make_accelerator(make_optim())
+    expected = _pair_examples(tok, accelerator, tiny_model, PAIRS[:4])
+    encoded = spin.encode_pairs(tok, PAIRS[:4], PROMPT)
+    *_, scored = spin.spin_iteration(
+        accelerator,
+        tiny_model,
+        tok,
+        encoded,
+        make_optim(batch_size=4),
+        beta=0.1,
+        loss="sigmoid",
+        seed=0,
+        desc="test",
+    )
+    for got, want in zip(scored, expected, strict=True):
+        assert got.reference_generated_logps == pytest.approx(
+            want.reference_generated_logps, abs=1e-4
+        )
+        assert got.reference_real_logps == pytest.approx(want.reference_real_logps, abs=1e-4)

@@ -315,7 +315,7 @@ def run_benchmark(
         results["bf16_speedup"] = precision.measurement.speedup
     accelerator = make_accelerator(optim)
     started = time.perf_counter()
-    _, result, reference_seconds = spin_iteration(
+    _, result, reference_seconds, _ = spin_iteration(
         accelerator,
         model,
         tokenizer,

@@ -304,7 +304,8 @@ def spin_iteration(
 ):
     """One SPIN training run: θk's reference pass over every pair, then the updates.
 
-    Returns (trained model, TrainResult, seconds of the reference pass).
+    Returns (trained model, TrainResult, seconds of the reference pass, ``examples`` with
+    their reference log-probs).
     """
     started = time.perf_counter()
     # θk's log-probs, computed by the policy before its first update (it equals θk then)
@@ -323,7 +324,7 @@ def spin_iteration(
         seed=seed,
         desc=desc,
     )
-    return model, result, reference_seconds
+    return model, result, reference_seconds, examples
 
 
 # ---------------------------------------------------------------------------------------------
@@ -438,6 +439,36 @@ def generate(params: Params, k: int) -> dict[str, Any] | None:
     return summary
 
 
+LOGP_AGREEMENT = 0.5  # nats per answer: within it, generated_logp could stand for the reference
+
+
+def generated_logp_agreement(k: int, pairs: Sequence[dict], examples: Sequence[PairExample]):
+    """How far the generate stage's ``generated_logp`` of θk's answers (the engine's, over the
+    tokens it sampled) is from θk's log-prob of them in training's reference pass (over the
+    answer's text as training encodes it): the median and the largest absolute difference, in
+    nats per answer, and how many answers differ by more than :data:`LOGP_AGREEMENT`. Training
+    always runs its reference pass; these figures say whether it could do without it. Left out:
+    pairs of earlier iterations (other opponents), pairs without ``generated_logp``, and answers
+    cut at ``max_new_tokens`` (training scores an end token after them, the engine did not)."""
+    differences = sorted(
+        abs(pairs[e.index]["generated_logp"] - e.reference_generated_logps)
+        for e in examples
+        if e.index < len(pairs)
+        and pairs[e.index].get("iteration") == k
+        and pairs[e.index].get("generated_ended", True)
+        and pairs[e.index].get("generated_logp") is not None
+    )
+    if not differences:
+        return {}
+    middle = len(differences) // 2
+    median = (differences[middle] + differences[~middle]) / 2
+    return {
+        "generated_logp_difference_median": round(median, 4),
+        "generated_logp_difference_max": round(differences[-1], 4),
+        "generated_logp_far": sum(d > LOGP_AGREEMENT for d in differences),
+    }
+
+
 def iteration_compute(
     encoded: Sequence[PairExample],
     pairs: Sequence[dict],
@@ -514,7 +545,7 @@ def train_on_pairs(
     examples = select(encoded) if select is not None else encoded
     optim, precision = resolve_optim(optim, model, tokenizer, examples, beta, loss, key=bf16_key)
     accelerator = make_accelerator(optim)
-    model, result, _ = spin_iteration(
+    model, result, _, examples = spin_iteration(
         accelerator,
         model,
         tokenizer,
@@ -620,6 +651,7 @@ def train(params: Params, k: int) -> dict[str, Any]:
         **trained.precision.summary(),
         **result.summary(),
         **cost,
+        **generated_logp_agreement(k, pairs, trained.examples),
     }
     write_training_outputs(target, summary, trained)
     if trained.accelerator.is_main_process:
