@@ -69,7 +69,7 @@ def _teacher_forced(engine, prompts: list[list[int]], answers: list[list[int]]):
     started = time.perf_counter()
     fed, logits = rows, engine._forward(rows, prompts, [0] * len(rows))
     for step in range(max(len(a) for a in answers)):
-        for row, row_logits in zip(fed, torch.log_softmax(logits.float(), -1), strict=True):
+        for row, row_logits in zip(fed, torch.log_softmax(logits, -1), strict=True):
             logps[row].append(row_logits[answers[row][step]])
         fed = [row for row in rows if step + 1 < len(answers[row])]
         if fed:
@@ -161,8 +161,8 @@ def choose_dtype(
 
 
 class _Linear:
-    """``x @ weightᵀ (+ bias)`` computed in ``dtype``, out in ``dtype`` (float32 with a bias); the weights of several
-    projections that read the same input are concatenated into one product.
+    """``x @ weightᵀ (+ bias)`` computed in ``dtype`` (with a bias, out in float32); the weights of
+    several projections that read the same input are concatenated into one product.
 
     On CPUs a bfloat16 weight is packed once into oneDNN's blocked layout: a plain bfloat16
     weight is re-laid out on every call, which at a decode step's few rows costs as much as the
@@ -531,7 +531,7 @@ class ContinuousEngine:
             def run(chunks: list[tuple[int, list[int], int]]) -> None:
                 rows = [slot for slot, _, _ in chunks]
                 fresh = self._forward(rows, [c for _, c, _ in chunks], [s for _, _, s in chunks])
-                logits[rows] = fresh.float().cpu()
+                logits[rows] = fresh.cpu()  # float32 (_logits)
 
             run(admit(list(range(slots))))
             while True:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import statistics
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -460,10 +461,8 @@ def generated_logp_agreement(k: int, pairs: Sequence[dict], examples: Sequence[P
     )
     if not differences:
         return {}
-    middle = len(differences) // 2
-    median = (differences[middle] + differences[~middle]) / 2
     return {
-        "generated_logp_difference_median": round(median, 4),
+        "generated_logp_difference_median": round(statistics.median(differences), 4),
         "generated_logp_difference_max": round(differences[-1], 4),
         "generated_logp_far": sum(d > LOGP_AGREEMENT for d in differences),
     }
