@@ -15,7 +15,7 @@ import yaml
 from spinflow import engines
 from spinflow.chat import prompt_ids
 from spinflow.config import GenerateParams
-from spinflow.engines.continuous import ContinuousEngine
+from spinflow.engines.continuous import TOLERANCE, ContinuousEngine, _probe
 from spinflow.errors import SpinflowError
 from spinflow.generation import Request, SamplingParams, TorchEngine
 
@@ -405,3 +405,54 @@ def test_vllm_engine_needs_enough_gpus_for_its_replicas(fake_vllm, monkeypatch, 
     engine = VllmEngine(tmp_path, eos_token_id=99, options=options)
     with pytest.raises(SpinflowError, match=r"^generate\.vllm: .* needs 4 GPUs, 1 visible$"):
         engine.complete([Request([1], 0)], SamplingParams(max_new_tokens=2))
+
+
+def _tiny_architecture(kind: str):
+    """A small random model of another supported architecture: qwen2 has biases on q, k and v,
+    qwen3 per-head norms before the rotary embedding, mistral a sliding window."""
+    import transformers
+
+    shape = dict(
+        vocab_size=97,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+    )
+    config = {
+        "qwen2": lambda: transformers.Qwen2Config(**shape),
+        "qwen3": lambda: transformers.Qwen3Config(head_dim=16, **shape),
+        "mistral": lambda: transformers.MistralConfig(sliding_window=6, **shape),
+    }[kind]()
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    with torch.no_grad():  # biases and norm weights away from their zero and one defaults
+        for name, parameter in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                parameter.add_(torch.randn_like(parameter) * 0.3)
+    return model.eval()
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "qwen3", "mistral"])
+def test_continuous_engine_answers_as_the_reference_on_other_architectures(kind):
+    model = _tiny_architecture(kind)
+    requests = [Request([4 + (i + 7 * j) % 90 for j in range(2 + 3 * i)], 11 + i) for i in range(6)]
+    sampling = SamplingParams(temperature=1.0, top_p=1.0, max_new_tokens=12)
+    # the end token: the one the model samples most, so that answers end at different steps
+    sampled = TorchEngine(model, eos_token_id=-1, pad_token_id=0, batch_size=6)
+    tokens = [t for c in sampled.complete(requests, sampling) for t in c.token_ids]
+    eos = max(sorted(set(tokens)), key=tokens.count)
+    reference = TorchEngine(model, eos_token_id=eos, pad_token_id=0, batch_size=6)
+    expected = reference.complete(requests, sampling)
+    got = ContinuousEngine(model, eos_token_id=eos, batch_size=4).complete(requests, sampling)
+    assert [c.token_ids for c in got] == [c.token_ids for c in expected]
+    assert [c.logp for c in got] == pytest.approx([c.logp for c in expected], abs=1e-4)
+    # the answers grow past the sliding window and end at different steps
+    assert len({len(c.token_ids) for c in expected}) >= 2
+    assert max(len(r.prompt_ids) + len(c.token_ids) for r, c in zip(requests, expected)) > 6
+    # bfloat16 (packed weights where oneDNN has them) teacher-forced on float32's answers
+    probe = _probe(model, [r.prompt_ids for r in requests], 4, eos)
+    assert probe["answer_tokens"] > 30
+    assert probe["logp_difference"] <= TOLERANCE / 10  # 4e-4 to 5e-4 on these models

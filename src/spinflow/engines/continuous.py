@@ -161,26 +161,26 @@ def choose_dtype(
 
 
 class _Linear:
-    """``x @ weightᵀ (+ bias)`` computed in ``dtype`` (with a bias, out in float32); the weights of
-    several projections that read the same input are concatenated into one product.
+    """``x @ weightᵀ (+ bias)`` computed in ``dtype`` (with a bias, out in float32), for the
+    ``(weight, bias)`` parts of one or more projections that read the same input: their weights
+    are concatenated into one product.
 
     On CPUs a bfloat16 weight is packed once into oneDNN's blocked layout: a plain bfloat16
     weight is re-laid out on every call, which at a decode step's few rows costs as much as the
     product itself (θ0's layers: 21 ms a step plain, 14.5 packed, at 1 to 64 rows).
     """
 
-    def __init__(self, modules: Sequence[torch.nn.Linear], dtype: torch.dtype):
-        weights = [m.weight.detach() for m in modules]
+    def __init__(self, parts: Sequence[tuple[torch.Tensor, torch.Tensor | None]], dtype):
+        weights = [weight.detach() for weight, _ in parts]
         weight = (torch.cat(weights) if len(weights) > 1 else weights[0]).to(dtype).contiguous()
-        biases = [m.bias for m in modules]
         self.bias = None
-        if any(b is not None for b in biases):
+        if any(bias is not None for _, bias in parts):
             self.bias = torch.cat(
                 [
-                    m.bias.detach().float()
-                    if m.bias is not None
-                    else torch.zeros(m.out_features, device=weight.device)
-                    for m in modules
+                    bias.detach().float()
+                    if bias is not None
+                    else torch.zeros(part.size(0), device=part.device)
+                    for part, bias in parts
                 ]
             )
         self.dtype = dtype
@@ -200,6 +200,18 @@ class _Linear:
         return y if self.bias is None else y + self.bias
 
 
+def _parts(module: torch.nn.Linear, order: torch.Tensor | None = None):
+    """``module``'s ``(weight, bias)``, with each head's output features put in ``order``."""
+    weight, bias = module.weight.detach(), module.bias
+    if order is None:
+        return weight, bias
+    width = order.numel()
+    weight = weight.view(-1, width, weight.size(-1))[:, order].reshape(weight.shape)
+    if bias is not None:
+        bias = bias.detach().view(-1, width)[:, order].reshape(bias.shape)
+    return weight, bias
+
+
 def _to(value, device: torch.device):
     """``value`` (a tensor, or tuples of them and other things) on ``device``."""
     if isinstance(value, torch.Tensor):
@@ -216,23 +228,45 @@ def _onednn_bf16() -> bool:
         return False
 
 
-def _rms_norm(norm: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The model's RMSNorm module ``norm`` on float32 ``x``, as one fused operation."""
-    return F.rms_norm(x, norm.weight.shape, norm.weight.float(), norm.variance_epsilon)
+def _rms_norm(weight: torch.Tensor, eps: float, x: torch.Tensor) -> torch.Tensor:
+    """RMSNorm with float32 ``weight`` on float32 ``x``."""
+    return F.rms_norm(x, weight.shape, weight, eps)
+
+
+def _norm(module: torch.nn.Module, order: torch.Tensor | None = None):
+    """An RMSNorm module's float32 weight (its features in ``order``) and epsilon."""
+    weight = module.weight.detach().float()
+    return (weight if order is None else weight[order]), module.variance_epsilon
 
 
 class _Block:
-    """One decoder layer's weights, ready for :class:`ContinuousEngine`'s forward."""
+    """One decoder layer's weights, ready for :class:`ContinuousEngine`'s forward.
 
-    def __init__(self, layer, dtype: torch.dtype):
+    The features of each query and key head are reordered so that the two halves that the
+    rotary embedding turns together ``(i, i + head_dim/2)`` lie side by side: the rotation is then
+    one complex product. Attention reads queries and keys only through their dot products,
+    which the same order on both leaves unchanged.
+    """
+
+    def __init__(self, layer, dtype: torch.dtype, order: torch.Tensor):
         attention, mlp = layer.self_attn, layer.mlp
-        self.input_norm, self.post_norm = layer.input_layernorm, layer.post_attention_layernorm
-        self.qkv = _Linear([attention.q_proj, attention.k_proj, attention.v_proj], dtype)
-        self.q_norm = getattr(attention, "q_norm", None)  # qwen3: per-head norms before rope
-        self.k_norm = getattr(attention, "k_norm", None)
-        self.o = _Linear([attention.o_proj], dtype)
-        self.gate_up = _Linear([mlp.gate_proj, mlp.up_proj], dtype)
-        self.down = _Linear([mlp.down_proj], dtype)
+        self.input_norm = _norm(layer.input_layernorm)
+        self.post_norm = _norm(layer.post_attention_layernorm)
+        self.qkv = _Linear(
+            [
+                _parts(attention.q_proj, order),
+                _parts(attention.k_proj, order),
+                _parts(attention.v_proj),
+            ],
+            dtype,
+        )
+        # qwen3: per-head norms before the rotary embedding
+        q_norm, k_norm = getattr(attention, "q_norm", None), getattr(attention, "k_norm", None)
+        self.q_norm = None if q_norm is None else _norm(q_norm, order)
+        self.k_norm = None if k_norm is None else _norm(k_norm, order)
+        self.o = _Linear([_parts(attention.o_proj)], dtype)
+        self.gate_up = _Linear([_parts(mlp.gate_proj), _parts(mlp.up_proj)], dtype)
+        self.down = _Linear([_parts(mlp.down_proj)], dtype)
         self.act = mlp.act_fn
         self.width = mlp.gate_proj.out_features  # gate_up's output splits here
 
@@ -267,16 +301,19 @@ class ContinuousEngine:
         # bfloat16 ones (θ0's decode step 34 against 36 ms), else the matrix products' dtype
         self.cache_dtype = torch.float32 if self.device.type == "cpu" else self.dtype
         self.embed = inner.embed_tokens
-        self.blocks = [_Block(layer, self.dtype) for layer in inner.layers]
-        self.rotary = inner.rotary_emb
-        # the residual stream, the norms and sampling stay float32, and so do the largest logits:
-        # bfloat16 ones (8 bits of mantissa) would round values near 20 to steps of 0.125
-        self.norm = inner.norm
-        self.head = _Linear([model.lm_head], self.dtype)
-        self.head_weight = model.lm_head.weight.detach().float()
         attention = inner.layers[0].self_attn
         self.head_dim = attention.head_dim
         self.scaling = attention.scaling
+        half = self.head_dim // 2
+        # each head's features as (i, i + head_dim/2) pairs: see _Block
+        order = torch.stack((torch.arange(half), torch.arange(half) + half), dim=1).flatten()
+        self.blocks = [_Block(layer, self.dtype, order) for layer in inner.layers]
+        self.rotary = inner.rotary_emb
+        # the residual stream, the norms and sampling stay float32, and so do the largest logits:
+        # bfloat16 ones (8 bits of mantissa) would round values near 20 to steps of 0.125
+        self.norm = _norm(inner.norm)
+        self.head = _Linear([_parts(model.lm_head)], self.dtype)
+        self.head_weight = model.lm_head.weight.detach().float()
         self.dtype_choice = dtype
 
     # -- the decoder ------------------------------------------------------------------------
@@ -286,25 +323,29 @@ class ContinuousEngine:
         keys; ``attend(q, k, v)`` ([tokens, heads, head_dim] each) stores the new keys and values
         and attends."""
         tokens = hidden.size(0)
-        qkv = block.qkv(_rms_norm(block.input_norm, hidden)).view(tokens, -1, self.head_dim)
+        qkv = block.qkv(_rms_norm(*block.input_norm, hidden)).view(tokens, -1, self.head_dim)
         qk, v = qkv.split([self.heads + self.kv_heads, self.kv_heads], dim=1)
+        qk = qk.float()
         if block.q_norm is not None:
             q, k = qk.split([self.heads, self.kv_heads], dim=1)
-            qk = torch.cat((_rms_norm(block.q_norm, q), _rms_norm(block.k_norm, k)), dim=1)
+            qk = torch.cat((_rms_norm(*block.q_norm, q), _rms_norm(*block.k_norm, k)), dim=1)
         q, k = rope(qk).to(self.cache_dtype).split([self.heads, self.kv_heads], dim=1)
         out = attend(q, k, v.to(self.cache_dtype))
         hidden = hidden + block.o(out.reshape(tokens, -1))
-        gate, up = block.gate_up(_rms_norm(block.post_norm, hidden)).split(block.width, dim=-1)
+        gate, up = block.gate_up(_rms_norm(*block.post_norm, hidden)).split(block.width, dim=-1)
         return hidden + block.down(block.act(gate) * up)
 
     def _rope(self, hidden: torch.Tensor, positions: torch.Tensor):
-        """The rotation of queries and keys [tokens, heads, head_dim] at ``positions``."""
+        """The rotation of float32 queries and keys [tokens, heads, head_dim] at ``positions``,
+        their features in :class:`_Block`'s order: each pair times a unit complex number."""
         cos, sin = self.rotary(hidden, positions.unsqueeze(0))
-        cos, sin = cos[0].unsqueeze(1), sin[0].unsqueeze(1)
+        half = self.head_dim // 2
+        # the rotary module repeats each frequency in the second half of head_dim
+        turn = torch.complex(cos[0, :, :half], sin[0, :, :half]).unsqueeze(1)
 
         def rotate(x: torch.Tensor) -> torch.Tensor:
-            first, second = x.chunk(2, dim=-1)
-            return x * cos + torch.cat((-second, first), dim=-1) * sin
+            pairs = torch.view_as_complex(x.unflatten(-1, (half, 2)))
+            return torch.view_as_real(pairs * turn).flatten(-2)
 
         return rotate
 
@@ -312,7 +353,7 @@ class ContinuousEngine:
         """Float32 logits of float32 ``hidden`` [rows, dim]. In bfloat16 the output layer's
         product is rounded to bfloat16; the :data:`EXACT_TOP` largest logits of each row, which
         hold most of the probability, are computed again in float32."""
-        hidden = _rms_norm(self.norm, hidden)
+        hidden = _rms_norm(*self.norm, hidden)
         logits = self.head(hidden).float()
         if self.dtype != torch.float32:
             top = logits.topk(EXACT_TOP, dim=-1).indices
