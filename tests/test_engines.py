@@ -451,7 +451,10 @@ def test_continuous_engine_answers_as_the_reference_on_other_architectures(kind)
     assert [c.logp for c in got] == pytest.approx([c.logp for c in expected], abs=1e-4)
     # the answers grow past the sliding window and end at different steps
     assert len({len(c.token_ids) for c in expected}) >= 2
-    assert max(len(r.prompt_ids) + len(c.token_ids) for r, c in zip(requests, expected)) > 6
+    longest = max(
+        len(r.prompt_ids) + len(c.token_ids) for r, c in zip(requests, expected, strict=True)
+    )
+    assert longest > 6
     # bfloat16 (packed weights where oneDNN has them) teacher-forced on float32's answers
     probe = _probe(model, [r.prompt_ids for r in requests], 4, eos)
     assert probe["answer_tokens"] > 30
