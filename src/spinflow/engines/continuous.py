@@ -52,7 +52,7 @@ TOLERANCE = 0.05  # largest mean |log-prob difference| of an answer token, in na
 MIN_SHARED_PREFIX = 8  # shorter shared prefixes are recomputed with each prompt
 EXACT_TOP = 64  # bfloat16: the largest logits of a row recomputed in float32
 PROBE_TOKENS = 32  # the probe's answers: at most this many tokens
-PROBE_VERSION = 3  # part of the cache key: a change to the probe or the bf16 path measures again
+PROBE_VERSION = 4  # part of the cache key: a change to the probe or the bf16 path measures again
 
 
 def supports(model) -> bool:
