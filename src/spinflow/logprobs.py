@@ -23,6 +23,7 @@ Used by SFT (:func:`mean_nll`), SPIN's policy and reference passes and evaluatio
 
 from __future__ import annotations
 
+import types
 from dataclasses import dataclass
 
 import torch
@@ -110,17 +111,12 @@ def _unwrap(model):
     return model
 
 
-def _is_distributed(model) -> bool:
-    """Wrappers whose own forward must run for gradients to be synchronised (DDP, FSDP)."""
-    return type(model).__name__ in ("DistributedDataParallel", "FullyShardedDataParallel")
-
-
 def split_model(model):
     """(transformer body, output layer) of a causal LM, or None where projecting hidden states
     through the output layer alone would not give the model's logits."""
     inner = _unwrap(model)
     config = getattr(inner, "config", None)
-    if config is None or _is_distributed(model):
+    if config is None:
         return None
     for key in ("final_logit_softcapping", "logit_scale", "output_multiplier_scale"):
         if getattr(config, key, None) not in (None, 1, 1.0):
@@ -133,6 +129,50 @@ def split_model(model):
     if body is None or head is None or body is inner:
         return None
     return body, head
+
+
+SCORE_ARGUMENT = "spinflow_scored"  # the keyword that asks the model's forward for log-probs
+
+
+def _scoring_forward(self, *args, spinflow_scored=None, **kwargs):
+    """The forward installed by :func:`enable_scoring`: the model's own forward, or, given
+    ``spinflow_scored=(positions, targets)``, the float32 log-probs of those targets at those
+    flat positions, computed from the body's hidden states without full logits."""
+    forward = self._spinflow_plain_forward or types.MethodType(type(self).forward, self)
+    if spinflow_scored is None:
+        return forward(*args, **kwargs)
+    positions, targets = spinflow_scored
+    parts = split_model(self)
+    if parts is None:  # the model's own logits: same numbers, more work
+        return _logps_of_logits(forward(*args, **kwargs).logits, positions, targets)
+    body, head = parts
+    hidden = body(*args, **kwargs).last_hidden_state
+    hidden = hidden.reshape(-1, hidden.size(-1))[positions]
+    return _token_logps(hidden, head, targets)
+
+
+def enable_scoring(model) -> None:
+    """Let ``model`` (or the transformers model inside its DDP, FSDP, compile or peft wrappers)
+    return log-probs from its own forward when called with ``spinflow_scored``.
+
+    Calling the transformer body and the output layer from outside would skip the hooks of the
+    wrapper around them: DDP's gradient synchronisation, FSDP's gathering of sharded weights
+    (FSDP2 refuses with "FSDP requires a single root module"). Going through the root module's
+    forward runs them all. Installed once, as a method of the instance, so a deep copy of the
+    model gets its own; where the model cannot be split, the same call reads its full logits.
+    """
+    inner = _unwrap(model)
+    if getattr(inner, "_spinflow_scoring", False):
+        return
+    # a forward set on the instance before (accelerate's autocast wrapper) stays the plain one
+    inner._spinflow_plain_forward = inner.__dict__.get("forward")
+    inner.forward = types.MethodType(_scoring_forward, inner)
+    inner._spinflow_scoring = True
+
+
+def _logps_of_logits(logits: torch.Tensor, positions, targets) -> torch.Tensor:
+    flat = logits.reshape(-1, logits.size(-1))[positions].float()
+    return flat.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - flat.logsumexp(-1)
 
 
 def _token_logps(hidden: torch.Tensor, head, targets: torch.Tensor) -> torch.Tensor:
@@ -150,14 +190,14 @@ def _token_logps(hidden: torch.Tensor, head, targets: torch.Tensor) -> torch.Ten
 def token_logps(model, batch: dict, *, full_logits: bool = False) -> tuple[torch.Tensor, Scored]:
     """float32 log-probs of the scored tokens of ``batch`` and which tokens they are.
 
-    ``full_logits`` (or a model that cannot be split, or one wrapped by DDP/FSDP) runs the
-    model's own forward and reads the log-probs from its full logits: same numbers, more work.
+    The model is called as a whole (through its DDP/FSDP/peft wrappers, see
+    :func:`enable_scoring`). ``full_logits`` (or a model that cannot be split) reads the
+    log-probs from the model's full logits instead: same numbers, more work.
     """
     scored = scored_of(batch)
     device = batch["input_ids"].device
     positions = scored.positions.to(device)
     targets = scored.targets.to(device)
-    parts = None if full_logits else split_model(model)
     dtype = next(model.parameters()).dtype
     if torch.is_autocast_enabled(device.type):
         dtype = torch.get_autocast_dtype(device.type)
@@ -168,15 +208,10 @@ def token_logps(model, batch: dict, *, full_logits: bool = False) -> tuple[torch
     }
     if "position_ids" in batch:
         inputs["position_ids"] = batch["position_ids"]
-    if parts is None:
-        logits = model(**inputs).logits
-        flat = logits.reshape(-1, logits.size(-1))[positions].float()
-        logps = flat.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - flat.logsumexp(-1)
-        return logps, scored
-    body, head = parts
-    hidden = body(**inputs).last_hidden_state
-    hidden = hidden.reshape(-1, hidden.size(-1))[positions]
-    return _token_logps(hidden, head, targets), scored
+    if full_logits:
+        return _logps_of_logits(model(**inputs).logits, positions, targets), scored
+    enable_scoring(model)
+    return model(**inputs, **{SCORE_ARGUMENT: (positions, targets)}), scored
 
 
 def segment_logps(model, batch: dict, *, full_logits: bool = False) -> torch.Tensor:
