@@ -365,7 +365,8 @@ class LmEvalParams(Section):
         "of the eval stages",
     )
     device: str = Field(
-        "auto", description='Where the harness runs the model: "auto" (cuda if any), cpu, cuda:N'
+        "auto",
+        description='Where the harness runs the model: "auto" (the stage\'s device), cpu, cuda:N',
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Weights during the harness (auto: as loaded, float32)"
@@ -539,6 +540,11 @@ class TrackingParams(Section):
 
 class Params(Section):
     seed: int = Field(42, description="Seed for training and generation")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto",
+        description="Where every stage runs its models: auto (this process's GPU when CUDA is "
+        "available, one GPU a process, else the CPU), cpu or cuda",
+    )
     model: ModelParams = Field(default_factory=ModelParams)
     data: DataParams = Field(default_factory=DataParams)
     prompt: PromptParams = Field(default_factory=PromptParams)

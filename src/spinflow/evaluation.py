@@ -18,6 +18,7 @@ from collections.abc import Sequence
 import torch
 from tqdm.auto import tqdm
 
+from spinflow import devices
 from spinflow.chat import collate, encode_example
 from spinflow.config import EvalParams, PromptParams
 from spinflow.generation import SamplingParams, TorchEngine, generate_answers
@@ -59,7 +60,9 @@ def answer_logps(
             k: v.to(device)
             for k, v in collate([encoded[i] for i in rows], tokenizer.pad_token_id).items()
         }
-        for i, value in zip(rows, segment_logps(model, batch).tolist(), strict=True):
+        with devices.autocast(device):
+            values = segment_logps(model, batch).tolist()
+        for i, value in zip(rows, values, strict=True):
             logps[i] = value
     counts = [len(e.input_ids) - e.prompt_length for e in encoded]
     return logps, counts

@@ -77,7 +77,8 @@ def next_tokens(logits: torch.Tensor, sampling: SamplingParams, generators: list
         return logits.argmax(-1)
     logits = top_p_filter(logits / sampling.temperature, sampling.top_p)
     cdf = logits.softmax(-1).cumsum(-1)
-    uniform = torch.cat([torch.rand(1, generator=g) for g in generators])
+    # CPU generators: the same draws on every device
+    uniform = torch.cat([torch.rand(1, generator=g) for g in generators]).to(cdf.device)
     # the first token whose cumulative mass exceeds the draw: tokens of zero mass never are
     chosen = torch.searchsorted(cdf, (uniform * cdf[:, -1]).unsqueeze(1), right=True)[:, 0]
     return chosen.clamp_(max=logits.size(-1) - 1)

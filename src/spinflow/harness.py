@@ -197,8 +197,8 @@ def _place(model, settings: LmEvalParams):
     import torch
 
     device = settings.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else str(next(model.parameters()).device)
+    if device == "auto":  # where the stage placed it (spinflow.devices)
+        device = str(next(model.parameters()).device)
     dtype = None if settings.dtype == "auto" else getattr(torch, settings.dtype)
     return model.to(device=device, dtype=dtype)
 

@@ -476,8 +476,14 @@ def _require_dir(path: str | os.PathLike, what: str) -> Path:
     return p
 
 
-def load_model(path: str | os.PathLike, *, dtype: str = "float32"):
-    """``AutoModelForCausalLM.from_pretrained(path)`` with a clear error for a non-checkpoint."""
+def load_model(path: str | os.PathLike, *, dtype: str = "float32", device=None):
+    """``AutoModelForCausalLM.from_pretrained(path)`` with a clear error for a non-checkpoint,
+    moved to ``device`` when given (a stage passes the one :mod:`spinflow.devices` decides)."""
+    model = _load_model(path, dtype)
+    return model if device is None else model.to(device)
+
+
+def _load_model(path: str | os.PathLike, dtype: str):
     from transformers import AutoModelForCausalLM
 
     torch_dtype = _torch_dtype(dtype)

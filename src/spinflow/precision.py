@@ -364,11 +364,14 @@ def auto_precision(
     return Precision(bf16, "auto", reason, m, path, False, margin, tolerance)
 
 
-def resolve_precision(optim, model, batch: dict, loss_fn: LossFn, *, key: str):
+def resolve_precision(
+    optim, model, batch: dict, loss_fn: LossFn, *, key: str, device: torch.device | None = None
+):
     """``optim`` with ``bf16`` resolved to true or false, and the :class:`Precision` chosen.
 
     ``true`` and ``false`` are taken as given; ``auto`` is decided by :func:`auto_precision` on
-    ``model`` and ``batch`` (a real batch of the stage) with the stage's ``loss_fn``. With
+    ``model`` and ``batch`` (a real batch of the stage) with the stage's ``loss_fn``, on
+    ``device`` (the stage's; default: this process's GPU when there is one). With
     several processes the main one decides and tells the others, so all train alike. The choice
     is logged once, as one line naming ``key`` (for example ``spin.train.bf16``).
     """
@@ -377,7 +380,8 @@ def resolve_precision(optim, model, batch: dict, loss_fn: LossFn, *, key: str):
     if optim.bf16 != "auto":
         precision = Precision(bool(optim.bf16), optim.bf16, "set in params")
         return optim, precision
-    state = PartialState(cpu=not torch.cuda.is_available())
+    cpu = device.type == "cpu" if device is not None else not torch.cuda.is_available()
+    state = PartialState(cpu=cpu)
     precision = None
     if state.is_main_process:
         precision = auto_precision(model, batch, loss_fn, state.device)

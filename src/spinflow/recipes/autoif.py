@@ -505,13 +505,15 @@ def _answer(
 ):
     """Answers of the model at ``model_dir`` to ``records`` with the generate engine
     (``autoif.max_new_tokens`` unless given)."""
+    from spinflow.devices import stage_device
     from spinflow.engines import check_engine, open_engine
     from spinflow.generation import GenerationStats, SamplingParams, generate_answers
     from spinflow.models import load_model, load_tokenizer
 
     check_engine(params.generate.engine)
     tokenizer = load_tokenizer(model_dir)
-    model = load_model(model_dir) if params.generate.engine != "vllm" else None
+    device = stage_device(params.device)
+    model = load_model(model_dir, device=device) if params.generate.engine != "vllm" else None
     batch_size = params.eval.batch_size if temperature == 0 else None
     engine = open_engine(
         params.generate, model, tokenizer, model_dir=model_dir, batch_size=batch_size

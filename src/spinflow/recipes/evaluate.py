@@ -31,12 +31,13 @@ def _beta(params: Params, model: pipeline_graph.Model) -> float:
 def _score(params: Params, source: Path, records: list[dict], reference=None, beta: float = 0.1):
     """Load the checkpoint at ``source`` and evaluate it on ``records`` (eval.*, prompt.*,
     generate.engine); returns (model, tokenizer, metrics, rows)."""
+    from spinflow.devices import stage_device
     from spinflow.engines import open_engine
     from spinflow.evaluation import evaluate as run_eval
     from spinflow.models import load_model, load_tokenizer
 
     tokenizer = load_tokenizer(source)
-    model = load_model(source)
+    model = load_model(source, device=stage_device(params.device))
     metrics, rows = run_eval(
         model,
         tokenizer,

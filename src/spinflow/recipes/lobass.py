@@ -110,6 +110,7 @@ def score_examples(
 def lobass_score(params: Params) -> dict[str, Any]:
     """Both losses and the learnability score of every SFT example: lobass/scores.jsonl."""
     from spinflow.data import load_split
+    from spinflow.devices import stage_device
     from spinflow.models import load_model, load_tokenizer
 
     graph = pipeline_graph.build(params)
@@ -123,7 +124,7 @@ def lobass_score(params: Params) -> dict[str, Any]:
     for name, directory in (("before", before_dir), ("after", after_dir)):
         # both models read the answers through one tokenizer: θ0 saved the base model's
         losses[name] = mean_answer_losses(
-            load_model(directory),
+            load_model(directory, device=stage_device(params.device)),
             load_tokenizer(directory),
             records,
             params.prompt,

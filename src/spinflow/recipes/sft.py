@@ -45,6 +45,7 @@ def supervised(
     lower loss and the best epoch's weights are the ones saved. ``budget`` (what ``max_steps``
     was derived from) goes into the summary as it is.
     """
+    from spinflow.devices import stage_device
     from spinflow.models import load_model, load_tokenizer
     from spinflow.precision import resolve_precision
     from spinflow.training import (
@@ -63,14 +64,20 @@ def supervised(
     stage = target.stage
     seed = stage_seed(params.seed, stage)
     seed_everything(seed)
+    device = stage_device(params.device)
     tokenizer = load_tokenizer(source)
-    model = apply_lora(load_model(source), optim)
+    model = apply_lora(load_model(source, device=device), optim)
     examples = encode_sft(tokenizer, records, params.prompt)
     collate_fn = sft_collate(tokenizer.pad_token_id)
     optim, precision = resolve_precision(
-        optim, model, collate_fn(examples[: optim.batch_size]), sft_loss_fn, key="sft.bf16"
+        optim,
+        model,
+        collate_fn(examples[: optim.batch_size]),
+        sft_loss_fn,
+        key="sft.bf16",
+        device=device,
     )
-    accelerator = make_accelerator(optim)
+    accelerator = make_accelerator(optim, device)
     watch = (
         _Validation(accelerator, tokenizer, validation, params, patience) if validation else None
     )

@@ -281,6 +281,7 @@ def resolve_optim(
     beta: float,
     loss: str,
     key: str = "spin.train.bf16",
+    device: torch.device | None = None,
 ):
     """``optim`` with ``bf16: auto`` resolved on ``model`` and the first batch of ``examples``
     under the SPIN loss (see :mod:`spinflow.precision`), and the precision chosen; ``key`` names
@@ -288,7 +289,7 @@ def resolve_optim(
     from spinflow.precision import resolve_precision
 
     batch = pair_collate(tokenizer.pad_token_id)(examples[: optim.batch_size])
-    return resolve_precision(optim, model, batch, spin_loss_fn(beta, loss), key=key)
+    return resolve_precision(optim, model, batch, spin_loss_fn(beta, loss), key=key, device=device)
 
 
 def spin_iteration(
@@ -343,6 +344,7 @@ def generate(params: Params, k: int) -> dict[str, Any] | None:
     from accelerate.utils import gather_object
 
     from spinflow.data import load_split
+    from spinflow.devices import stage_device
     from spinflow.engines import check_engine, open_engine
     from spinflow.generation import GenerationStats, SamplingParams, generate_answers
     from spinflow.models import load_model, load_tokenizer
@@ -362,9 +364,10 @@ def generate(params: Params, k: int) -> dict[str, Any] | None:
             f"{DATA_DIR / 'pool.jsonl'}: record id {sorted(clash)[0]!r} is also the id of an "
             "AutoIF query in the SPIN pool (autoif.with_spin); give the data other ids"
         )
-    state = PartialState(cpu=not torch.cuda.is_available())
+    state = PartialState(cpu=stage_device(params.device).type == "cpu")
     tokenizer = load_tokenizer(source)
-    model = load_model(source) if g.engine != "vllm" else None
+    device = stage_device(params.device)
+    model = load_model(source, device=device) if g.engine != "vllm" else None
     engine = open_engine(g, model, tokenizer, model_dir=source)
     stats = GenerationStats()
 
@@ -532,18 +535,22 @@ def train_on_pairs(
 
     ``select(encoded) -> examples`` picks the encoded pairs to train on (default: all).
     """
+    from spinflow.devices import stage_device
     from spinflow.models import load_model, load_tokenizer
     from spinflow.training import make_accelerator, save_checkpoint, seed_everything
 
     configured = optim  # as params.yaml has it (bf16 may be auto)
     seed = stage_seed(params.seed, target.stage)
     seed_everything(seed)
+    device = stage_device(params.device)
     tokenizer = load_tokenizer(source)
-    model = load_model(source)
+    model = load_model(source, device=device)
     encoded = encode_pairs(tokenizer, pairs, params.prompt)
     examples = select(encoded) if select is not None else encoded
-    optim, precision = resolve_optim(optim, model, tokenizer, examples, beta, loss, key=bf16_key)
-    accelerator = make_accelerator(optim)
+    optim, precision = resolve_optim(
+        optim, model, tokenizer, examples, beta, loss, key=bf16_key, device=device
+    )
+    accelerator = make_accelerator(optim, device)
     model, result, _, examples = spin_iteration(
         accelerator,
         model,

@@ -1,0 +1,59 @@
+"""Where a stage runs its models: one decision, made here, for every stage and every engine.
+
+``device: auto`` (params.yaml) is this process's GPU when CUDA is available (``cuda:<local
+rank>`` when a launcher started several processes on the machine, so N processes use N GPUs),
+else the CPU. ``cpu`` and ``cuda`` force one kind. Every stage that runs a model loads it through
+:func:`spinflow.models.load_model` with the device decided here; training hands the same decision
+to accelerate (:func:`spinflow.training.make_accelerator`).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from spinflow.errors import ConfigError
+
+SETTINGS = ("auto", "cpu", "cuda")
+
+
+def local_rank() -> int:
+    """This process's index on its machine, as torchrun and accelerate set it (0 alone)."""
+    return int(os.environ.get("LOCAL_RANK", "0") or 0)
+
+
+def stage_device(setting: str = "auto") -> torch.device:
+    """The device of this process for ``setting`` (see the module's docstring)."""
+    if setting not in SETTINGS:
+        raise ConfigError(f"device: {setting!r} is not one of {', '.join(SETTINGS)}")
+    if setting == "cpu" or (setting == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ConfigError("device: cuda, but torch sees no CUDA GPU here; use auto or cpu")
+    rank = local_rank()
+    count = torch.cuda.device_count()
+    if rank >= count:
+        raise ConfigError(
+            f"device: process {rank} of this machine has no GPU of its own ({count} visible); "
+            "launch at most one process per GPU"
+        )
+    return torch.device("cuda", rank)
+
+
+def inference_dtype(device: torch.device) -> torch.dtype:
+    """The dtype inference autocasts to on ``device``: bfloat16 on a GPU that computes it
+    natively, float32 elsewhere (on CPUs bf16 is chosen by measurement, see
+    :mod:`spinflow.precision`, never by default)."""
+    if device.type == "cuda":
+        from spinflow.precision import native_bf16
+
+        if native_bf16(device)[0]:
+            return torch.bfloat16
+    return torch.float32
+
+
+def autocast(device: torch.device):
+    """The autocast context of inference on ``device`` (a no-op where it stays float32)."""
+    dtype = inference_dtype(device)
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
