@@ -35,12 +35,20 @@ def execute(params: Params, stage_name: str, fn: StageFunction, graph: Graph | N
 
     graph = graph or build(params)
     stage = graph.stage(stage_name)
-    if stage.track:
+    # launched in several processes, the main one alone talks to MLflow
+    track = stage.track and is_main_process()
+    if track:
         tracking.preflight(params)
     result = fn(params, **stage.args)
-    if stage.track:
+    if track:
         tracking.after_stage(params, graph, stage)
     return result
+
+
+def is_main_process() -> bool:
+    """Whether this is the main (rank 0) process of its launch, or the only one; read from the
+    launcher's environment so that no distributed state needs to exist yet."""
+    return int(os.environ.get("RANK", "0") or 0) == 0
 
 
 def run_stage(script: str, fn: StageFunction, argv: Sequence[str] | None = None) -> None:
@@ -116,8 +124,10 @@ def check_pipeline_file(params: Params) -> None:
 
 
 def configure_logging() -> None:
+    # the other processes of a launch say only what goes wrong: the main one logs the stage
+    level = os.environ.get("SPINFLOW_LOG_LEVEL", "INFO") if is_main_process() else "WARNING"
     logging.basicConfig(
-        level=os.environ.get("SPINFLOW_LOG_LEVEL", "INFO"),
+        level=level,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")

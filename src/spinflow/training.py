@@ -69,9 +69,15 @@ def peak_memory_mb() -> float:
     return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
 
 
-def make_accelerator(optim: OptimParams):
-    """An Accelerator for ``optim``; ``optim.bf16`` must be resolved already (true or false, see
-    :func:`spinflow.precision.resolve_precision`): bf16 is autocast over float32 weights."""
+def make_accelerator(optim: OptimParams, device: torch.device | None = None):
+    """An Accelerator for ``optim`` on ``device`` (the stage's, :mod:`spinflow.devices`; default:
+    a GPU when there is one); ``optim.bf16`` must be resolved already (true or false, see
+    :func:`spinflow.precision.resolve_precision`): bf16 is autocast over float32 weights.
+
+    Launched with an FSDP config on CPU processes (gloo), the model is sharded with FSDP as on
+    GPUs (accelerate itself knows FSDP only on accelerators): a config can be tried on a laptop
+    with the code a GPU run uses.
+    """
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, PartialState
 
@@ -88,11 +94,25 @@ def make_accelerator(optim: OptimParams):
         # one process that trains twice (the benchmark, tests): accelerate keeps the first
         # precision for the life of the process unless its state is cleared
         AcceleratorState._reset_state()
-    return Accelerator(
+    cpu = device.type == "cpu" if device is not None else not torch.cuda.is_available()
+    accelerator = Accelerator(
         mixed_precision=mixed_precision,
         gradient_accumulation_steps=optim.gradient_accumulation_steps,
-        cpu=not torch.cuda.is_available(),
+        cpu=cpu,
     )
+    if cpu and accelerator.num_processes > 1 and _fsdp_requested():
+        from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+        accelerator.state.distributed_type = DistributedType.FSDP
+        accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin()  # read from the launcher
+    return accelerator
+
+
+def _fsdp_requested() -> bool:
+    """Whether `accelerate launch` was given an FSDP config (it says so in the environment)."""
+    import os
+
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
 
 
 def seed_everything(seed: int) -> None:
@@ -252,12 +272,27 @@ def _optimizer_step(accelerator, model, optimizer, window, loss_fn, count, optim
             accelerator.backward(loss * scales[i] if scales[i] != 1.0 else loss)
         for key, value in metrics.items():
             row[key] = row.get(key, 0.0) + value * weights[i] / total
+    if accelerator.num_processes > 1:
+        row = _global_means(accelerator, row, sum(weights))
     grad_norm = None
     if optim.max_grad_norm is not None:
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), optim.max_grad_norm)
     optimizer.step()
     optimizer.zero_grad()
     return row, grad_norm
+
+
+def _global_means(accelerator, row: dict[str, float], total: float) -> dict[str, float]:
+    """The step's metrics over every process: each process's weighted means, weighted again by
+    its items (``total``), so a logged row is that of one process holding the whole step."""
+    keys = sorted(row)
+    local = torch.tensor(
+        [float(total)] + [row[key] * total for key in keys],
+        dtype=torch.float64,
+        device=accelerator.device,
+    )
+    summed = accelerator.reduce(local, reduction="sum").tolist()
+    return {key: value / summed[0] for key, value in zip(keys, summed[1:], strict=True)}
 
 
 class LengthGroupedBatches(torch.utils.data.Sampler):
