@@ -36,6 +36,24 @@ def test_ci_runs_the_readme_test_command():
     assert test_command in ci.splitlines(), "README test command not found verbatim in .ci/run"
 
 
+def _relative_links(page: Path) -> list[str]:
+    text = re.sub(r"```.*?```", "", page.read_text(encoding="utf-8"), flags=re.S)
+    links = re.findall(r"\]\(([^)\s]+)\)", text)
+    return [link.split("#", 1)[0] for link in links if not link.startswith(("http", "#"))]
+
+
+def test_readme_and_docs_links_point_to_files():
+    for page in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        for link in _relative_links(page):
+            assert (page.parent / link).exists(), f"{page.relative_to(ROOT)}: broken link {link}"
+
+
+def test_readme_links_every_docs_page():
+    linked = {(ROOT / link).resolve() for link in _relative_links(ROOT / "README.md")}
+    pages = set((ROOT / "docs").glob("*.md"))
+    assert not {page.name for page in pages if page.resolve() not in linked}
+
+
 def test_params_yaml_equals_the_schema_defaults():
     assert load_params(ROOT / "params.yaml").model_dump(mode="json") == default_params_dict()
 
