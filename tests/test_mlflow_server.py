@@ -32,7 +32,9 @@ def _free_port() -> int:
 
 
 class Server:
-    def __init__(self, tmp_path: Path):
+    def __init__(
+        self, tmp_path: Path, *, app: tuple[str, ...] = (), env: dict[str, str] | None = None
+    ):
         tmp_path.mkdir(parents=True, exist_ok=True)
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -42,6 +44,7 @@ class Server:
             **os.environ,
             "MLFLOW_DISABLE_TELEMETRY": "true",
             "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+            **(env or {}),
         }
         env.pop("MLFLOW_TRACKING_URI", None)
         with open(self.log, "wb") as out:
@@ -59,6 +62,7 @@ class Server:
                     str(self.port),
                     "--workers",
                     "1",
+                    *app,
                 ],
                 cwd=tmp_path,
                 env=env,
@@ -149,3 +153,71 @@ def test_pipeline_through_tracking_server(
     assert text.startswith(prompt) and len(generator.tokenizer(text)["input_ids"]) > len(
         generator.tokenizer(prompt)["input_ids"]
     )
+
+
+ADMIN, PASSWORD = "admin", "S3cretPassw0rd"
+
+
+def test_a_server_with_basic_auth_takes_credentials_in_the_uri_or_the_environment(
+    tmp_path, monkeypatch, caplog
+):
+    """MLflow's basic-auth app (``mlflow[auth]``): runs go through ``http://user:password@host``
+    or through MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD; the password is never shown."""
+    pytest.importorskip("flask_wtf")  # mlflow[auth]
+    from mlflow import MlflowClient
+
+    from spinflow import tracking
+    from spinflow.config import validate_params
+
+    config = tmp_path / "auth.ini"
+    config.write_text(
+        "[mlflow]\ndefault_permission = READ\n"
+        f"database_uri = sqlite:///{tmp_path / 'auth.db'}\n"
+        f"admin_username = {ADMIN}\nadmin_password = {PASSWORD}\n"
+        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n",
+        encoding="utf-8",
+    )
+    server = Server(
+        tmp_path / "server",
+        app=("--app-name", "basic-auth"),
+        env={"MLFLOW_AUTH_CONFIG_PATH": str(config), "MLFLOW_FLASK_SERVER_SECRET_KEY": "test"},
+    )
+    try:
+        project = tmp_path / "project"
+        project.mkdir()
+        monkeypatch.chdir(project)
+        monkeypatch.delenv("DVC_ROOT", raising=False)
+        for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+            monkeypatch.delenv(name, raising=False)
+        params = validate_params({"tracking": {"experiment": "auth", "retry_seconds": 60}})
+        host = f"127.0.0.1:{server.port}"
+        server.wait_until_healthy()
+
+        # a wrong password: refused at once, not retried for tracking.retry_seconds
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://{ADMIN}:wrong-{PASSWORD}@{host}")
+        started = time.monotonic()
+        with pytest.raises(tracking.TrackingError) as err:
+            tracking.preflight(params)
+        assert time.monotonic() - started < 30
+        assert "HTTP 401" in str(err.value) and f"{ADMIN}:***@{host}" in str(err.value)
+
+        # the password in the URI
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://{ADMIN}:{PASSWORD}@{host}")
+        tracking.preflight(params)
+        tracking.sync(params)
+        # the credentials in the environment
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://{host}")
+        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", ADMIN)
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", PASSWORD)
+        tracking.preflight(params)
+        tracking.sync(params)
+
+        client = MlflowClient(f"http://{host}")
+        experiment = client.get_experiment_by_name("auth").experiment_id
+        (run,) = client.search_runs([experiment])
+        assert run.data.tags["spinflow.role"] == "pipeline" and run.info.status == "FINISHED"
+        shown = [str(v) for v in (*run.data.tags.values(), *run.data.params.values())]
+        assert not [v for v in shown if PASSWORD in v]
+        assert all(PASSWORD not in r.getMessage() for r in caplog.records)
+    finally:
+        server.stop()

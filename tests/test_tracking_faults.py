@@ -233,7 +233,8 @@ def test_an_api_failing_after_the_work_keeps_the_results_and_replays_them(
     execute(params, "report", report)
     assert [e.stage for e in pending.read()] == ["report"]
     proxy.failing = False
-    assert pipeline_runs(client, params)["pipeline"].info.status == "RUNNING"
+    parent = pipeline_runs(client, params)["pipeline"]
+    assert not client.list_artifacts(parent.info.run_id, "report")  # nothing reached MLflow
     assert main(["sync", "--params", "params.yaml"]) == 0
     assert pending.read() == []
     parent = pipeline_runs(client, params)["pipeline"]
@@ -337,3 +338,117 @@ def test_a_stage_killed_while_logging_its_model_is_failed_and_its_copy_removed(
         [experiment], "attributes.run_name = 'iter_0' and attributes.status != 'FAILED'"
     )
     assert now.info.status == "FINISHED" and now.info.run_id == versions[0].run_id
+
+
+# ---------------------------------------------------------------------------------------------
+# What MLflow refuses every time is not retried, and not replayed by every later stage
+
+
+def _refused(message: str = "Invalid model name 'a/b:c'. Names cannot contain '/' or ':'."):
+    from mlflow.exceptions import MlflowException
+
+    return MlflowException.invalid_parameter_value(message)
+
+
+def test_only_errors_that_may_pass_are_retried():
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import TEMPORARILY_UNAVAILABLE
+
+    calls = []
+
+    def refused():
+        calls.append("refused")
+        raise _refused()
+
+    def unavailable():
+        calls.append("unavailable")
+        raise MlflowException("down", error_code=TEMPORARILY_UNAVAILABLE)
+
+    with pytest.raises(MlflowException):
+        tracking._with_retries(refused, 30)
+    with pytest.raises(MlflowException):
+        tracking._with_retries(unavailable, 0.5)
+    assert calls.count("refused") == 1 and calls.count("unavailable") >= 2
+
+
+class RefusingTracker:
+    """Stands in for the Tracker: MLflow refuses the stages in ``refuse``, as it will every
+    time; ``logged`` lists every stage it was asked to log."""
+
+    refuse: set[str] = set()
+    logged: list[str] = []
+
+    def __init__(self, params, graph, uri, stage):
+        pass
+
+    def recover(self) -> None:
+        pass
+
+    def release(self) -> None:
+        pass
+
+    def _log(self, stage: str) -> None:
+        self.logged.append(stage)
+        if stage in self.refuse:
+            raise _refused()
+
+    def training(self, model) -> None:
+        self._log(model.stage)
+
+    def evaluation(self, evaluation) -> None:
+        self._log(evaluation.stage)
+
+    def report(self) -> None:
+        self._log("report")
+
+
+def test_a_refused_stage_says_so_once_and_waits_for_sync(
+    tiny_checkpoint_session, tmp_path, monkeypatch, caplog
+):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setattr(tracking, "Tracker", RefusingTracker)
+    monkeypatch.setattr(RefusingTracker, "logged", [])
+    monkeypatch.setattr(RefusingTracker, "refuse", {"train_iter_0", "eval_sft"})
+    params = tiny_params(tiny_checkpoint_session, tracking={"retry_seconds": 60})
+    graph = build(params)
+    key = tracking.pipeline_key(params)
+
+    def warnings() -> list[str]:
+        found = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        caplog.clear()
+        return found
+
+    def replayed() -> dict[str, bool]:
+        return {e.stage: e.replay for e in pending.read()}
+
+    # refused after its work: not retried for 60 s, one warning, left to sync
+    started = time.monotonic()
+    tracking.after_stage(params, graph, graph.stage("train_iter_0"))
+    assert time.monotonic() - started < 30
+    assert RefusingTracker.logged == ["train_iter_0"]
+    (warning,) = warnings()
+    assert "refused" in warning and "python -m spinflow.tracking sync" in warning
+    assert "\n" not in warning and replayed() == {"train_iter_0": False}
+
+    # a stage pending after a failure that may pass, then refused when replayed: said once
+    pending.add("eval_sft", key, "sqlite:///elsewhere", "HTTP 503 from /api/2.0/mlflow/runs/get")
+    tracking.after_stage(params, graph, graph.stage("eval_iter_0"))
+    assert RefusingTracker.logged[1:] == ["eval_sft", "eval_iter_0"]
+    (warning,) = warnings()
+    assert "eval_sft" in warning and "no longer replayed" in warning
+    assert replayed() == {"train_iter_0": False, "eval_sft": False}
+
+    # later stages log themselves and nothing refused
+    tracking.after_stage(params, graph, graph.stage("eval_iter_1"))
+    assert RefusingTracker.logged[3:] == ["eval_iter_1"] and warnings() == []
+
+    # sync tries everything again: refused, it fails in one line; fixed, nothing is pending
+    with pytest.raises(tracking.TrackingError) as err:
+        tracking.sync(params)
+    assert "\n" not in str(err.value)
+    assert set(replayed()) == {"train_iter_0", "eval_sft"}
+    RefusingTracker.refuse = set()
+    tracking.sync(params)
+    assert pending.read() == []
+    assert RefusingTracker.logged[-3:] == ["train_iter_0", "eval_sft", "report"]

@@ -109,3 +109,90 @@ def test_retry_seconds_is_validated(value, tiny_checkpoint_session):
     with pytest.raises(ConfigError) as err:
         tiny_params(tiny_checkpoint_session, tracking={"retry_seconds": value})
     assert "tracking.retry_seconds" in str(err.value) and "\n" not in str(err.value)
+
+
+PASSWORD = "S3cretPassw0rd"
+
+
+@pytest.mark.parametrize(
+    ("text", "shown"),
+    [
+        (f"http://alice:{PASSWORD}@127.0.0.1:5077", "http://alice:***@127.0.0.1:5077"),
+        (
+            f"API request to http://alice:{PASSWORD}@h:1/api/2.0/mlflow/runs/get failed",
+            "API request to http://alice:***@h:1/api/2.0/mlflow/runs/get failed",
+        ),
+        (f"https://alice:p@{PASSWORD}@h/mlflow", "https://alice:***@h/mlflow"),
+        ("https://tok3n@h", "https://***@h"),  # a user name alone may be a token
+        ("http://127.0.0.1:5000", "http://127.0.0.1:5000"),
+        ("sqlite:////tmp/a@b/mlflow.db", "sqlite:////tmp/a@b/mlflow.db"),
+    ],
+)
+def test_redact_hides_passwords(text, shown):
+    assert tracking.redact(text) == shown
+
+
+def test_redact_hides_the_secret_variables(monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", PASSWORD)
+    monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", "t0kenvalue")
+    assert tracking.redact(f"refused {PASSWORD} and t0kenvalue") == "refused *** and ***"
+
+
+@pytest.fixture
+def health_server():
+    """An HTTP server on 127.0.0.1 whose /health answers 200 (what it was asked is kept)."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    asked: list[str] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            asked.append(self.path)
+            self.send_response(200 if self.path == "/health" else 404)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"OK")
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1], asked
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_uri_with_credentials_is_reachable(health_server):
+    port, asked = health_server
+    tracking.check_reachable(f"http://alice:{PASSWORD}@127.0.0.1:{port}/")
+    tracking.check_reachable(f"http://alice:{PASSWORD}@127.0.0.1:{port}/mlflow")
+    assert asked == ["/health", "/mlflow/health"]
+
+
+def test_no_password_in_messages_the_pending_file_or_the_cli(
+    tiny_checkpoint_session, tmp_path, monkeypatch, capsys, caplog
+):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    uri = f"http://alice:{PASSWORD}@127.0.0.1:{port}"
+    shown = f"http://alice:***@127.0.0.1:{port}"
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    params = tiny_params(tiny_checkpoint_session, tracking={"retry_seconds": 0})
+    with pytest.raises(tracking.TrackingError) as err:
+        tracking.preflight(params)
+    assert shown in str(err.value) and PASSWORD not in str(err.value)
+    graph = build(params)
+    tracking.after_stage(params, graph, graph.stage("eval_sft"))
+    assert [(e.stage, e.uri) for e in pending.read()] == [("eval_sft", shown)]
+    assert PASSWORD not in pending.PENDING_FILE.read_text(encoding="utf-8")
+    assert caplog.records and all(PASSWORD not in r.getMessage() for r in caplog.records)
+    assert main(["uri"]) == 0
+    assert capsys.readouterr().out.strip() == shown

@@ -83,6 +83,7 @@ import math
 import os
 import re
 import time
+import traceback
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -98,6 +99,7 @@ from spinflow.tracking.store import (
     is_main_process,
     pipeline_key,
     project_root,
+    redact,
     require_mlflow,
     tracking_uri,
 )
@@ -107,9 +109,11 @@ __all__ = [
     "after_stage",
     "artifact_location",
     "check_reachable",
+    "permanent",
     "pipeline_key",
     "preflight",
     "project_root",
+    "redact",
     "sync",
     "tracking_uri",
 ]
@@ -117,6 +121,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 MAX_BACKOFF_S = 30.0
+SYNC = "sync"  # the stage name :func:`sync` logs under
 
 
 def preflight(params: Params) -> None:
@@ -140,8 +145,16 @@ def preflight(params: Params) -> None:
     try:
         _with_retries(probe, budget)
     except Exception as exc:
+        if permanent(exc):
+            raise TrackingError(
+                f"MLflow tracking server {redact(uri)} refused the request "
+                f"({_first_line(exc)}) before the stage started, so nothing was computed; it "
+                "will refuse it again: check the credentials (in the URI or "
+                "MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD / MLFLOW_TRACKING_TOKEN) and "
+                "the server's address, or set tracking.enabled: false"
+            ) from None
         raise TrackingError(
-            f"MLflow tracking server {uri} failed ({_first_line(exc)}) for {budget:g} s "
+            f"MLflow tracking server {redact(uri)} failed ({_first_line(exc)}) for {budget:g} s "
             "(tracking.retry_seconds) before the stage started, so nothing was computed; fix "
             "the server or set tracking.enabled: false"
         ) from None
@@ -158,7 +171,9 @@ def after_stage(params: Params, graph: Graph, stage: Stage) -> None:
       pipeline run.
 
     When MLflow keeps failing, the stage's results stay: one warning, and the stage is recorded
-    as pending (replayed by the next tracked stage or by :func:`sync`).
+    as pending (replayed by the next tracked stage or by :func:`sync`). When MLflow refuses what
+    it will refuse every time (:func:`permanent`), the warning says so and only :func:`sync`
+    replays the stage.
     """
     if stage.track is None:
         return
@@ -170,33 +185,48 @@ def after_stage(params: Params, graph: Graph, stage: Stage) -> None:
     try:
         _track(params, graph, stage.name, action)
     except Exception as exc:
-        log.debug("MLflow tracking failed", exc_info=True)
+        _log_traceback()
         error = _first_line(exc)
+        if permanent(exc):
+            pending.add(stage.name, key, uri, error, replay=False)
+            log.warning(
+                "%s: its results are kept, but MLflow at %s refused them (%s) and will every "
+                "time; it is recorded in %s and not replayed by later stages: fix the cause, "
+                "then run `python -m spinflow.tracking sync`",
+                stage.name,
+                redact(uri),
+                error,
+                pending.PENDING_FILE,
+            )
+            return
         pending.add(stage.name, key, uri, error)
         log.warning(
             "%s: its results are kept, but MLflow tracking at %s failed (%s); it is recorded in "
             "%s and logged by the next tracked stage or `python -m spinflow.tracking sync`",
             stage.name,
-            uri,
+            redact(uri),
             error,
             pending.PENDING_FILE,
         )
 
 
 def sync(params: Params) -> None:
-    """Log every output present on disk (idempotent): for a new key, tracking or server.
-    Everything pending for these params is then logged; raises TrackingError when MLflow fails."""
+    """Log every output present on disk (idempotent): for a new key, tracking or server; the
+    report too when it is on disk. Everything pending for these params is then logged, what
+    MLflow refused before included; raises TrackingError when MLflow fails."""
     if not params.tracking.enabled or not is_main_process():
         return
     require_mlflow()
     uri = tracking_uri()
     try:
-        _track(params, build(params), "sync", lambda t: t.sync_all())
+        _track(params, build(params), SYNC, lambda t: t.report())
     except SpinflowError:
         raise
     except Exception as exc:
-        log.debug("MLflow tracking failed", exc_info=True)
-        raise TrackingError(f"MLflow tracking at {uri} failed in sync: {_first_line(exc)}") from exc
+        _log_traceback()
+        raise TrackingError(
+            f"MLflow tracking at {redact(uri)} failed in sync: {_first_line(exc)}"
+        ) from None
 
 
 def _action(graph: Graph, stage: Stage) -> Callable[[Tracker], Any]:
@@ -216,17 +246,49 @@ _ENDPOINT = re.compile(r"(/api/[\w./-]+)")
 
 
 def _first_line(exc: BaseException) -> str:
-    """The error in one short line; an HTTP failure as its status and endpoint."""
-    lines = str(exc).strip().splitlines()
+    """The error in one short line, without secrets; an HTTP failure as its status and
+    endpoint."""
+    message = redact(str(exc))
+    lines = message.strip().splitlines()
     text = lines[0][:300] if lines else ""
-    status = _HTTP_STATUS.search(str(exc))
+    status = _HTTP_STATUS.search(message)
     if status:
-        endpoint = _ENDPOINT.search(str(exc))
+        endpoint = _ENDPOINT.search(message)
         where = f" from {endpoint.group(1)}" if endpoint else ""
         return f"HTTP {status.group(1) or status.group(2)}{where}"
     if isinstance(exc, SpinflowError) and text:
         return text
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _log_traceback() -> None:
+    """The traceback being handled, at debug level, without secrets."""
+    if log.isEnabledFor(logging.DEBUG):
+        log.debug("MLflow tracking failed: %s", redact(traceback.format_exc()))
+
+
+# MLflow's error codes for a request the server refuses as it stands: it will refuse it again,
+# so retrying only repeats the work (a checkpoint upload) and the failure. BAD_REQUEST and
+# RESOURCE_ALREADY_EXISTS are not among them: MLflow's database stores also give those when two
+# writers race, and then looking again succeeds.
+PERMANENT_ERRORS = frozenset(
+    {
+        "INVALID_PARAMETER_VALUE",
+        "RESOURCE_DOES_NOT_EXIST",
+        "NOT_FOUND",
+        "ENDPOINT_NOT_FOUND",
+        "PERMISSION_DENIED",
+        "UNAUTHENTICATED",
+        "CUSTOMER_UNAUTHORIZED",
+    }
+)
+
+
+def permanent(exc: BaseException) -> bool:
+    """Whether MLflow refused a request that it will refuse every time (HTTP 401, 403, 404, an
+    invalid value): retrying cannot help."""
+    code = getattr(exc, "error_code", None)
+    return isinstance(code, str) and code in PERMANENT_ERRORS
 
 
 @contextlib.contextmanager
@@ -258,7 +320,7 @@ def _with_retries(attempt: Callable[[], Any], budget: float) -> Any:
                 return attempt()
             except Exception as exc:
                 remaining = deadline - time.monotonic()
-                if remaining <= 0:
+                if remaining <= 0 or permanent(exc):
                     raise
                 log.info(
                     "MLflow tracking failed (%s); retrying for %.0f s more",
@@ -276,18 +338,30 @@ def _track(
     action: Callable[[Tracker], Any],
 ) -> None:
     """Recover from crashes, log what is pending for these params, then ``action``; retried
-    for ``tracking.retry_seconds``."""
+    for ``tracking.retry_seconds``, unless MLflow refuses what it will refuse every time.
+
+    A pending stage that MLflow refuses that way is not replayed again by later stages (it would
+    fail each of them): it says so once and waits for :func:`sync`, which replays everything."""
     uri, key = tracking_uri(), pipeline_key(params)
     earlier = pending.read()
     current = [e for e in earlier if e.pipeline_key == key and e.stage in graph.stages]
     stale = [e for e in earlier if e not in current]
+    replay = current if stage == SYNC else [e for e in current if e.replay]
+    refused: dict[pending.Entry, str] = {}
 
     def attempt() -> None:
         check_reachable(uri)
         tracker = Tracker(params, graph, uri, stage)
         tracker.recover()
-        for entry in current:
-            _action(graph, graph.stage(entry.stage))(tracker)
+        for entry in replay:
+            if entry in refused:
+                continue
+            try:
+                _action(graph, graph.stage(entry.stage))(tracker)
+            except Exception as exc:
+                if stage == SYNC or not permanent(exc):
+                    raise
+                refused[entry] = _first_line(exc)
         action(tracker)
         tracker.release()
 
@@ -299,5 +373,16 @@ def _track(
             entry.stage,
             entry.pipeline_key,
         )
-    if current or stale:
-        pending.remove([*current, *stale])
+    for entry, error in refused.items():
+        pending.add(entry.stage, key, uri, error, replay=False)
+        log.warning(
+            "%s: MLflow at %s refused its pending logging (%s) and will every time; it is no "
+            "longer replayed by later stages: fix the cause, then run "
+            "`python -m spinflow.tracking sync`",
+            entry.stage,
+            redact(uri),
+            error,
+        )
+    done = [e for e in (*replay, *stale) if e not in refused]
+    if done:
+        pending.remove(done)

@@ -1,6 +1,7 @@
 """``python -m spinflow.tracking uri|sync [--params params.yaml]``.
 
-``uri`` prints where runs go; ``sync`` logs every pipeline output on disk into MLflow.
+``uri`` prints where runs go (without a password); ``sync`` logs every pipeline output on disk
+into MLflow.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import sys
 
 from spinflow.config import PARAMS_FILE, load_params
 from spinflow.errors import SpinflowError
-from spinflow.tracking import sync, tracking_uri
+from spinflow.tracking import redact, sync, tracking_uri
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--params", default=PARAMS_FILE)
     args = parser.parse_args(argv)
     if args.action == "uri":
-        print(tracking_uri())
+        print(redact(tracking_uri()))
         return 0
     logging.basicConfig(level=os.environ.get("SPINFLOW_LOG_LEVEL", "INFO"))
     try:
@@ -32,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     except SpinflowError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    print(f"synced to {tracking_uri()}")
+    print(f"synced to {redact(tracking_uri())}")
     return 0
 
 

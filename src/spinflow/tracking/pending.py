@@ -7,7 +7,9 @@ spinflow.tracking sync``, logs them and removes them from the list.
 
 An entry names the stage and the pipeline key of the params it ran with. Outputs on disk belong
 to the params in params.yaml now, so an entry of other params cannot be replayed from them: it is
-dropped with a warning saying how to log it (restore those params, then sync).
+dropped with a warning saying how to log it (restore those params, then sync). An entry that
+MLflow refused as it will every time (``replay`` false) is left to sync: later stages do not
+replay it. The URI and the error are stored without passwords.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from spinflow.io import read_json, write_json, write_text
+from spinflow.tracking.store import redact
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +34,7 @@ class Entry:
     uri: str  # where it failed to go
     error: str  # the first line of the last error
     since: str  # when it was recorded (UTC)
+    replay: bool = True  # false: MLflow refuses it every time; only sync tries again
 
 
 def read(path: Path = PENDING_FILE) -> list[Entry]:
@@ -54,11 +58,21 @@ def _write(entries: list[Entry], path: Path) -> None:
     write_json(path, {"pending": [asdict(e) for e in entries]})
 
 
-def add(stage: str, pipeline_key: str, uri: str, error: str, path: Path = PENDING_FILE) -> None:
-    """Record that ``stage`` of pipeline ``pipeline_key`` is still to be logged."""
+def add(
+    stage: str,
+    pipeline_key: str,
+    uri: str,
+    error: str,
+    path: Path = PENDING_FILE,
+    *,
+    replay: bool = True,
+) -> None:
+    """Record that ``stage`` of pipeline ``pipeline_key`` is still to be logged (``replay``:
+    by the next tracked stage; else only by sync)."""
     since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     kept = [e for e in read(path) if (e.stage, e.pipeline_key) != (stage, pipeline_key)]
-    _write([*kept, Entry(stage, pipeline_key, uri, error, since)], path)
+    entry = Entry(stage, pipeline_key, redact(uri), redact(error), since, replay)
+    _write([*kept, entry], path)
 
 
 def remove(done: list[Entry], path: Path = PENDING_FILE) -> None:

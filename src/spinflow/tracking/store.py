@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import socket
 from pathlib import Path
 
@@ -89,23 +90,65 @@ def pipeline_key(params: Params) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
+# a URL's scheme and authority: the user information, if any, ends at the authority's last @
+_AUTHORITY = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)(?P<authority>[^/\s?#'\"]+)")
+# environment variables through which MLflow's client reads credentials
+SECRET_VARIABLES = ("MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
+HIDDEN = "***"
+
+
+def _hide_user_info(match: re.Match[str]) -> str:
+    user_info, at, host = match.group("authority").rpartition("@")
+    if not at:
+        return match.group(0)
+    user, colon, _ = user_info.partition(":")
+    # a user name alone may be a token (https://<token>@host)
+    shown = f"{user}:{HIDDEN}" if colon else HIDDEN
+    return f"{match.group('scheme')}{shown}@{host}"
+
+
+def redact(text: str) -> str:
+    """``text`` without secrets: the password in every URL (``http://alice:***@host:port``),
+    a user name alone in a URL (it may be a token), and the values of MLFLOW_TRACKING_PASSWORD
+    and MLFLOW_TRACKING_TOKEN. Whatever tracking prints, logs or writes goes through it."""
+    text = _AUTHORITY.sub(_hide_user_info, text)
+    for name in SECRET_VARIABLES:
+        secret = os.environ.get(name, "")
+        if len(secret) >= 4:  # a shorter value would hide ordinary text
+            text = text.replace(secret, HIDDEN)
+    return text
+
+
+def health_url(uri: str) -> str:
+    """The server's ``/health`` endpoint: ``uri`` without its user information (which Python's
+    HTTP client would take for part of the host name) and without a query."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(uri)
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit((parts.scheme, host, parts.path.rstrip("/") + "/health", "", ""))
+
+
 def check_reachable(uri: str, timeout: float = 10.0) -> None:
-    """Raise TrackingError when an http(s) tracking server does not answer at all."""
+    """Raise TrackingError when an http(s) tracking server does not answer at all.
+
+    ``/health`` needs no credentials; MLflow's client sends those of the URI or of
+    MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD / MLFLOW_TRACKING_TOKEN."""
     if not uri.startswith(("http://", "https://")):
         return
     import urllib.error
     import urllib.request
 
     try:
-        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout):
+        with urllib.request.urlopen(health_url(uri), timeout=timeout):
             pass
     except urllib.error.HTTPError:
         return  # something answered; authentication or routing is MLflow's business
-    except (urllib.error.URLError, OSError) as exc:
+    except (urllib.error.URLError, OSError, ValueError) as exc:
         reason = getattr(exc, "reason", None) or exc
         raise TrackingError(
-            f"MLflow tracking server {uri} is unreachable ({reason}); start it, point "
-            "MLFLOW_TRACKING_URI at a running server, or set tracking.enabled: false"
+            f"MLflow tracking server {redact(uri)} is unreachable ({redact(str(reason))}); start "
+            "it, point MLFLOW_TRACKING_URI at a running server, or set tracking.enabled: false"
         ) from None
 
 
