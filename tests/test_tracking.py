@@ -476,3 +476,60 @@ def test_tracking_knows_nothing_of_recipes():
                 continue
             for name in names:
                 assert not name.startswith(("spinflow.recipes", "spinflow.runner")), (path, name)
+
+
+def test_samples_tables_are_capped_in_bytes():
+    """A huge answer (here 2 MB of two-byte characters) is cut with a marker; rows stop at the
+    table's size, as stored."""
+    import pandas as pd
+
+    from spinflow.tracking.runs import CELL_BYTES, TABLE_BYTES, sample_table, stored_size
+
+    huge = "é" * 1_000_000
+    long = "x/" * 20_000
+    rows = [
+        {"prompt": "2 + 2?", "real": "4", "generated": huge, "task": "addition"},
+        *({"prompt": long, "real": long, "generated": long, "task": "t"} for _ in range(200)),
+    ]
+    table = sample_table(rows)
+    assert table["prompt"][0] == "2 + 2?" and table["real"][0] == "4"
+    assert table["generated"][0].startswith("éé")
+    assert table["generated"][0].endswith("[… cut: 1000000 characters in all]")
+    assert all(stored_size(cell) <= CELL_BYTES for column in table.values() for cell in column)
+    assert 1 < len(table["prompt"]) < len(rows)
+    stored = pd.DataFrame(table).to_json(orient="split", index=False)  # as log_table writes it
+    assert TABLE_BYTES / 2 < len(stored.encode()) <= TABLE_BYTES + 1024
+    small = [{"prompt": "p", "real": "r", "generated": "g"}]
+    assert sample_table(small) == {"prompt": ["p"], "real": ["r"], "generated": ["g"], "task": [""]}
+
+
+def test_a_rerun_that_skips_the_report_leaves_no_pipeline_run_running(tracked, monkeypatch):
+    """Another generate.batch_size: the generated folders' provenance changes, not their pairs,
+    so DVC re-runs generate_iter_k and train_iter_k (the same checkpoints come out) and skips
+    every other stage, the report included. The new pipeline's run is not left RUNNING; sync
+    attaches the report to it."""
+    client, params = tracked.client, tracked.params
+    monkeypatch.chdir(tracked.root)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracked.uri)
+    generate = params.generate.model_copy(update={"batch_size": 3})
+    changed = params.model_copy(update={"generate": generate})
+    try:
+        for k in range(ITERATIONS):
+            execute(changed, f"generate_iter_{k}", spin.generate)
+            execute(changed, f"train_iter_{k}", spin.train)
+        runs = pipeline_runs(client, changed)
+        assert {name: run.info.status for name, run in runs.items()} == {
+            "pipeline": "FINISHED",
+            "iter_0": "FINISHED",
+            "iter_1": "FINISHED",
+        }
+        parent = runs["pipeline"].info.run_id
+        assert not client.list_artifacts(parent, "report")
+        tracking.sync(changed)
+        runs = pipeline_runs(client, changed)
+        assert runs["pipeline"].info.run_id == parent
+        assert runs["pipeline"].info.status == "FINISHED"
+        assert "report/results.md" in {f.path for f in client.list_artifacts(parent, "report")}
+    finally:
+        for k in range(ITERATIONS):
+            execute(params, f"generate_iter_{k}", spin.generate)

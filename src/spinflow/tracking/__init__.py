@@ -25,7 +25,11 @@ metric against the iteration; ``sft_extra/<metric>`` sits at step N (the baselin
 as many steps as all N iterations). Children are nested through the ``mlflow.parentRunId`` tag.
 Training metrics are ``train/<key>`` stepped by optimizer step (from the training stage's steps
 CSV), evaluation metrics ``eval/<key>``, run summaries ``train_summary/<key>``; ``samples/*.json``
-are tables of (prompt, real, generated, task).
+are tables of (prompt, real, generated, task), each text cut to 8 KiB and each table to 1 MiB.
+
+A run is RUNNING while a stage process writes into it and FINISHED once that stage has logged,
+the pipeline run too: DVC skips the report stage when its inputs are unchanged, so no stage may
+come after to finish it. The report stage, and ``sync``, attach the report on disk to it.
 
 Stages are separate processes (and may run in a temporary DVC workspace), so nothing is kept
 between them: runs are found again with ``search_runs`` by their tags, ``spinflow.pipeline_key``

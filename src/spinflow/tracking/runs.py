@@ -73,6 +73,10 @@ EXPERIMENT_NOTE = (
     "iter_k runs and press Compare to put iterations side by side."
 )
 SAMPLE_COLUMNS = ("prompt", "real", "generated", "task")
+# A samples table is an artifact the UI loads whole: each text is cut to CELL_BYTES and rows stop
+# at TABLE_BYTES (as stored: JSON, non-ASCII characters escaped), whatever the answers' length.
+CELL_BYTES = 8 * 1024
+TABLE_BYTES = 1024 * 1024
 
 
 # ---------------------------------------------------------------------------------------------
@@ -156,6 +160,39 @@ def steps_from_csv(path: Path | None) -> list[dict[str, float]]:
                     continue
             rows.append(parsed)
     return rows
+
+
+def stored_size(text: str) -> int:
+    """Bytes ``text`` takes in a table artifact (pandas' JSON: non-ASCII and ``/`` escaped)."""
+    return len(json.dumps(text)) + text.count("/")
+
+
+def clip(text: str, limit: int = CELL_BYTES) -> str:
+    """``text`` within ``limit`` stored bytes: its start and a marker saying how long it was."""
+    if len(text) <= limit and stored_size(text) <= limit:
+        return text
+    marker = f" [… cut: {len(text)} characters in all]"
+    budget = limit - stored_size(marker)
+    keep = min(len(text), budget)
+    while keep > 0 and (size := stored_size(text[:keep])) > budget:
+        keep = min(keep - 1, keep * budget // size)
+    return text[: max(keep, 0)] + marker
+
+
+def sample_table(rows: Iterable[dict], limit: int = TABLE_BYTES) -> dict[str, list[str]]:
+    """The samples table of ``rows``: every cell clipped, rows kept while the table stays
+    within ``limit`` stored bytes."""
+    table: dict[str, list[str]] = {c: [] for c in SAMPLE_COLUMNS}
+    used = 0
+    for row in rows:
+        cells = [clip(str(row.get(c, ""))) for c in SAMPLE_COLUMNS]
+        size = sum(map(stored_size, cells))
+        if used + size > limit:
+            break
+        used += size
+        for column, cell in zip(SAMPLE_COLUMNS, cells, strict=True):
+            table[column].append(cell)
+    return table
 
 
 def training_stage(model: Model) -> str | None:
@@ -242,29 +279,40 @@ class Tracker:
     def parent_id(self) -> str:
         if self._parent_id is None:
             run = self._find_or_create(PIPELINE, self._parent_name(), None, self._parent_tags())
-            self._claim(run)
+            self._claim(run, finished=True)
             self._log_params(run, flatten(self.params.model_dump(mode="json")))
             self._parent_id = run.info.run_id
         return self._parent_id
 
     # -- crashes: who writes a run ---------------------------------------------------------------
 
-    def _claim(self, run) -> None:
-        """Tag ``run`` as written by this process; a run a crash left FAILED is resumed."""
+    def _claim(self, run, *, finished: bool = False) -> None:
+        """Tag ``run`` as written by this process; a run a crash left FAILED is resumed, and so
+        is a FINISHED one when ``finished`` (the pipeline run, which :meth:`release` finishes)."""
         run_id = run.info.run_id
         if run.data.tags.get(TAG_WRITER) != self.writer:
             self.client.set_tag(run_id, TAG_WRITER, self.writer)
         if run.info.status in ("FAILED", "KILLED"):
             self.client.update_run(run_id, status="RUNNING")
             log.info("MLflow run %s (%s) resumed", run_id, run.info.run_name)
+        elif finished and run.info.status == "FINISHED":
+            self.client.update_run(run_id, status="RUNNING")
 
     def release(self) -> None:
-        """The stage's logging is complete: the pipeline run is no longer being written (child
-        runs were finished as they were logged)."""
+        """The stage's logging is complete: the pipeline run is no longer being written, and is
+        FINISHED until a later stage writes into it again (child runs were finished as they were
+        logged).
+
+        A pipeline run is RUNNING only while a stage process writes into it: DVC skips the
+        report stage when its inputs are unchanged (a re-run whose stages all reproduced the
+        same outputs), so no later stage may come to finish it.
+        """
         if self._parent_id is not None:
-            tags = self.client.get_run(self._parent_id).data.tags
-            if tags.get(TAG_WRITER) == self.writer:
+            run = self.client.get_run(self._parent_id)
+            if run.data.tags.get(TAG_WRITER) == self.writer:
                 self.client.delete_tag(self._parent_id, TAG_WRITER)
+            if run.info.status == "RUNNING":
+                self.client.set_terminated(self._parent_id)
 
     def recover(self) -> None:
         """Runs left RUNNING by a stage process that has ended become FAILED; logged models
@@ -358,7 +406,8 @@ class Tracker:
         self.client.log_batch(run.info.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
 
     def _table(self, run_id: str, source: Path, artifact_file: str) -> None:
-        """The first ``tracking.table_rows`` records of a JSONL file as an MLflow table, once."""
+        """The first ``tracking.table_rows`` records of a JSONL file as an MLflow table, once;
+        long texts cut (:func:`sample_table`)."""
         limit = self.params.tracking.table_rows
         if limit == 0 or not source.is_file():
             return
@@ -372,8 +421,16 @@ class Tracker:
                     break
                 if line.strip():
                     rows.append(json.loads(line))
-        if rows:
-            data = {c: [str(r.get(c, "")) for r in rows] for c in SAMPLE_COLUMNS}
+        data = sample_table(rows)
+        if len(data[SAMPLE_COLUMNS[0]]) < len(rows):
+            log.info(
+                "%s: %d of %d rows fit in %d bytes",
+                artifact_file,
+                len(data[SAMPLE_COLUMNS[0]]),
+                len(rows),
+                TABLE_BYTES,
+            )
+        if data[SAMPLE_COLUMNS[0]]:
             self.client.log_table(run_id, data=data, artifact_file=artifact_file)
 
     def _model_hash(self, directory: Path) -> str | None:
