@@ -256,6 +256,75 @@ def test_the_same_key_in_two_sections_is_fine(tmp_path):
     assert load_params(path) == Params()
 
 
+@pytest.mark.parametrize(
+    ("path", "value", "says"),
+    [
+        ("seed", 1180591620717411303424, "must be in 0..9223372036854775807"),
+        ("seed", -1, "torch takes 64-bit seeds"),
+        ("data.seed", 2**63, "torch takes 64-bit seeds"),
+        ("generate.max_new_tokens", 1_000_000_000, "at most 32768 tokens: the continuous engine"),
+        ("eval.max_new_tokens", 32769, "at most 32768 tokens"),
+        ("autoif.max_new_tokens", 10**6, "at most 32768 tokens"),
+        ("autoif.supervisor_max_new_tokens", 10**6, "at most 32768 tokens"),
+        ("spin.train.lora.target_modules", [], "must name the modules that get adapters"),
+        ("sft.lora.target_modules", [" "], "must name the modules that get adapters"),
+        ("tracking.registered_model", "a/b:c", "MLflow refuses / and :"),
+        ("tracking.registered_model", " ", "MLflow refuses an empty registered model name"),
+        ("tracking.registered_model", "..", "MLflow refuses a name that reads as another"),
+        ("tracking.experiment", "", "MLflow refuses an empty experiment name"),
+        ("tracking.experiment", "x" * 501, "MLflow takes at most 500 characters"),
+    ],
+)
+def test_values_that_fail_later_are_refused_up_front(path, value, says):
+    message = _error(_with(path, value))
+    assert f"'{path}' = {value!r}: " in message and says in message, message
+
+
+def test_the_bounds_themselves_are_valid():
+    params = validate_params(_with("seed", 2**63 - 1))
+    assert params.seed == 2**63 - 1
+    assert validate_params(_with("generate.max_new_tokens", 32768)).generate.max_new_tokens == 32768
+    lora = {"enabled": True, "target_modules": ["q_proj"]}
+    assert validate_params(_with("sft.lora", lora)).sft.lora.target_modules == ["q_proj"]
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["spinflow-spin", "my model", "a/b:c", "a:b", "", " ", ".", "..", "..x", "x..", "x" * 501],
+)
+def test_tracking_names_follow_mlflows_own_rules(name):
+    from mlflow.exceptions import MlflowException
+    from mlflow.utils.validation import _validate_experiment_name, _validate_model_name
+
+    for key, check in (
+        ("tracking.experiment", _validate_experiment_name),
+        ("tracking.registered_model", _validate_model_name),
+    ):
+        try:
+            check(name)
+            mlflow_takes = True
+        except MlflowException:
+            mlflow_takes = False
+        try:
+            validate_params(_with(key, name))
+            we_take = True
+        except ConfigError:
+            we_take = False
+        assert we_take == mlflow_takes, (key, name)
+
+
+def test_builtin_data_sizes_are_bounded():
+    message = _error(_with("data.num_sft", 1_000_000_000))
+    assert "'data': data.num_sft (1000000000) + data.num_val (16) + data.num_test (48)" in message
+    assert "data.source: builtin makes at most 100000" in message
+    assert message.endswith("lower data.num_sft")
+    disjoint = _error(_nested("data", {"pool": "disjoint", "num_pool": 100_000}))
+    assert "data.num_pool (100000)" in disjoint and disjoint.endswith("lower data.num_pool")
+    validate_params(_nested("data", {"num_sft": 90_000, "num_val": 9_000, "num_test": 1_000}))
+    # a file or a dataset: its reader counts what it holds
+    validate_params(_nested("data", {"source": "chat.jsonl", "num_sft": 1_000_000_000}))
+
+
 def test_boolean_is_not_an_integer():
     message = _error(_with("spin.iterations", True))
     assert "'spin.iterations' = True" in message

@@ -80,6 +80,31 @@ def test_each_file_problem_is_one_line(project, sections, message):
     assert str(info.value) == message.format(root=project.resolve())
 
 
+@pytest.mark.parametrize("key", ["spin.accelerate_config", "generate.accelerate_config"])
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        (None, "file not found"),
+        ("# SPIN\n\nA README, not a config.\n", "not an accelerate config (a YAML mapping with"),
+        ("compute_environment: LOCAL_MACHINE\n", "not an accelerate config (a YAML mapping with"),
+        ("a: [1\n", "not an accelerate config (invalid YAML: "),
+        (b"\xff\xfe", "not an accelerate config (not UTF-8 text)"),
+    ],
+)
+def test_an_accelerate_config_must_be_one(project, key, text, problem):
+    path = project / "launch.yaml"
+    if isinstance(text, bytes):
+        path.write_bytes(text)
+    elif text is not None:
+        path.write_text(text, encoding="utf-8")
+    section, name = key.split(".")
+    with pytest.raises(ConfigError) as info:
+        check_references(_params(**{section: {name: "launch.yaml"}}))
+    message = str(info.value)
+    assert message.startswith(f"{key}: launch.yaml: {problem}"), message
+    assert "\n" not in message and "configs/accelerate/" in message
+
+
 def test_hub_ids_and_existing_files_pass(project):
     (project / "configs").mkdir()
     (project / "configs" / "ddp.yaml").write_text("distributed_type: MULTI_GPU\n")
@@ -87,6 +112,7 @@ def test_hub_ids_and_existing_files_pass(project):
     check_references(
         _params(
             spin={"accelerate_config": "configs/ddp.yaml"},
+            generate={"accelerate_config": str(REPO / "configs/accelerate/cpu_2proc.yaml")},
             data={"source": "chat.jsonl"},
             model={"source": "alignment-handbook/zephyr-7b-sft-full"},
         )

@@ -7,6 +7,7 @@ Defaults here are the embedded default a newcomer runs on a laptop CPU.
 
 from __future__ import annotations
 
+import posixpath
 import re
 import types
 import typing
@@ -17,6 +18,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     Strict,
@@ -41,6 +43,43 @@ class Section(BaseModel):
 PositiveInt = Annotated[int, Strict(), Field(gt=0)]
 NonNegativeInt = Annotated[int, Strict(), Field(ge=0)]
 Probability = Annotated[float, Field(ge=0.0, le=1.0)]
+
+# torch seeds its generators with 64-bit integers: a larger seed overflows when a stage starts
+MAX_SEED = 2**63 - 1
+
+
+def _within_seeds(value: Any) -> Any:
+    if isinstance(value, int) and not isinstance(value, bool) and not 0 <= value <= MAX_SEED:
+        raise ValueError(f"must be in 0..{MAX_SEED} (2**63 - 1): torch takes 64-bit seeds")
+    return value
+
+
+Seed = Annotated[int, Field(ge=0, le=MAX_SEED), BeforeValidator(_within_seeds)]
+
+# The continuous engine allocates every decoding slot's key-value cache for the prompt plus this
+# many new tokens before it starts; no model the pipeline runs reads further
+MAX_NEW_TOKENS = 32768
+
+
+def _within_new_tokens(value: Any) -> Any:
+    if isinstance(value, int) and not isinstance(value, bool) and value > MAX_NEW_TOKENS:
+        raise ValueError(
+            f"at most {MAX_NEW_TOKENS} tokens: the continuous engine allocates every decoding "
+            "slot's key-value cache for the prompt plus this many tokens before it starts"
+        )
+    return value
+
+
+NewTokens = Annotated[
+    int, Strict(), Field(gt=0, le=MAX_NEW_TOKENS), BeforeValidator(_within_new_tokens)
+]
+
+# The built-in tasks' unique prompts, generated in seconds; beyond, most task families have run
+# out of new prompts (each is dropped after 1000 draws without one) and the rest take minutes
+MAX_BUILTIN_EXAMPLES = 100_000
+
+# MLflow's own limits on names (mlflow.utils.validation), checked before any stage works
+MAX_EXPERIMENT_NAME = 500
 
 
 class ModelParams(Section):
@@ -92,7 +131,7 @@ class DataParams(Section):
         ),
     )
     num_test: PositiveInt = Field(48, description="Held-out test examples")
-    seed: int = Field(1234, description="Seed for building / sampling the data")
+    seed: Seed = Field(1234, description="Seed for building / sampling the data")
 
     @model_validator(mode="after")
     def _pool_fits(self) -> DataParams:
@@ -101,6 +140,18 @@ class DataParams(Section):
                 f"data.num_pool ({self.num_pool}) is larger than data.num_sft ({self.num_sft}), "
                 "but data.pool: sft draws the pool from the SFT split; lower data.num_pool, "
                 "raise data.num_sft or set data.pool: disjoint"
+            )
+        sizes = {"num_sft": self.num_sft, "num_val": self.num_val, "num_test": self.num_test}
+        if self.pool == "disjoint":
+            sizes["num_pool"] = self.num_pool
+        total = sum(sizes.values())
+        if self.source == "builtin" and total > MAX_BUILTIN_EXAMPLES:
+            largest = max(sizes, key=sizes.__getitem__)
+            raise ValueError(
+                " + ".join(f"data.{k} ({v})" for k, v in sizes.items() if v)
+                + f" = {total} examples, but data.source: builtin makes at most "
+                f"{MAX_BUILTIN_EXAMPLES} (past that most of its task families have no new "
+                f"prompts left and generating takes minutes); lower data.{largest}"
             )
         return self
 
@@ -124,6 +175,16 @@ class LoraParams(Section):
         ],
         description="Module names that get adapters",
     )
+
+    @field_validator("target_modules")
+    @classmethod
+    def _names_modules(cls, value: list[str]) -> list[str]:
+        if not value or not all(name.strip() for name in value):
+            raise ValueError(
+                "must name the modules that get adapters (for example [q_proj, v_proj]); with "
+                "none LoRA trains nothing: set lora.enabled: false to train all weights"
+            )
+        return value
 
 
 class OptimParams(Section):
@@ -230,7 +291,7 @@ class GenerateParams(Section):
         1.0, description="Sampling temperature for θk's answers (0: greedy)"
     )
     top_p: Annotated[float, Field(gt=0.0, le=1.0)] = Field(1.0, description="Nucleus sampling mass")
-    max_new_tokens: PositiveInt = Field(128, description="Longest generated answer, in tokens")
+    max_new_tokens: NewTokens = Field(128, description="Longest generated answer, in tokens")
     batch_size: PositiveInt = Field(
         32, description="Prompts per generation batch (continuous engine: prompts decoding at once)"
     )
@@ -474,7 +535,7 @@ class AutoifParams(Section):
         0.8, description="Sampling temperature (paper: 0.8)"
     )
     top_p: Annotated[float, Field(gt=0.0, le=1.0)] = Field(1.0, description="Nucleus sampling mass")
-    max_new_tokens: PositiveInt = Field(
+    max_new_tokens: NewTokens = Field(
         64, description="Longest sampled and evaluated response, in tokens"
     )
     chosen_min: Probability = Field(
@@ -502,7 +563,7 @@ class AutoifParams(Section):
     supervisor_attempts: PositiveInt = Field(
         3, description="Functions with cases the supervisor writes per new instruction"
     )
-    supervisor_max_new_tokens: PositiveInt = Field(
+    supervisor_max_new_tokens: NewTokens = Field(
         256, description="Longest supervisor answer, in tokens"
     )
     train: SpinTrainParams = Field(default_factory=SpinTrainParams)
@@ -510,7 +571,7 @@ class AutoifParams(Section):
 
 class EvalParams(Section):
     batch_size: PositiveInt = Field(16, description="Examples per evaluation batch")
-    max_new_tokens: PositiveInt = Field(32, description="Longest greedy answer, in tokens")
+    max_new_tokens: NewTokens = Field(32, description="Longest greedy answer, in tokens")
     num_samples: NonNegativeInt = Field(16, description="Sample answers kept for inspection")
     lm_eval: LmEvalParams = Field(default_factory=LmEvalParams)
 
@@ -537,9 +598,36 @@ class TrackingParams(Section):
         ),
     )
 
+    @field_validator("experiment")
+    @classmethod
+    def _experiment_name(cls, value: str) -> str:
+        if not value:
+            raise ValueError("MLflow refuses an empty experiment name")
+        if len(value) > MAX_EXPERIMENT_NAME:
+            raise ValueError(f"MLflow takes at most {MAX_EXPERIMENT_NAME} characters")
+        return value
+
+    @field_validator("registered_model")
+    @classmethod
+    def _registered_model_name(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("MLflow refuses an empty registered model name")
+        if "/" in value or ":" in value:
+            raise ValueError(
+                "MLflow refuses / and : in a registered model name (they separate the parts of "
+                "models:/<name>@<alias>)"
+            )
+        path = posixpath.normpath(value)
+        if path != value or path == "." or path.startswith(".."):
+            raise ValueError(
+                "MLflow refuses a name that reads as another one, or as a parent folder, when "
+                "taken for a path"
+            )
+        return value
+
 
 class Params(Section):
-    seed: int = Field(42, description="Seed for training and generation")
+    seed: Seed = Field(42, description="Seed for training and generation")
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto",
         description="Where every stage runs its models: auto (this process's GPU when CUDA is "

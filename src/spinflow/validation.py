@@ -4,9 +4,10 @@ The schema (:mod:`spinflow.config`) checks every key and value of params.yaml wh
 loaded. What it cannot see is checked here:
 
 - :func:`check_references`: the files params.yaml names exist and are what they should be
-  (``spin.accelerate_config`` a file, a local ``data.source`` a file, not a directory, a local
-  ``model.source`` present), and the lm-evaluation-harness tasks ``eval.lm_eval.tasks`` names
-  are known to the harness (or to ``eval.lm_eval.include_path``);
+  (``spin.accelerate_config`` and ``generate.accelerate_config`` accelerate config files, a
+  local ``data.source`` a file, not a directory, a local ``model.source`` present), and the
+  lm-evaluation-harness tasks ``eval.lm_eval.tasks`` names are known to the harness (or to
+  ``eval.lm_eval.include_path``);
 - :func:`check_dvc_keys`: params.yaml itself holds every key a stage of dvc.yaml lists (DVC
   reads them from the file, not from the schema's defaults).
 
@@ -21,6 +22,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from spinflow.config import PARAMS_FILE, Params, read_params_file
 from spinflow.errors import ConfigError
 from spinflow.graph import Graph, build
@@ -29,19 +32,40 @@ from spinflow.harness import check_tasks
 log = logging.getLogger(__name__)
 
 KEYWORD_SOURCES = ("embedded", "tiny", "builtin")
+ACCELERATE_KEYS = {
+    "spin.accelerate_config": "training",
+    "generate.accelerate_config": "generation",
+}
 
 
-def _accelerate_problem(config: str | None) -> str | None:
+def _accelerate_problem(key: str, config: str | None) -> str | None:
+    """Why the accelerate config at ``key`` cannot be launched with, or None: it must be a
+    YAML mapping with a ``distributed_type``, as ``accelerate config`` writes."""
     if not config:
         return None
     path = Path(config).expanduser()
-    if path.is_file():
-        return None
-    what = "is a directory, not a file" if path.is_dir() else "file not found"
-    return (
-        f"spin.accelerate_config: {config}: {what} (ready-made ones are in configs/accelerate/; "
-        "null runs training in one process)"
+    hint = (
+        f"(ready-made ones are in configs/accelerate/; null runs {ACCELERATE_KEYS[key]} in one "
+        "process)"
     )
+    if not path.is_file():
+        what = "is a directory, not a file" if path.is_dir() else "file not found"
+        return f"{key}: {config}: {what} {hint}"
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        return f"{key}: {config}: not an accelerate config (not UTF-8 text) {hint}"
+    except OSError as exc:
+        return f"{key}: {config}: cannot be read ({exc.strerror or exc})"
+    except yaml.YAMLError as exc:
+        problem = getattr(exc, "problem", None) or "unparsable"
+        return f"{key}: {config}: not an accelerate config (invalid YAML: {problem}) {hint}"
+    if not isinstance(data, dict) or "distributed_type" not in data:
+        return (
+            f"{key}: {config}: not an accelerate config (a YAML mapping with a distributed_type "
+            f"key, as `accelerate config` writes) {hint}"
+        )
+    return None
 
 
 def _data_problem(source: str) -> str | None:
@@ -85,7 +109,7 @@ def _model_problem(source: str, gguf_file: str | None) -> str | None:
 def check_references(params: Params) -> None:
     """The files params.yaml names: one ConfigError line for the first problem."""
     for problem in (
-        _accelerate_problem(params.spin.accelerate_config),
+        *(_accelerate_problem(key, params.value(key)) for key in ACCELERATE_KEYS),
         _data_problem(params.data.source),
         _model_problem(params.model.source, params.model.gguf_file),
     ):
