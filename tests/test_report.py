@@ -202,3 +202,36 @@ def test_bootstrap_interval_brackets_the_mean_and_is_reproducible():
     assert bootstrap_interval([0.5, 0.5]) == (0.5, 0.5)
     with pytest.raises(ValueError):
         bootstrap_interval([])
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ('{"model": "sft", "exact_', "not valid JSON (Unterminated string starting at line 1"),
+        ("", "not valid JSON (Expecting value at line 1, column 1; the file is damaged)"),
+        ("[0.25]", "holds JSON list, not an object (the file is damaged)"),
+    ],
+)
+def test_a_damaged_metrics_file_names_itself_and_its_stage(
+    report, tmp_path, monkeypatch, capsys, text, problem
+):
+    import yaml
+
+    from spinflow.recipes.evaluate import report as report_stage
+    from spinflow.runner import run_stage
+
+    graph, _ = report
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+    raw = {
+        "spin": {"iterations": 2},
+        "sft_extra": {"enabled": True, "compute": False},
+        "tracking": {"enabled": False},
+    }
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw), encoding="utf-8")
+    graph.evaluation("sft").metrics.write_text(text, encoding="utf-8")
+    with pytest.raises(SystemExit):
+        run_stage("report", report_stage, ["report"])
+    error = capsys.readouterr().err
+    assert error.startswith(f"error: report: metrics/eval_sft.json: {problem}"), error
+    assert "it is an output of stage 'eval_sft'" in error
+    assert "`dvc repro --force --single-item eval_sft`" in error and error.count("\n") == 1

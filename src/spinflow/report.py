@@ -9,11 +9,13 @@ instruction-following accuracy (with intervals) and what each AutoIF filter kept
 from __future__ import annotations
 
 import csv
+import json
 import random
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from spinflow.errors import DataError
 from spinflow.graph import (
     AUTOIF,
     DATA_DIR,
@@ -39,6 +41,30 @@ COLUMNS = [
 CHART_METRICS = ["verifier_pass_rate", "exact_match", "answer_logprob_per_token"]
 
 
+def read_output(path: Path) -> dict[str, Any]:
+    """A JSON object another stage wrote. A damaged file stops with one line naming it (the
+    stage runner adds which stage restores or re-makes it)."""
+    try:
+        data = read_json(path)
+    except FileNotFoundError:
+        raise DataError(f"{path}: missing", path=path) from None
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: not UTF-8 text (the file is damaged)", path=path) from None
+    except json.JSONDecodeError as exc:
+        problem = exc.msg.removesuffix(" at")  # "Unterminated string starting at"
+        raise DataError(
+            f"{path}: not valid JSON ({problem} at line {exc.lineno}, column {exc.colno}; the "
+            "file is damaged)",
+            path=path,
+        ) from None
+    if not isinstance(data, dict):
+        raise DataError(
+            f"{path}: holds JSON {type(data).__name__}, not an object (the file is damaged)",
+            path=path,
+        )
+    return data
+
+
 def collect(graph: Graph) -> list[dict[str, Any]]:
     """One row per evaluated model, in graph order: θ0, θ1 … θN, then the baselines.
 
@@ -50,7 +76,7 @@ def collect(graph: Graph) -> list[dict[str, Any]]:
             "iteration": model.index,
             "role": model.role,
             "generations": evaluation.generations,
-            **read_json(evaluation.metrics),
+            **read_output(evaluation.metrics),
         }
         for model, evaluation in graph.evaluated()
         if evaluation.kind == "test"
@@ -277,7 +303,7 @@ def training_section(graph: Graph) -> list[str]:
     """What each model cost to train, and θ0's validation curve."""
     rows = ["| model | optimizer steps | token passes (compute) |", "|---|---:|---:|"]
     summaries = {
-        name: read_json(model.train_metrics)
+        name: read_output(model.train_metrics)
         for name, model in graph.models.items()
         if model.train_metrics is not None and model.train_metrics.is_file()
     }
@@ -326,8 +352,8 @@ def _lobass_scores() -> list[dict[str, Any]]:
 
 
 def lobass_section() -> list[str]:
-    scored = read_json(METRICS_DIR / "lobass_score.json")
-    selected = read_json(METRICS_DIR / "lobass_select.json")
+    scored = read_output(METRICS_DIR / "lobass_score.json")
+    selected = read_output(METRICS_DIR / "lobass_select.json")
     return [
         "## LoBaSS selection",
         "",
@@ -358,7 +384,7 @@ def write_score_histogram(path: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = _lobass_scores()
-    size = read_json(METRICS_DIR / "lobass_select.json")["selected"]
+    size = read_output(METRICS_DIR / "lobass_select.json")["selected"]
     chosen = [r["score"] for r in rows if r["rank"] <= size]
     rest = [r["score"] for r in rows if r["rank"] > size]
     fig, ax = plt.subplots(figsize=(6, 3.4))
@@ -390,9 +416,9 @@ def autoif_section(graph: Graph) -> list[str]:
             cells.append(f"{sum(values) / len(values):.3f} [{low:.3f}, {high:.3f}]")
         label = f"{model.label}, before AutoIF" if model.index == 0 else model.label
         rows.append(f"| {label} | " + " | ".join(cells) + f" | {len(prompt)} |")
-    made = read_json(train_metrics("autoif_instructions"))
-    verified = read_json(train_metrics("autoif_verify"))
-    queries = read_json(train_metrics("autoif_queries"))
+    made = read_output(train_metrics("autoif_instructions"))
+    verified = read_output(train_metrics("autoif_verify"))
+    queries = read_output(train_metrics("autoif_queries"))
     text = [
         "## AutoIF: held-out instruction following",
         "",
@@ -423,7 +449,7 @@ def autoif_section(graph: Graph) -> list[str]:
     calls = [f"autoif_verify {verified['sandbox_calls_per_second']:.0f}"]
     k = 0
     while f"autoif_sample_iter_{k}" in graph.stages:
-        sampled = read_json(train_metrics(f"autoif_sample_iter_{k}"))
+        sampled = read_output(train_metrics(f"autoif_sample_iter_{k}"))
         text.append(
             f"| autoif_sample_iter_{k}: samples passing all functions (SFT data) / pairs | "
             f"{sampled['samples_passing_all']} of {sampled['samples']} samples / "
@@ -449,7 +475,7 @@ def _with_spin_rows(graph: Graph) -> list[str]:
         model = graph.model(name)
         if not model.train_metrics.is_file():
             continue
-        trained = read_json(model.train_metrics)
+        trained = read_output(model.train_metrics)
         rows.append(
             f"| {model.stage}: SPIN answers to AutoIF queries passing their functions / pairs "
             f"trained, SPIN + AutoIF | {trained['instruction_generated_passing']} of "
@@ -465,7 +491,7 @@ def _reasons(counts: dict[str, int]) -> str:
 
 
 def _supervisor_row() -> list[str]:
-    written = read_json(train_metrics("autoif_supervise"))
+    written = read_output(train_metrics("autoif_supervise"))
     return [
         f"| autoif_supervise: supervisor answers parsed | {written['instructions_written']} new "
         f"instructions, {written['functions_parsed']} of {written['function_answers']} function "
