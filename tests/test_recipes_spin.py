@@ -173,6 +173,22 @@ def test_training_pairs_name_the_stage_that_makes_missing_pairs(tmp_path, monkey
     )
 
 
+@pytest.mark.parametrize("mix_previous", [0, 1])
+def test_training_pairs_call_an_empty_pairs_file_empty(tmp_path, monkeypatch, mix_previous):
+    """Not blamed on spin.feedback_filter, and not trained on the earlier iteration's alone."""
+    from spinflow.errors import DataError
+    from spinflow.graph import pairs_file
+
+    monkeypatch.chdir(tmp_path)
+    _write_pairs(0)
+    pairs_file(1).parent.mkdir(parents=True)
+    pairs_file(1).write_bytes(b"")
+    with pytest.raises(DataError) as err:
+        spin.training_pairs(_params(mix_previous=mix_previous), 1)
+    assert str(err.value) == "generated/iter_1/pairs.jsonl: empty, no pairs (the file is damaged)"
+    assert err.value.path == pairs_file(1)  # the stage runner adds which stage makes it again
+
+
 # ---------------------------------------------------------------------------------------------
 # The feedback filter and the cost of an iteration
 

@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from spinflow import graph as pipeline_graph
 from spinflow.chat import Encoded, collate_shared, encode_example
 from spinflow.config import OptimParams, Params, PromptParams
-from spinflow.errors import SpinflowError
+from spinflow.errors import DataError, SpinflowError
 from spinflow.graph import DATA_DIR, Graph
 from spinflow.io import atomic_path, read_jsonl, write_json, write_jsonl, write_rows_csv
 from spinflow.losses import spin_loss
@@ -105,7 +105,10 @@ def training_pairs(params: Params, k: int, graph: Graph | None = None) -> list[d
     graph = graph or pipeline_graph.build(params)
     pairs: list[dict] = []
     for path in graph.theta(k + 1).pairs:
-        pairs.extend(read_jsonl(require(graph, path), PAIR_KEYS))
+        found = read_jsonl(require(graph, path), PAIR_KEYS)
+        if not found:  # generate writes one pair per pool prompt: the file was emptied
+            raise DataError(f"{path}: empty, no pairs (the file is damaged)", path=path)
+        pairs.extend(found)
     return pairs
 
 
