@@ -364,11 +364,20 @@ def test_only_errors_that_may_pass_are_retried():
         calls.append("unavailable")
         raise MlflowException("down", error_code=TEMPORARILY_UNAVAILABLE)
 
-    with pytest.raises(MlflowException):
-        tracking._with_retries(refused, 30)
+    def too_large():  # a proxy's answer, without MLflow's error code
+        calls.append("too large")
+        raise MlflowException(
+            "API request to endpoint /api/2.0/mlflow-artifacts/artifacts/model.safetensors "
+            "failed with error code 413 != 200. Response body: 'Request Entity Too Large'"
+        )
+
+    for fails in (refused, too_large):
+        with pytest.raises(MlflowException):
+            tracking._with_retries(fails, 30)
     with pytest.raises(MlflowException):
         tracking._with_retries(unavailable, 0.5)
-    assert calls.count("refused") == 1 and calls.count("unavailable") >= 2
+    assert calls.count("refused") == 1 and calls.count("too large") == 1
+    assert calls.count("unavailable") >= 2
 
 
 class RefusingTracker:

@@ -288,11 +288,22 @@ PERMANENT_ERRORS = frozenset(
 )
 
 
+# HTTP statuses of 4xx that a later request may not get: a timeout, a conflict, too many requests
+_PASSING_STATUS = frozenset({408, 409, 425, 429})
+
+
 def permanent(exc: BaseException) -> bool:
     """Whether MLflow refused a request that it will refuse every time (HTTP 401, 403, 404, an
-    invalid value): retrying cannot help."""
+    invalid value; any other 4xx answer without MLflow's error code, from a proxy say):
+    retrying cannot help."""
     code = getattr(exc, "error_code", None)
-    return isinstance(code, str) and code in PERMANENT_ERRORS
+    if isinstance(code, str) and code in PERMANENT_ERRORS:
+        return True
+    status = _HTTP_STATUS.search(str(exc))
+    if status is None:
+        return False
+    number = int(status.group(1) or status.group(2))
+    return 400 <= number < 500 and number not in _PASSING_STATUS
 
 
 @contextlib.contextmanager
