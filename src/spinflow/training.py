@@ -156,13 +156,21 @@ def save_checkpoint(
 ) -> None:
     """Save a plain checkpoint atomically (main process only), with ``files`` (name: JSON
     object, such as provenance.json) written into it before it takes its place."""
+    from torch.distributed.fsdp import FSDPModule
+
     from spinflow.io import atomic_path, write_json
 
     accelerator.wait_for_everyone()
-    state_dict = accelerator.get_state_dict(model)
+    sharded = isinstance(accelerator.unwrap_model(model), FSDPModule)  # FSDP2
+    if sharded:
+        state_dict = _gathered(model.state_dict(), accelerator.is_main_process)
+    else:
+        state_dict = accelerator.get_state_dict(model)
     if accelerator.is_main_process:
         plain = merge_lora(accelerator.unwrap_model(model))
-        if plain is not accelerator.unwrap_model(model):
+        if sharded:
+            plain, state_dict = _unsharded(plain, state_dict), None
+        elif plain is not accelerator.unwrap_model(model):
             state_dict = None  # merged weights live in the module now
         with atomic_path(out_dir, directory=True) as tmp:
             plain.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
@@ -170,6 +178,40 @@ def save_checkpoint(
             for name, obj in (files or {}).items():
                 write_json(tmp / name, obj)
     accelerator.wait_for_everyone()
+
+
+def _gathered(state_dict: dict, keep: bool) -> dict:
+    """Full CPU tensors of an FSDP2 ``state_dict`` whose values may still be sharded (DTensor):
+    every process takes part in each gather, only the one that ``keep``s stores the result."""
+    from torch.distributed.tensor import DTensor
+
+    full = {}
+    for key, value in state_dict.items():
+        if isinstance(value, DTensor):
+            value = value.full_tensor()
+        if keep:
+            full[key] = value.detach().to("cpu")
+    return full
+
+
+def _unsharded(model, state_dict: dict):
+    """A plain copy of an FSDP2 model holding its gathered ``state_dict``: transformers'
+    ``save_pretrained`` reads the model's own (sharded) weights, which on the main process alone
+    would wait forever for the others."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        plain = AutoModelForCausalLM.from_config(model.config)
+    missing, unexpected = plain.load_state_dict(state_dict, strict=False, assign=True)
+    tied = {key for key in missing if key.endswith("lm_head.weight")}
+    if unexpected or set(missing) - tied:
+        raise TrainingError(
+            f"the gathered weights do not fit {type(plain).__name__}: missing "
+            f"{sorted(set(missing) - tied)[:3]}, unexpected {sorted(unexpected)[:3]}"
+        )
+    plain.tie_weights()
+    plain.generation_config = model.generation_config
+    return plain
 
 
 # ---------------------------------------------------------------------------------------------
@@ -253,9 +295,17 @@ def _optimizer_step(accelerator, model, optimizer, window, loss_fn, count, optim
     before clipping (None when clipping is off).
     """
     weights = [count(batch) for batch in window]
-    total = sum(weights) or 1
-    # accelerate divides every loss by gradient_accumulation_steps; undo that and weight instead
-    scales = [w * accelerator.gradient_accumulation_steps / total for w in weights]
+    total = sum(weights)
+    processes = accelerator.num_processes
+    if processes > 1:  # the step's items over every process
+        total = accelerator.reduce(
+            torch.tensor(float(total), device=accelerator.device), reduction="sum"
+        ).item()
+    # accelerate divides every loss by gradient_accumulation_steps, DDP and FSDP average the
+    # processes' gradients: undo both and weight each micro-batch by its share of the step
+    scales = [
+        w * accelerator.gradient_accumulation_steps * processes / (total or 1) for w in weights
+    ]
     row: dict[str, float] = {}
     for i, batch in enumerate(window):
         last = i + 1 == len(window)
@@ -271,8 +321,8 @@ def _optimizer_step(accelerator, model, optimizer, window, loss_fn, count, optim
                 )
             accelerator.backward(loss * scales[i] if scales[i] != 1.0 else loss)
         for key, value in metrics.items():
-            row[key] = row.get(key, 0.0) + value * weights[i] / total
-    if accelerator.num_processes > 1:
+            row[key] = row.get(key, 0.0) + value * weights[i] / (sum(weights) or 1)
+    if processes > 1:
         row = _global_means(accelerator, row, sum(weights))
     grad_norm = None
     if optim.max_grad_norm is not None:
@@ -280,6 +330,21 @@ def _optimizer_step(accelerator, model, optimizer, window, loss_fn, count, optim
     optimizer.step()
     optimizer.zero_grad()
     return row, grad_norm
+
+
+def _seen(accelerator, window: list[dict]) -> tuple[int, int]:
+    """Examples and tokens of one optimizer step, over every process; tokens of the sequences
+    scored (a prompt shared by two answers counts twice)."""
+    examples = sum(batch_rows(batch) for batch in window)
+    tokens = sum(
+        int(batch["tokens"] if "tokens" in batch else batch["attention_mask"].sum())
+        for batch in window
+    )
+    if accelerator.num_processes == 1:
+        return examples, tokens
+    local = torch.tensor([examples, tokens], dtype=torch.int64, device=accelerator.device)
+    examples, tokens = accelerator.reduce(local, reduction="sum").tolist()
+    return int(examples), int(tokens)
 
 
 def _global_means(accelerator, row: dict[str, float], total: float) -> dict[str, float]:
@@ -374,10 +439,11 @@ def train_loop(
     ``loss_fn`` returns a mean over a batch's items: its rows (the default ``items``) or, for a
     per-token loss, what ``items`` counts (:func:`answer_tokens` for the SFT loss). An optimizer
     step over several micro-batches (gradient accumulation) weights each micro-batch's loss by
-    its share of the step's items, so it takes the step one batch of them all would take (per
-    process: with several processes, each process's share is averaged as usual). Each logged
-    row is the same weighted mean of the micro-batches' metrics. A non-finite loss stops
-    training with a TrainingError.
+    its share of the step's items, so it takes the step one batch of them all would take; with
+    several processes the shares are those of the step's items over every process, so N
+    processes take the steps of one process accumulating their N batches. Each logged row is
+    the same weighted mean of the micro-batches' metrics, over every process. A non-finite
+    loss stops training with a TrainingError.
     """
     from transformers import get_scheduler
 
@@ -423,12 +489,9 @@ def train_loop(
                     accelerator, model, optimizer, window, loss_fn, count, optim, where
                 )
                 scheduler.step()
-                for batch in window:
-                    rows = batch_rows(batch)
-                    result.examples_seen += rows * accelerator.num_processes
-                    # tokens of the sequences scored (a prompt shared by two answers counts twice)
-                    tokens = batch["tokens"] if "tokens" in batch else batch["attention_mask"].sum()
-                    result.tokens_seen += int(tokens) * accelerator.num_processes
+                examples, tokens = _seen(accelerator, window)
+                result.examples_seen += examples
+                result.tokens_seen += tokens
                 result.steps += 1
                 row.update(
                     step=result.steps,
