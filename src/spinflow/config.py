@@ -576,6 +576,17 @@ class EvalParams(Section):
     lm_eval: LmEvalParams = Field(default_factory=LmEvalParams)
 
 
+class ResumeParams(Section):
+    """Resumable training state, kept outside the stages' outputs."""
+
+    every_steps: PositiveInt | None = Field(
+        200,
+        description="Save the training state (weights, optimizer, schedule, data position, RNG) "
+        "every N optimizer steps in .spinflow/resume/<stage>/; the same stage run again with the "
+        "same inputs resumes from it (null: never save)",
+    )
+
+
 class TrackingParams(Section):
     enabled: bool = Field(True, description="Log runs and models to MLflow")
     experiment: str = Field("spinflow", description="MLflow experiment name")
@@ -644,6 +655,7 @@ class Params(Section):
     autoif: AutoifParams = Field(default_factory=AutoifParams)
     eval: EvalParams = Field(default_factory=EvalParams)
     tracking: TrackingParams = Field(default_factory=TrackingParams)
+    resume: ResumeParams = Field(default_factory=ResumeParams)
 
     @model_validator(mode="after")
     def _lobass_needs_its_models(self) -> Params:

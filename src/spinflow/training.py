@@ -8,6 +8,7 @@ function and its loss function (:data:`LossFn`); :func:`train_loop` does the res
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import random
 import resource
@@ -26,6 +27,8 @@ from spinflow.chat import Encoded, collate, encode_example
 from spinflow.config import OptimParams, PromptParams
 from spinflow.errors import TrainingError
 from spinflow.logprobs import mean_nll, segment_logps
+
+log = logging.getLogger(__name__)
 
 LossFn = Callable[[torch.nn.Module, dict], tuple[torch.Tensor, dict[str, float]]]
 
@@ -272,6 +275,125 @@ def answer_tokens(batch: dict) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+# Resumable state
+
+RESUME_DIR = Path(".spinflow") / "resume"
+_COMPLETE = "loop.json"  # written last: a state folder without it is incomplete
+
+
+@dataclass
+class Resume:
+    """Where a training stage keeps its resumable state, how often, and for what: the state is
+    used only by a run with the same ``fingerprint`` (the stage, its settings and the hashes of
+    its inputs)."""
+
+    directory: Path
+    every_steps: int
+    fingerprint: str
+
+    @classmethod
+    def for_stage(cls, stage: str, every_steps: int | None, made_by: dict | None):
+        """The stage's resume state, or None when ``every_steps`` is None. ``made_by`` is the
+        provenance the main process computed (None on the others): its settings and input
+        hashes make the fingerprint, which every process receives."""
+        if every_steps is None:
+            return None
+        import hashlib
+        import json
+
+        from accelerate.state import PartialState
+
+        fingerprint = None
+        if made_by:
+            identity = {key: made_by[key] for key in ("stage", "params", "inputs", "libraries")}
+            text = json.dumps(identity, sort_keys=True, default=str)
+            fingerprint = hashlib.sha256(text.encode()).hexdigest()
+        state = PartialState()
+        if state.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            fingerprint = broadcast_object_list([fingerprint])[0]
+        return cls(RESUME_DIR / stage, every_steps, fingerprint)
+
+    def latest(self) -> Path | None:
+        """The newest complete state of this fingerprint (other states are removed)."""
+        from spinflow.io import read_json
+
+        found = []
+        for folder in sorted(self.directory.glob("step-*")):
+            marker = folder / _COMPLETE
+            if marker.is_file() and read_json(marker).get("fingerprint") == self.fingerprint:
+                found.append((read_json(marker)["steps"], folder))
+        return max(found)[1] if found else None
+
+    def clear(self, keep: Path | None = None) -> None:
+        """Remove every state but ``keep`` (main process only); the folder too when empty."""
+        import shutil
+
+        for folder in self.directory.glob("step-*"):
+            if folder != keep:
+                shutil.rmtree(folder, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            self.directory.rmdir()
+
+    def finish(self, accelerator) -> None:
+        """The stage's outputs are saved: its resumable state is of no more use."""
+        if accelerator.is_main_process:
+            self.clear()
+        accelerator.wait_for_everyone()
+
+
+def _save_resume(resume: Resume, accelerator, scheduler, result, on_epoch) -> None:
+    """The state after ``result.steps`` optimizer steps, complete or not at all: accelerate's
+    ``save_state`` (weights, optimizer, RNG of every process), the schedule and the loop's own
+    position; then the older states go."""
+    from spinflow.io import write_json, write_text
+
+    folder = resume.directory / f"step-{result.steps:09d}"
+    if accelerator.is_main_process:
+        ignore = RESUME_DIR.parent / ".gitignore"
+        if not ignore.is_file():
+            write_text(ignore, "# spinflow's local state; not versioned\n*\n")
+    accelerator.save_state(str(folder))
+    if accelerator.is_main_process:
+        torch.save(
+            {
+                "scheduler": scheduler.state_dict(),
+                "callback": on_epoch.state_dict() if hasattr(on_epoch, "state_dict") else None,
+                "history": result.history,  # its rows' key order is the CSV's column order
+            },
+            folder / "extra.pt",
+        )
+        write_json(
+            folder / _COMPLETE,
+            {
+                "fingerprint": resume.fingerprint,
+                "steps": result.steps,
+                "examples_seen": result.examples_seen,
+                "tokens_seen": result.tokens_seen,
+            },
+        )
+        resume.clear(keep=folder)
+    accelerator.wait_for_everyone()
+
+
+def _load_resume(folder: Path, accelerator, scheduler, result, on_epoch) -> None:
+    """Restore the state saved in ``folder``."""
+    from spinflow.io import read_json
+
+    accelerator.load_state(str(folder))
+    extra = torch.load(folder / "extra.pt", weights_only=False)
+    scheduler.load_state_dict(extra["scheduler"])
+    if extra["callback"] is not None and hasattr(on_epoch, "load_state_dict"):
+        on_epoch.load_state_dict(extra["callback"])
+    saved = read_json(folder / _COMPLETE)
+    result.steps = saved["steps"]
+    result.examples_seen = saved["examples_seen"]
+    result.tokens_seen = saved["tokens_seen"]
+    result.history = extra["history"]
+
+
+# ---------------------------------------------------------------------------------------------
 # The loop
 
 
@@ -430,6 +552,7 @@ def train_loop(
     on_step: Callable[[dict[str, float]], None] | None = None,
     items: Callable[[dict], int] | None = None,
     on_epoch: Callable[[int, torch.nn.Module], bool] | None = None,
+    resume: Resume | None = None,
 ) -> TrainResult:
     """Optimise ``model`` on ``examples``; ``max_steps`` (if set) replaces ``optim.epochs``.
 
@@ -444,6 +567,12 @@ def train_loop(
     processes take the steps of one process accumulating their N batches. Each logged row is
     the same weighted mean of the micro-batches' metrics, over every process. A non-finite
     loss stops training with a TrainingError.
+
+    With ``resume``, the state is saved every ``resume.every_steps`` optimizer steps, and a run
+    that finds a state of the same fingerprint continues from it: the batches before it are
+    drawn again (the same seeded order) but not trained on, so the steps after it are the ones
+    the uninterrupted run takes. ``on_epoch`` may have ``state_dict``/``load_state_dict`` to be
+    saved with it.
     """
     from transformers import get_scheduler
 
@@ -470,17 +599,30 @@ def train_loop(
 
     result = TrainResult()
     started = time.perf_counter()
+    resumed_at = 0  # optimizer steps restored from a saved state
+    found = resume.latest() if resume is not None else None
+    if found is not None:
+        _load_resume(found, accelerator, scheduler, result, on_epoch)
+        resumed_at = result.steps
+        log.info("%s: resumed from %s (step %d of %d)", desc, found, resumed_at, total_steps)
+    elif resume is not None and accelerator.is_main_process:
+        resume.clear()  # states of other inputs or settings
     bar = tqdm(
         total=total_steps,
+        initial=resumed_at,
         desc=desc,
         unit="step",
         dynamic_ncols=True,
         disable=not accelerator.is_local_main_process,
     )
     epoch = 0
+    drawn = 0  # optimizer steps' worth of batches drawn, resumed ones included
     try:
         while result.steps < total_steps:
             for last_micro, window in _windows(loader, optim.gradient_accumulation_steps):
+                drawn += 1
+                if drawn <= resumed_at:
+                    continue  # trained before the state was saved
                 step_lr = scheduler.get_last_lr()[0]  # the rate this update uses
                 where = (
                     f"{desc}: loss is {{}} at optimizer step {result.steps + 1} (epoch {epoch + 1})"
@@ -507,11 +649,15 @@ def train_loop(
                 bar.set_postfix(loss=f"{row['loss']:.4f}")
                 if result.steps >= total_steps:
                     break
+                if resume is not None and result.steps % resume.every_steps == 0:
+                    _save_resume(resume, accelerator, scheduler, result, on_epoch)
             epoch += 1
-            # only a complete epoch: max_steps may end training inside one
+            # only a complete epoch (max_steps may end training inside one), and one not
+            # finished before a resumed state was saved (its callback state was restored)
             if (
                 on_epoch is not None
                 and last_micro + 1 == micro_per_epoch
+                and drawn >= resumed_at
                 and on_epoch(epoch, model)
             ):
                 break

@@ -49,6 +49,7 @@ def supervised(
     from spinflow.models import load_model, load_tokenizer
     from spinflow.precision import resolve_precision
     from spinflow.training import (
+        Resume,
         answer_tokens,
         apply_lora,
         encode_sft,
@@ -81,21 +82,6 @@ def supervised(
     watch = (
         _Validation(accelerator, tokenizer, validation, params, patience) if validation else None
     )
-    result = train_loop(
-        accelerator,
-        model,
-        examples,
-        collate_fn,
-        sft_loss_fn,
-        optim,
-        seed=seed,
-        desc=stage,
-        max_steps=max_steps,
-        items=answer_tokens,
-        on_epoch=watch,
-    )
-    if watch is not None:
-        watch.restore_best(model)
     # main process only: it hashes the inputs, a whole checkpoint among them
     made_by = accelerator.is_main_process and provenance(
         stage,
@@ -109,9 +95,28 @@ def supervised(
         },
         {"model": source, **extra_inputs},
     )
+    resume = Resume.for_stage(stage, params.resume.every_steps, made_by or None)
+    result = train_loop(
+        accelerator,
+        model,
+        examples,
+        collate_fn,
+        sft_loss_fn,
+        optim,
+        seed=seed,
+        desc=stage,
+        max_steps=max_steps,
+        items=answer_tokens,
+        on_epoch=watch,
+        resume=resume,
+    )
+    if watch is not None:
+        watch.restore_best(model)
     save_checkpoint(
         accelerator, model, tokenizer, target.path, {PROVENANCE_FILE: made_by} if made_by else None
     )
+    if resume is not None:
+        resume.finish(accelerator)
     summary = {
         "examples": len(examples),
         **precision.summary(),
@@ -168,6 +173,15 @@ class _Validation:
                 state = self.accelerator.unwrap_model(model).state_dict()
                 self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
         return self.patience is not None and epoch - self.best_epoch >= self.patience
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs: the curve so far and the best epoch's weights."""
+        return {"curve": self.curve, "best_epoch": self.best_epoch, "best_state": self.best_state}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.curve = state["curve"]
+        self.best_epoch = state["best_epoch"]
+        self.best_state = state["best_state"]
 
     def restore_best(self, model) -> None:
         """Load the best epoch's weights, when training went on past it."""

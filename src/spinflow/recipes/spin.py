@@ -306,8 +306,10 @@ def spin_iteration(
     loss: str,
     seed: int,
     desc: str,
+    resume=None,
 ):
-    """One SPIN training run: θk's reference pass over every pair, then the updates.
+    """One SPIN training run: θk's reference pass over every pair, then the updates (resumed
+    from ``resume``'s saved state where there is one, see :func:`spinflow.training.train_loop`).
 
     Returns (trained model, TrainResult, seconds of the reference pass, ``examples`` with
     their reference log-probs).
@@ -328,6 +330,7 @@ def spin_iteration(
         optim,
         seed=seed,
         desc=desc,
+        resume=resume,
     )
     return model, result, reference_seconds, examples
 
@@ -540,7 +543,7 @@ def train_on_pairs(
     """
     from spinflow.devices import stage_device
     from spinflow.models import load_model, load_tokenizer
-    from spinflow.training import make_accelerator, save_checkpoint, seed_everything
+    from spinflow.training import Resume, make_accelerator, save_checkpoint, seed_everything
 
     configured = optim  # as params.yaml has it (bf16 may be auto)
     seed = stage_seed(params.seed, target.stage)
@@ -554,6 +557,13 @@ def train_on_pairs(
         optim, model, tokenizer, examples, beta, loss, key=bf16_key, device=device
     )
     accelerator = make_accelerator(optim, device)
+    # main process only: it hashes the inputs, a whole checkpoint among them
+    made_by = accelerator.is_main_process and provenance(
+        target.stage,
+        {"train": configured.model_dump(), "precision": precision.name, **settings},
+        inputs,
+    )
+    resume = Resume.for_stage(target.stage, params.resume.every_steps, made_by or None)
     model, result, _, examples = spin_iteration(
         accelerator,
         model,
@@ -564,16 +574,13 @@ def train_on_pairs(
         loss=loss,
         seed=seed,
         desc=target.stage,
-    )
-    # main process only: it hashes the inputs, a whole checkpoint among them
-    made_by = accelerator.is_main_process and provenance(
-        target.stage,
-        {"train": configured.model_dump(), "precision": precision.name, **settings},
-        inputs,
+        resume=resume,
     )
     save_checkpoint(
         accelerator, model, tokenizer, target.path, {PROVENANCE_FILE: made_by} if made_by else None
     )
+    if resume is not None:
+        resume.finish(accelerator)
     return PairTraining(encoded, examples, optim, precision, result, accelerator)
 
 
