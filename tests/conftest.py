@@ -97,6 +97,7 @@ def torch_single_thread():
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
+DEVICE_HOOK = Path(__file__).parent / "device_hook"
 STAGE_RAN = re.compile(r"Running stage '([^']+)'")
 STAGE_RESTORED = re.compile(r"Stage '([^']+)' is cached - skipping run")
 OUTPUT_DIRS = ("models", "data", "generated", "eval")
@@ -141,6 +142,8 @@ def pipeline_env() -> dict[str, str]:
         "GIT_AUTHOR_EMAIL": "tests@spinflow.invalid",
         "GIT_COMMITTER_NAME": "spinflow tests",
         "GIT_COMMITTER_EMAIL": "tests@spinflow.invalid",
+        # records where each stage runs its models (tests/test_devices.py)
+        "PYTHONPATH": str(DEVICE_HOOK),
     }
     for name in ("MLFLOW_TRACKING_URI", "VIRTUAL_ENV"):
         env.pop(name, None)

@@ -22,6 +22,7 @@ import yaml
 
 from conftest import pipeline_env
 from spinflow.config import default_params_dict
+from test_devices import assert_on_decided_device, device_records
 
 pytestmark = pytest.mark.slow
 
@@ -388,6 +389,7 @@ def test_lobass_stages_and_what_their_fraction_reruns(tiny_dvc_repo, tmp_path):
     }
     ran = repo.ran(repo.run("dvc", "repro", timeout=600))
     assert ran == lobass_stages | {"validate_params", "report"}, f"ran {sorted(ran)}"
+    assert_on_decided_device(device_records(repo.root), {"lobass_score", "sft_lobass"})
 
     scores = _lines(repo.root / "lobass/scores/scores.jsonl")
     assert len(scores) == 8 and sorted(r["rank"] for r in scores) == list(range(1, 9))

@@ -14,6 +14,7 @@ from spinflow.errors import SpinflowError
 from spinflow.instructions import Case, Instruction
 from spinflow.io import read_jsonl, write_jsonl
 from spinflow.recipes import autoif
+from test_devices import assert_on_decided_device, device_records
 
 
 def _instruction(i: int, group: str = "", conflicts=()) -> Instruction:
@@ -200,6 +201,10 @@ def test_autoif_stages_end_to_end(tiny_dvc_repo, tmp_path):
     repo.run("spinflow", "pipeline", "write")
     ran = repo.ran(repo.run("dvc", "repro", "eval_autoif_iter_0", timeout=600))
     assert ran == AUTOIF_STAGES, f"ran {sorted(ran)}"
+    assert_on_decided_device(
+        device_records(repo.root),
+        {"autoif_sample_iter_0", "autoif_train_iter_0", "eval_autoif_iter_0"},
+    )
 
     made = repo.json("metrics/autoif_instructions.json")
     assert made["instructions_kept"] == 3
