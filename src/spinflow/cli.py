@@ -127,6 +127,21 @@ def _cmd_pipeline(args) -> int:
     return 0
 
 
+def _cmd_worker(args) -> int:
+    from spinflow.launch import worker
+
+    return worker(load_params(args.params), args.stage, args.machine_rank)
+
+
+def _cmd_launch(args) -> int:
+    from spinflow.launch import run
+
+    if len(args.args) < 4 or args.args[0] != "--config_file":
+        print("error: usage: spinflow launch --config_file CONFIG SCRIPT STAGE …", file=sys.stderr)
+        return 2
+    return run(args.args, stage=args.args[3])
+
+
 def _cmd_benchmark(args) -> int:
     if args.sandbox:
         from spinflow import sandbox
@@ -274,6 +289,28 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data", default="data/prepared", help="prepared data directory")
     e.add_argument("--out", default=None, help="also write the metrics to this JSON file")
     e.set_defaults(fn=_cmd_evaluate)
+    w = sub.add_parser(
+        "worker",
+        parents=[common],
+        help="run a stage on another machine of a multi-machine accelerate config",
+        description="On a machine other than the one running `dvc repro`, in the same project "
+        "folder on a shared filesystem: run STAGE (as dvc.yaml has it) as this machine's rank, "
+        "so that it joins the stage's processes on the first machine.",
+    )
+    w.add_argument("stage", help="the stage, e.g. train_iter_0")
+    w.add_argument("--machine-rank", type=int, required=True, help="this machine: 1, 2, …")
+    w.set_defaults(fn=_cmd_worker)
+    launch = sub.add_parser(
+        "launch",
+        help="(in dvc.yaml) accelerate launch of a multi-machine stage",
+        description="What dvc.yaml runs for a stage whose accelerate config names several "
+        "machines: accelerate launch with the join timeout (SPINFLOW_JOIN_TIMEOUT seconds), "
+        "one line when the other machines do not join.",
+    )
+    launch.add_argument(
+        "args", nargs=argparse.REMAINDER, help="--config_file CONFIG SCRIPT STAGE …"
+    )
+    launch.set_defaults(fn=_cmd_launch)
     return parser
 
 
@@ -286,6 +323,10 @@ def _quiet_stdout() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["launch"] and argv[1:2] != ["--help"] and argv[1:2] != ["-h"]:
+        # accelerate's options pass through untouched (argparse would take them for its own)
+        return _cmd_launch(argparse.Namespace(args=argv[1:]))
     args = build_parser().parse_args(argv)
     configure_logging()
     try:

@@ -116,17 +116,29 @@ def import_closure(script: str | Path, source_root: Path = SOURCE_ROOT) -> list[
 # Rendering
 
 
-def _cmd(stage: Stage, params: Params) -> str:
+def stage_command(stage: Stage, params: Params) -> list[str]:
+    """The command that runs ``stage``: python, accelerate launch with the stage's accelerate
+    config, or ``spinflow launch`` where that config names several machines
+    (:mod:`spinflow.launch`)."""
+    from spinflow.launch import machines
+
     accelerate_config = params.value(stage.accelerate) if stage.accelerate else None
-    launcher = (
-        f"accelerate launch --config_file {accelerate_config}" if accelerate_config else "python"
-    )
+    if not accelerate_config:
+        launcher = ["python"]
+    elif machines(accelerate_config) > 1:
+        launcher = ["spinflow", "launch", "--config_file", str(accelerate_config)]
+    else:
+        launcher = ["accelerate", "launch", "--config_file", str(accelerate_config)]
     # A per-iteration override is a param that exists only while params.yaml holds it, and
     # autoif.with_spin is listed only while true. DVC does not re-run a stage whose param list
     # merely shrank, so such a key is named in the command too: removing it changes the command,
     # which DVC does compare.
-    overrides = "".join(f" --override {key}" for key in stage.overrides)
-    return f"{launcher} {STAGES_DIR / stage.script}.py {stage.name}{overrides}"
+    overrides = [part for key in stage.overrides for part in ("--override", key)]
+    return [*launcher, f"{STAGES_DIR / stage.script}.py", stage.name, *overrides]
+
+
+def _cmd(stage: Stage, params: Params) -> str:
+    return " ".join(stage_command(stage, params))
 
 
 def render_stage(stage: Stage, params: Params, code: dict[str, list[str]]) -> dict[str, Any]:
