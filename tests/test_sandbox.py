@@ -1,15 +1,20 @@
 """The sandbox for model-written code: its layers, its error kinds, and an attack suite.
 
 Every attack runs in a batch followed by a well-behaved function called twice (it must pass, then
-fail), so a contained attack is one that got the right result and spoiled nothing after it. Where
-a layer is absent on this machine, an attack it alone would stop is skipped with the reason.
+fail), so a contained attack is one that got the right result and spoiled nothing after it. The
+attacks run in the default sandbox, without seccomp (the other layers must hold them) and without
+bubblewrap. Where a layer is absent on this machine, an attack it alone would stop is skipped
+with the reason.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import shutil
 import socket
 import stat
+import subprocess
 import tempfile
 import threading
 import time
@@ -27,23 +32,51 @@ from spinflow.sandbox import (
     Sandbox,
     SandboxError,
     active_layers,
+    confinement_problem,
+    landlock_abi,
     run_calls,
 )
 
 CALL_TIMEOUT = 1.0
 GOOD = "def evaluate(response):\n    return response == 'ok'\n"
-ROOT = os.geteuid() == 0
+PROJECT_FILE = Path(__file__).resolve().parents[1] / "pyproject.toml"
+
+
+def layer_flags(layers) -> dict[str, bool]:
+    """Layer name → active, and ``landlock_signals``: Landlock keeps signals inside the call."""
+    flags = {layer.name: layer.active for layer in layers}
+    landlock = next(layer for layer in layers if layer.name == "landlock")
+    flags["landlock_signals"] = landlock.active and "signals" in landlock.detail
+    return flags
 
 
 @pytest.fixture(scope="module")
 def layers() -> dict[str, bool]:
-    return {layer.name: layer.active for layer in active_layers()}
+    return layer_flags(active_layers())
 
 
 @pytest.fixture(scope="module")
 def sandbox():
     with Sandbox(call_timeout=CALL_TIMEOUT) as box:
         yield box
+
+
+# The sandboxes the attack suite runs in: every layer this machine has, and without seccomp and
+# bubblewrap (Landlock and the unprivileged user must hold what they can); where bubblewrap is
+# installed, also without it, and with it but without seccomp.
+CONFIGS = {"default": {}, "without_seccomp": {"seccomp": False, "bwrap": False}}
+if shutil.which("bwrap"):
+    CONFIGS["without_bwrap"] = {"bwrap": False}
+    CONFIGS["bwrap_without_seccomp"] = {"seccomp": False}
+
+
+@pytest.fixture(scope="module", params=list(CONFIGS))
+def box(request, layers):
+    """(sandbox, its layers) for each configuration of :data:`CONFIGS`."""
+    if "bwrap" in request.param and not layers["bwrap"]:
+        pytest.skip("bwrap does not work here: the default sandbox is already without it")
+    with Sandbox(call_timeout=CALL_TIMEOUT, **CONFIGS[request.param]) as sandbox:
+        yield sandbox, layer_flags(sandbox.layers())
 
 
 @pytest.fixture
@@ -84,12 +117,15 @@ class Attack:
 
 
 def process_creation(layers: dict[str, bool], when_refused: object, when_allowed: object):
-    """Process creation is refused by seccomp, or by the process limit when not root."""
-    if layers["seccomp"]:
-        return when_refused
-    if not ROOT:
-        return when_refused  # RLIMIT_NPROC=0: fork fails with EAGAIN
+    """Process creation is refused by seccomp, or by the process limit when calls are not root."""
+    if layers["seccomp"] or layers["unprivileged"]:
+        return when_refused  # EPERM, or RLIMIT_NPROC=0: fork fails with EAGAIN
     return when_allowed
+
+
+def execution(layers: dict[str, bool], when_refused: object, when_allowed: object):
+    """Running a program is refused by seccomp (execve) and by Landlock (nothing executable)."""
+    return when_refused if layers["seccomp"] or layers["landlock"] else when_allowed
 
 
 ATTACKS = [
@@ -138,8 +174,11 @@ ATTACKS = [
     Attack(
         "os_system",
         "import os\ndef evaluate(response):\n    return os.system('true') == 0\n",
+        # no new process, or a child that cannot run the shell: not 0 either way
         lambda layers: process_creation(
-            layers, Outcome.FAIL, "running as root without seccomp: os.system can run"
+            layers,
+            Outcome.FAIL,
+            execution(layers, Outcome.FAIL, "calls run as root without seccomp or landlock"),
         ),
     ),
     Attack(
@@ -147,21 +186,28 @@ ATTACKS = [
         "import subprocess\ndef evaluate(response):\n"
         "    return subprocess.run(['true']).returncode == 0\n",
         lambda layers: process_creation(
-            layers, ErrorKind.FORBIDDEN, "running as root without seccomp: subprocess can run"
+            layers,
+            ErrorKind.FORBIDDEN,
+            execution(layers, ErrorKind.FORBIDDEN, "calls run as root without seccomp or landlock"),
         ),
     ),
     Attack(
         "os_exec",
         "import os\ndef evaluate(response):\n    os.execv('/bin/true', ['true'])\n",
-        # without seccomp the call's process becomes `true`, which never answers
-        lambda layers: ErrorKind.FORBIDDEN if layers["seccomp"] else ErrorKind.CRASH,
+        # without seccomp or Landlock the call's process becomes `true`, which never answers
+        lambda layers: execution(layers, ErrorKind.FORBIDDEN, ErrorKind.CRASH),
     ),
     Attack(
         "ctypes_kill_worker",
         "import ctypes, os\ndef evaluate(response):\n"
         "    return ctypes.CDLL(None).kill(os.getppid(), 9) == 0\n",
-        # seccomp: kill fails, evaluate returns False; otherwise the worker dies and is replaced
-        lambda layers: Outcome.FAIL if layers["seccomp"] else ErrorKind.CRASH,
+        # refused (seccomp, Landlock's signal scope, or not root): kill fails, evaluate returns
+        # False; otherwise the worker dies and is replaced
+        lambda layers: (
+            Outcome.FAIL
+            if layers["seccomp"] or layers["landlock_signals"] or layers["unprivileged"]
+            else ErrorKind.CRASH
+        ),
     ),
     Attack(
         "kill_process_group",
@@ -303,19 +349,43 @@ ATTACKS = [
         ErrorKind.TIMEOUT,
     ),
     Attack(
+        "read_etc_shadow",
+        "def evaluate(response):\n    raise ValueError(open('/etc/shadow').read())\n",
+        lambda layers: (
+            ErrorKind.EXCEPTION  # FileNotFoundError: not in bwrap's view
+            if layers["bwrap"]
+            else ErrorKind.FORBIDDEN  # EACCES
+            if layers["landlock"] or layers["unprivileged"]
+            else "calls run as root without landlock or bwrap: /etc/shadow is readable"
+        ),
+    ),
+    Attack(
+        "read_the_parents_memory_map",
+        "import os\ndef evaluate(response):\n"
+        "    raise ValueError(open(f'/proc/{os.getppid()}/maps').read())\n",
+        lambda layers: (
+            ErrorKind.EXCEPTION  # no /proc in bwrap's view
+            if layers["bwrap"]
+            else ErrorKind.FORBIDDEN
+            if layers["landlock"]
+            else "without landlock or bwrap, /proc of the worker is readable"
+        ),
+    ),
+    Attack(
         "thread_left_running",
         "import threading\ndef evaluate(response):\n"
         "    threading.Thread(target=lambda: [None for _ in iter(int, 1)], daemon=False).start()\n"
         "    return True\n",
-        # A thread is not a process: it ends with the call's process. Unless running as root,
+        # A thread is not a process: it ends with the call's process. Unless calls run as root,
         # RLIMIT_NPROC=0 also refuses threads: "RuntimeError: can't start new thread".
-        ErrorKind.EXCEPTION if not ROOT else Outcome.PASS,
+        lambda layers: ErrorKind.EXCEPTION if layers["unprivileged"] else Outcome.PASS,
     ),
 ]
 
 
 @pytest.mark.parametrize("attack", ATTACKS, ids=[attack.name for attack in ATTACKS])
-def test_attack_is_contained(attack, sandbox, layers):
+def test_attack_is_contained(attack, box):
+    sandbox, layers = box
     expected = attack.expect(layers) if callable(attack.expect) else attack.expect
     if not isinstance(expected, (Outcome, ErrorKind)):
         pytest.skip(expected)  # the reason this machine cannot contain it
@@ -334,9 +404,17 @@ def test_recursion_bomb_reports_recursion_error(sandbox):
     assert "RecursionError" in result.message
 
 
-def test_socket_to_loopback_never_connects(sandbox, layers):
-    if not (layers["seccomp"] or layers["bwrap"]):
-        pytest.skip("without seccomp or bwrap, loopback connections are not blocked")
+def test_socket_to_loopback_never_connects(box):
+    sandbox, layers = box
+    landlock_tcp = layers["landlock"] and "TCP" in next(
+        layer.detail for layer in sandbox.layers() if layer.name == "landlock"
+    )
+    if layers["seccomp"] or landlock_tcp:
+        expected = ErrorKind.FORBIDDEN  # seccomp refuses the socket, Landlock the connection
+    elif layers["bwrap"]:
+        expected = ErrorKind.EXCEPTION  # a network namespace of its own: nothing to connect to
+    else:
+        pytest.skip("without seccomp, bwrap or Landlock ABI 4, loopback connections are allowed")
     server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     server.bind(("127.0.0.1", 0))
     server.listen(1)
@@ -348,36 +426,77 @@ def test_socket_to_loopback_never_connects(sandbox, layers):
             f"    connection = socket.create_connection(('127.0.0.1', {port}), timeout=0.5)\n"
             "    connection.sendall(b'leak')\n    return True\n"
         )
-        result = run_then_good(sandbox, source)
-        # seccomp refuses the socket; bwrap alone gives a network namespace where it is refused
-        assert_result(result, ErrorKind.FORBIDDEN if layers["seccomp"] else ErrorKind.EXCEPTION)
+        assert_result(run_then_good(sandbox, source), expected)
         with pytest.raises(BlockingIOError):
             server.accept()
     finally:
         server.close()
 
 
+# Ways to change a file outside the call's directory (the path is the canary). The last four
+# reach it through another process, a program or a link made in the call's own directory.
 FILE_ATTACKS = {
     "write": "open({path!r}, 'w').write('changed')",
     "append": "open({path!r}, 'a').write('changed')",
     "create": "open({path!r} + '.new', 'x').close()",
     "rename": "os.rename({path!r}, {path!r} + '.moved')",
+    "rename_into_scratch": "os.rename({path!r}, 'stolen')",
     "delete": "os.remove({path!r})",
     "chmod": "os.chmod({path!r}, 0o777)",
     "mkdir": "os.mkdir({path!r} + '.dir')",
     "symlink": "os.symlink('/etc/passwd', {path!r} + '.link')",
     "utime": "os.utime({path!r}, (0, 0))",
+    "double_fork": (
+        # the grandchild, orphaned, writes; the call waits until it has tried
+        "done, tried = os.pipe()\n"
+        "    if os.fork() == 0:\n"
+        "        try:\n"
+        "            if os.fork() == 0:\n"
+        "                try:\n"
+        "                    open({path!r}, 'w').write('changed')\n"
+        "                finally:\n"
+        "                    os.write(tried, b'x')\n"
+        "                    os._exit(0)\n"
+        "        finally:\n"
+        "            os._exit(0)\n"
+        "    os.read(done, 1)"
+    ),
+    "exec": "os.execv('/bin/sh', ['sh', '-c', 'echo changed > ' + {path!r}])",
+    "symlink_then_write": "os.symlink({path!r}, 'link')\n    open('link', 'a').write('changed')",
+    "hard_link_then_write": "os.link({path!r}, 'hard')\n    open('hard', 'a').write('changed')",
 }
+METADATA_ATTACKS = ("chmod", "utime")  # Landlock does not cover a file's mode or times
+
+
+def file_attack_expected(operation: str, layers: dict[str, bool]) -> object:
+    """What a file attack gives with these layers, or why it cannot be held here."""
+    if layers["seccomp"]:
+        return ErrorKind.FORBIDDEN  # EPERM: writes, links, fork and execve are refused
+    if operation == "double_fork":
+        return process_creation(layers, ErrorKind.FORBIDDEN, Outcome.PASS)  # the call returns
+    if operation == "exec" and layers["landlock"]:
+        return ErrorKind.FORBIDDEN  # EACCES: nothing is executable
+    if layers["bwrap"]:
+        # the path does not exist in the view: FileNotFoundError; the shell cannot write there
+        # either, and a call's process that became the shell never answers
+        return ErrorKind.CRASH if operation == "exec" else ErrorKind.EXCEPTION
+    if layers["landlock"]:
+        if operation in METADATA_ATTACKS and not layers["unprivileged"]:
+            return (
+                "Landlock does not cover chmod and utime, and calls run as root (uid 0 owns the "
+                "canary): seccomp, bwrap or running calls as nobody holds them"
+            )
+        # EACCES from Landlock, or EPERM as nobody; a link across directories is EXDEV
+        return ErrorKind.EXCEPTION if operation == "hard_link_then_write" else ErrorKind.FORBIDDEN
+    return "without seccomp, landlock or bwrap, files outside the scratch dir are writable"
 
 
 @pytest.mark.parametrize("operation", list(FILE_ATTACKS))
-def test_files_outside_scratch_are_not_changed(operation, canary, sandbox, layers):
-    if layers["seccomp"]:
-        expected = ErrorKind.FORBIDDEN
-    elif layers["bwrap"]:
-        expected = ErrorKind.EXCEPTION  # the path does not exist in the view: FileNotFoundError
-    else:
-        pytest.skip("without seccomp or bwrap, files outside the scratch dir are writable")
+def test_files_outside_scratch_are_not_changed(operation, canary, box):
+    sandbox, layers = box
+    expected = file_attack_expected(operation, layers)
+    if not isinstance(expected, (Outcome, ErrorKind)):
+        pytest.skip(expected)
     before = (canary.read_text(), stat.S_IMODE(canary.stat().st_mode), canary.stat().st_mtime)
     statement = FILE_ATTACKS[operation].format(path=str(canary))
     source = f"import os\ndef evaluate(response):\n    {statement}\n    return True\n"
@@ -388,15 +507,64 @@ def test_files_outside_scratch_are_not_changed(operation, canary, sandbox, layer
     assert sorted(p.name for p in canary.parent.iterdir()) == ["canary.txt"]
 
 
-def test_reading_a_file_outside_scratch(canary, sandbox, layers):
-    source = f"def evaluate(response):\n    return open({str(canary)!r}).read() == 'original'\n"
+def secret_files(tmp_path: Path) -> dict[str, tuple[Path, str]]:
+    """Files a call must not read: name → (path, text that must not come back)."""
+    created = tmp_path / "secret.txt"
+    created.write_text("s3cret-in-tmp")
+    files = {
+        "created_outside_scratch": (created, "s3cret-in-tmp"),
+        "under_the_project_root": (PROJECT_FILE, PROJECT_FILE.read_text().splitlines()[0]),
+    }
+    bashrc = Path.home() / ".bashrc"
+    if bashrc.is_file() and os.access(bashrc, os.R_OK) and bashrc.read_text().strip():
+        files["home_bashrc"] = (bashrc, bashrc.read_text().strip().splitlines()[0])
+    return files
+
+
+@pytest.mark.parametrize("target", ["created_outside_scratch", "under_the_project_root", "home"])
+def test_files_outside_scratch_and_python_are_not_readable(target, box, tmp_path):
+    """The /etc/shadow attack on files this user can read: the text never comes back."""
+    sandbox, layers = box
+    if not (layers["landlock"] or layers["bwrap"]):
+        pytest.skip(confinement_problem(sandbox.layers()))
+    files = secret_files(tmp_path)
+    if target == "home":
+        if "home_bashrc" not in files:
+            pytest.skip("no readable, non-empty ~/.bashrc here")
+        target = "home_bashrc"
+    path, text = files[target]
+    source = f"def evaluate(response):\n    raise ValueError(open({str(path)!r}).read())\n"
     result = run_then_good(sandbox, source)
+    assert text not in result.message
     if layers["bwrap"]:
-        assert_result(result, ErrorKind.EXCEPTION)  # not in the view
+        assert_result(result, ErrorKind.EXCEPTION)  # not in bwrap's view
         assert "FileNotFoundError" in result.message
     else:
-        # Documented: without bwrap, reading files the user can read is not prevented.
-        assert_result(result, Outcome.PASS)
+        assert_result(result, ErrorKind.FORBIDDEN)  # EACCES from Landlock
+    listing = (
+        f"import os\ndef evaluate(response):\n    return bool(os.listdir({str(path.parent)!r}))\n"
+    )
+    assert run_then_good(sandbox, listing).outcome is Outcome.ERROR
+
+
+def test_reading_a_file_outside_scratch_without_confinement(canary):
+    """Without landlock and bwrap, reading what the user can read is not prevented (so AutoIF's
+    stages refuse such a sandbox unless autoif.allow_weak_sandbox says otherwise)."""
+    with Sandbox(call_timeout=CALL_TIMEOUT, landlock=False, bwrap=False) as weak:
+        source = f"def evaluate(response):\n    return open({str(canary)!r}).read() == 'original'\n"
+        assert_result(run_then_good(weak, source), Outcome.PASS)
+        problem = confinement_problem(weak.layers())
+    assert "landlock: turned off" in problem and "bwrap: turned off" in problem
+    assert "apt-get install bubblewrap" in problem and "\n" not in problem
+
+
+def test_the_python_installation_stays_readable(box):
+    sandbox, _ = box
+    source = (
+        "import email.parser, json, sqlite3, decimal, zoneinfo\n"
+        "def evaluate(response):\n    return json.loads(response) == [1]\n"
+    )
+    assert sandbox.run([(source, "[1]")])[0].outcome is Outcome.PASS
 
 
 # -- error kinds for bad sources ----------------------------------------------------------------
@@ -448,7 +616,17 @@ def test_calls_must_be_strings(sandbox):
 
 
 def test_active_layers_are_reported(layers):
-    assert list(layers) == ["process", "scratch_dir", "rlimits", "timeouts", "seccomp", "bwrap"]
+    names = [layer.name for layer in active_layers()]
+    assert names == [
+        "process",
+        "scratch_dir",
+        "rlimits",
+        "timeouts",
+        "seccomp",
+        "landlock",
+        "unprivileged",
+        "bwrap",
+    ]
     assert layers["process"] and layers["scratch_dir"] and layers["rlimits"] and layers["timeouts"]
     details = {layer.name: layer.detail for layer in active_layers()}
     assert all(details.values())
@@ -503,31 +681,126 @@ def _has_capability(bit: int) -> bool:
     return False
 
 
-def test_limits_cannot_be_raised(sandbox, layers):
+def test_limits_cannot_be_raised(sandbox):
     source = (
         "import resource\ndef evaluate(response):\n"
         "    resource.setrlimit(resource.RLIMIT_AS, (2**40, 2**40))\n    return True\n"
     )
     result = sandbox.run([(source, "")])[0]
-    # raising a hard limit needs CAP_SYS_RESOURCE, which bwrap's user namespace never grants
-    if _has_capability(CAP_SYS_RESOURCE) and not layers["bwrap"]:
-        assert_result(result, Outcome.PASS)
-    else:
-        assert_result(result, ErrorKind.EXCEPTION)  # ValueError: not allowed to raise maximum limit
+    # raising a hard limit needs CAP_SYS_RESOURCE, which a call never holds, even as root
+    assert_result(result, ErrorKind.EXCEPTION)  # ValueError: not allowed to raise maximum limit
 
 
-def test_scratch_dir_is_the_working_directory_and_is_removed_on_close():
+def test_root_keeps_its_capabilities_only_when_told(tmp_path):
+    if not (os.geteuid() == 0 and _has_capability(CAP_SYS_RESOURCE)):
+        pytest.skip("not running as root with CAP_SYS_RESOURCE")
+    source = (
+        "import resource\ndef evaluate(response):\n"
+        "    resource.setrlimit(resource.RLIMIT_AS, (2**40, 2**40))\n    return True\n"
+    )
+    with Sandbox(call_timeout=CALL_TIMEOUT, unprivileged=False) as box:
+        found = {layer.name: layer for layer in box.layers()}
+        assert not found["unprivileged"].active and found["unprivileged"].detail == "turned off"
+        assert_result(box.run([(source, "")])[0], Outcome.PASS)
+
+
+def test_calls_hold_no_capabilities():
+    """Without seccomp and Landlock a call could chown and chmod what its uid owns; it cannot
+    chown to another user (CAP_CHOWN) nor hold any capability, root or not."""
+    source = (
+        "import ctypes, os\ndef evaluate(response):\n"
+        "    header = (ctypes.c_uint32 * 2)(0x20080522, 0)\n"
+        "    data = (ctypes.c_uint32 * 6)()\n"
+        "    assert ctypes.CDLL(None).capget(header, data) == 0\n"
+        "    assert not any(data), list(data)\n"
+        "    os.chown('.', 1, 1)\n    return True\n"
+    )
+    # outside bubblewrap: in its user namespace uid 1 does not exist (EINVAL)
+    with Sandbox(call_timeout=CALL_TIMEOUT, seccomp=False, landlock=False, bwrap=False) as box:
+        assert_result(run_then_good(box, source), ErrorKind.FORBIDDEN)  # EPERM
+
+
+def test_each_call_works_in_its_own_directory_removed_after_it():
     box = Sandbox(call_timeout=CALL_TIMEOUT, seccomp=False)
     scratch = box.scratch_dir
     source = (
         "import os\ndef evaluate(response):\n"
         "    open('note.txt', 'w').write('scratch')\n"
-        f"    return os.getcwd() == {str(scratch)!r}\n"
+        "    raise ValueError(os.getcwd())\n"
     )
     with box:
-        assert box.run([(source, "")])[0].outcome is Outcome.PASS
-        assert (scratch / "note.txt").read_text() == "scratch"
+        first, second = box.run([(source, ""), (source, "")])
+        directories = [Path(r.message.rsplit(": ", 1)[1]) for r in (first, second)]
+        assert all(d.parent == scratch for d in directories) and len(set(directories)) == 2
+        deadline = time.monotonic() + 5.0  # the worker removes it after answering
+        while list(scratch.iterdir()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert list(scratch.iterdir()) == []
     assert not scratch.exists()
+
+
+def test_no_call_sees_the_files_of_another():
+    write = "def evaluate(response):\n    open('verdict.txt', 'w').write('pass')\n    return True\n"
+    look = "import os\ndef evaluate(response):\n    return os.listdir('.') == []\n"
+    with Sandbox(call_timeout=CALL_TIMEOUT, seccomp=False, workers=1) as box:
+        results = box.run([(write, ""), (look, ""), (write, ""), (look, "")])
+    assert [r.outcome for r in results] == [Outcome.PASS] * 4
+
+
+# A call that leaves a process behind, out of its process group, which keeps planting a file in
+# every other call's directory; it reports the process's pid.
+STRAY = (
+    "import glob, os\ndef evaluate(response):\n"
+    "    ready, started = os.pipe()\n"
+    "    if os.fork() == 0:\n"
+    "        os.setsid()\n"
+    "        if os.fork() == 0:\n"
+    "            os.write(started, str(os.getpid()).encode())\n"
+    "            while True:\n"
+    "                for directory in glob.glob('../call-*'):\n"
+    "                    try:\n"
+    "                        open(directory + '/planted', 'w').close()\n"
+    "                    except OSError:\n"
+    "                        pass\n"
+    "        os._exit(0)\n"
+    "    raise ValueError(os.read(ready, 20).decode())\n"
+)
+
+
+@pytest.mark.parametrize("bwrap", [False, None], ids=["without_bwrap", "with_bwrap"])
+def test_processes_a_call_leaves_are_killed_before_the_next_call(bwrap):
+    # Without seccomp and Landlock, as root, a call can fork and write beside its directory.
+    with Sandbox(call_timeout=2.0, seccomp=False, landlock=False, bwrap=bwrap, workers=1) as box:
+        layers = layer_flags(box.layers())
+        if bwrap is None and not layers["bwrap"]:
+            pytest.skip("bwrap is not installed or cannot create namespaces here")
+        if not process_creation(layers, False, True):
+            pytest.skip("calls cannot create processes here (seccomp or the process limit)")
+        look = (
+            "import os, time\ndef evaluate(response):\n"
+            "    time.sleep(0.5)\n    return os.listdir('.') == []\n"
+        )
+        stray, clean = box.run([(STRAY, ""), (look, "")])
+    pid = int(stray.message.rsplit(": ", 1)[1])  # in bwrap, a pid of its own PID namespace
+    try:
+        assert_result(stray, ErrorKind.EXCEPTION)
+        assert_result(clean, Outcome.PASS)  # the stray would have planted a file by then
+        assert layers["bwrap"] or not living_processes([pid])
+    finally:
+        if not layers["bwrap"] and living_processes([pid]):
+            os.kill(pid, 9)
+
+
+def living_processes(pids: list[int]) -> list[int]:
+    alive = []
+    for pid in pids:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state != "Z":
+            alive.append(pid)
+    return alive
 
 
 def test_scratch_dir_is_removed_even_after_permissions_are_taken_away():
@@ -577,8 +850,8 @@ def test_seccomp_refuses_writes_in_scratch_too(sandbox, layers):
 def test_seccomp_allows_threads_and_reads(sandbox, layers):
     if not layers["seccomp"]:
         pytest.skip("pyseccomp or libseccomp is not installed")
-    if not ROOT:
-        pytest.skip("RLIMIT_NPROC=0 refuses threads when not running as root")
+    if layers["unprivileged"]:
+        pytest.skip("RLIMIT_NPROC=0 refuses threads when calls do not run as root")
     source = (
         "import threading, json\ndef evaluate(response):\n    box = []\n"
         "    thread = threading.Thread(target=box.append, args=(1,))\n"
@@ -597,14 +870,14 @@ def test_required_seccomp_fails_clearly_when_missing(monkeypatch):
 def test_bwrap_view_holds_only_python_and_scratch(sandbox, layers, tmp_path):
     if not layers["bwrap"]:
         pytest.skip("bwrap is not installed or cannot create namespaces here")
-    scratch = sandbox.scratch_dir
     hidden = [str(tmp_path), __file__, "/home", "/etc/passwd", "/proc/1", "/var"]
     source = (
         "import os, socket\ndef evaluate(response):\n"
         f"    if any(os.path.exists(path) for path in {hidden!r}):\n        return False\n"
         "    try:\n        names = [name for _, name in socket.if_nameindex()]\n"
         "    except OSError:  # seccomp refuses the netlink socket\n        names = []\n"
-        f"    return os.getcwd() == {str(scratch)!r} and names in ([], ['lo'])\n"
+        f"    return os.path.dirname(os.getcwd()) == {str(sandbox.scratch_dir)!r} "
+        "and names in ([], ['lo'])\n"
     )
     assert sandbox.run([(source, "")])[0].outcome is Outcome.PASS
 
@@ -626,11 +899,83 @@ def test_required_bwrap_fails_clearly_when_missing(monkeypatch, tmp_path):
     assert not list(tmp_path.glob("spinflow-sandbox-*"))
 
 
-def test_layers_can_be_turned_off():
+def test_landlock_is_active_where_the_kernel_has_it(layers):
+    abi, reason = landlock_abi()
+    if not abi:
+        assert reason and "\n" not in reason
+        pytest.skip(f"this kernel has no Landlock: {reason}")
+    assert layers["landlock"]
+
+
+def test_landlock_confines_a_call_without_seccomp(tmp_path):
+    if not landlock_abi()[0]:
+        pytest.skip(f"this kernel has no Landlock: {landlock_abi()[1]}")
+    outside = tmp_path / "outside.txt"
+    outside.write_text("outside")
+    sources = [
+        # its own directory: read and write
+        "def evaluate(response):\n    open('a', 'w').write('x')\n    return open('a').read() == 'x'\n",
+        # the standard library and /dev/null
+        "import os\ndef evaluate(response):\n"
+        "    open(os.devnull, 'w').write('x')\n    return len(open(os.__file__).read()) > 0\n",
+        f"def evaluate(response):\n    return open({str(outside)!r}).read() == 'outside'\n",
+        "import os\ndef evaluate(response):\n    return bool(os.listdir('/'))\n",
+        "import os\ndef evaluate(response):\n    os.execv('/bin/true', ['true'])\n",
+    ]
     with Sandbox(call_timeout=CALL_TIMEOUT, seccomp=False, bwrap=False) as box:
+        assert layer_flags(box.layers())["landlock"]
+        results = box.run([(source, "") for source in sources])
+    kinds = [r.kind or r.outcome for r in results]
+    assert kinds == [Outcome.PASS, Outcome.PASS] + [ErrorKind.FORBIDDEN] * 3, results
+
+
+def test_required_landlock_fails_clearly_when_missing(monkeypatch):
+    reason = "Linux 5.10.0 has no Landlock (it needs 5.13 or later)"
+    monkeypatch.setattr(sandbox_module, "landlock_abi", lambda: (0, reason))
+    with pytest.raises(SandboxError, match="landlock was required but is not available: Linux"):
+        Sandbox(landlock=True)
+    with Sandbox(call_timeout=CALL_TIMEOUT, bwrap=False) as box:
         found = {layer.name: layer for layer in box.layers()}
-        assert not found["seccomp"].active and found["seccomp"].detail == "turned off"
-        assert not found["bwrap"].active and found["bwrap"].detail == "turned off"
+        assert not found["landlock"].active and found["landlock"].detail == reason
+        problem = confinement_problem(box.layers())
+    assert reason in problem and "Linux 5.13 or later" in problem
+
+
+SYSTEM_PYTHON = Path("/usr/bin/python3")
+
+
+def test_root_runs_calls_as_nobody_when_nobody_can_read_python():
+    """The system's Python is readable by everyone: calls of a sandbox run by it as root run as
+    nobody, where the process limit holds even without seccomp."""
+    if os.geteuid() != 0 or not SYSTEM_PYTHON.is_file():
+        pytest.skip("needs root and a system Python at /usr/bin/python3")
+    script = (
+        "import sys\n"
+        f"sys.path.insert(0, {str(Path(sandbox_module.__file__).parents[1])!r})\n"
+        "from spinflow.sandbox import Sandbox\n"
+        "source = 'import os\\ndef evaluate(response):\\n    os.fork()\\n'\n"
+        "with Sandbox(call_timeout=2.0, seccomp=False, bwrap=False) as box:\n"
+        "    layers = {layer.name: layer for layer in box.layers()}\n"
+        "    print(layers['unprivileged'].active, layers['unprivileged'].detail)\n"
+        "    print(box.run([(source, '')])[0].message)\n"
+    )
+    completed = subprocess.run(
+        [str(SYSTEM_PYTHON), "-I", "-c", script], capture_output=True, text=True, timeout=60
+    )
+    if completed.returncode and "cannot read" in completed.stdout + completed.stderr:
+        pytest.skip("nobody cannot read the system Python here")
+    assert completed.returncode == 0, completed.stderr
+    active, fork = completed.stdout.splitlines()
+    assert active.startswith("True calls run as nobody (uid 65534)"), active
+    assert "BlockingIOError" in fork  # EAGAIN: RLIMIT_NPROC=0 holds for nobody
+
+
+def test_layers_can_be_turned_off():
+    off = {"seccomp": False, "landlock": False, "bwrap": False}
+    with Sandbox(call_timeout=CALL_TIMEOUT, **off) as box:
+        found = {layer.name: layer for layer in box.layers()}
+        for name in off:
+            assert not found[name].active and found[name].detail == "turned off"
         results = box.run(
             [
                 ("def evaluate(response):\n    while True:\n        pass\n", ""),
@@ -742,3 +1087,75 @@ def test_cli_benchmark_sandbox_runs_only_the_sandbox_benchmark(monkeypatch, tmp_
     monkeypatch.chdir(tmp_path)  # no params.yaml here: the sandbox benchmark does not need one
     assert cli.main(["benchmark", "--sandbox"]) == 0
     assert called == [True]
+
+
+# -- the AutoIF stages that run model-written code ------------------------------------------------
+
+REFUSED_LANDLOCK = "Linux 5.10.0 has no Landlock (it needs 5.13 or later)"
+
+
+def verify_stage_params(tmp_path, monkeypatch, **changes):
+    """An instruction file for autoif_verify in ``tmp_path`` (the working directory), and params."""
+    from spinflow.config import default_params_dict, validate_params
+    from spinflow.instructions import Case, Instruction
+    from spinflow.io import write_jsonl
+
+    monkeypatch.chdir(tmp_path)
+    short = Instruction(
+        "short",
+        "Answer in fewer than five characters.",
+        ("def evaluate(response):\n    return len(response) < 5\n",),
+        (Case("ab", True), Case("abcdefgh", False), Case("a", True)),
+    )
+    write_jsonl(tmp_path / "autoif/instructions/instructions.jsonl", [short.to_record()])
+    raw = default_params_dict()
+    raw["autoif"].update(enabled=True, sandbox_workers=1, **changes)
+    return validate_params(raw)
+
+
+def test_autoif_stage_records_its_sandbox_layers(tmp_path, monkeypatch, caplog):
+    """The log, the metrics, the provenance; MLflow gets the count (every numeric metric of an
+    evaluation is logged into its run as eval/<key>)."""
+    from spinflow.instructions import SandboxCounter
+    from spinflow.io import read_json
+    from spinflow.recipes import autoif
+    from spinflow.tracking.runs import eval_scalars
+
+    params = verify_stage_params(tmp_path, monkeypatch)
+    with caplog.at_level(logging.INFO, logger="spinflow.recipes.autoif"):
+        autoif.autoif_verify(params)
+    active = [layer.name for layer in active_layers() if layer.active]
+    metrics = read_json(tmp_path / "metrics/autoif_verify.json")
+    assert metrics["sandbox_layers"] == ",".join(active)
+    assert metrics["sandbox_layer_count"] == len(active) >= 5
+    made_by = read_json(tmp_path / "autoif/verified/provenance.json")
+    assert made_by["params"]["sandbox_layers"] == active
+    assert f"sandbox layers: {', '.join(active)}" in caplog.text
+    evaluation = SandboxCounter(layers=active).summary()
+    assert eval_scalars(evaluation)["sandbox_layer_count"] == len(active)
+
+
+def test_autoif_stage_refuses_a_weak_sandbox_in_one_line(tmp_path, monkeypatch, caplog):
+    from spinflow.errors import SpinflowError
+    from spinflow.io import read_json
+    from spinflow.recipes import autoif
+
+    monkeypatch.setattr(sandbox_module, "landlock_abi", lambda: (0, REFUSED_LANDLOCK))
+    monkeypatch.setattr(sandbox_module.shutil, "which", lambda name: None)  # no bwrap
+    with pytest.raises(SpinflowError) as err:
+        autoif.autoif_verify(verify_stage_params(tmp_path, monkeypatch))
+    message = str(err.value)
+    assert "\n" not in message
+    assert message.startswith("refusing to run model-written code: no layer keeps")
+    assert f"landlock: {REFUSED_LANDLOCK}" in message and "bwrap: bwrap is not installed" in message
+    assert "apt-get install bubblewrap" in message
+    assert "or set autoif.allow_weak_sandbox: true to run it with process, scratch_dir" in message
+    assert not (tmp_path / "autoif/verified").exists()
+
+    # said explicitly: it runs, warns, and records the layers it had
+    params = verify_stage_params(tmp_path, monkeypatch, allow_weak_sandbox=True)
+    with caplog.at_level(logging.INFO, logger="spinflow.recipes.autoif"):
+        autoif.autoif_verify(params)
+    assert "weak sandbox (autoif.allow_weak_sandbox)" in caplog.text
+    layers = read_json(tmp_path / "metrics/autoif_verify.json")["sandbox_layers"].split(",")
+    assert "landlock" not in layers and "bwrap" not in layers and "process" in layers

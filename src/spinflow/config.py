@@ -549,6 +549,12 @@ class AutoifParams(Section):
     call_timeout: Annotated[float, Field(gt=0.0, le=60.0)] = Field(
         2.0, description="Seconds one function call may take in the sandbox"
     )
+    allow_weak_sandbox: bool = Field(
+        False,
+        description="Run model-written functions even where no sandbox layer keeps them from "
+        "this user's files (neither Landlock, Linux 5.13+, nor bubblewrap works here); false: "
+        "such stages stop with one line naming the missing layer",
+    )
     supervisor: str | None = Field(
         None,
         description="A local checkpoint directory that writes new instructions, functions and "

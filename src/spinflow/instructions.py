@@ -297,11 +297,13 @@ def load_library(path: str | Path = SEED_LIBRARY, *, min_cases: int = 3) -> Libr
 
 @dataclass
 class SandboxCounter:
-    """Calls run in the sandbox and the seconds they took (for calls per second)."""
+    """Calls run in the sandbox, the seconds they took (for calls per second), their errors by
+    kind, and the sandbox's active layers (set by whoever opens the sandbox)."""
 
     calls: int = 0
     seconds: float = 0.0
     errors: Counter = field(default_factory=Counter)
+    layers: list[str] = field(default_factory=list)  # the sandbox's active layers
 
     def run(self, sandbox, calls: list) -> list:
         started = time.perf_counter()
@@ -321,6 +323,8 @@ class SandboxCounter:
             if self.seconds
             else 0.0,
             "sandbox_errors": dict(sorted(self.errors.items())),
+            "sandbox_layers": ",".join(self.layers),
+            "sandbox_layer_count": len(self.layers),
         }
 
 

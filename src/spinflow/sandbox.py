@@ -15,7 +15,8 @@ Layers (see :func:`active_layers` for what this machine has):
   change what later calls see, and a crash costs a fork, not a new interpreter. The parent talks to
   the worker over two dedicated pipes with length-prefixed JSON messages; the call's process closes
   them before running any untrusted code, and its stdin/stdout/stderr are /dev/null.
-- ``scratch_dir``: a fresh temporary directory is the working directory; removed on close.
+- ``scratch_dir``: a fresh temporary directory holds each call's own working directory; removed
+  on close.
 - ``rlimits``: in each call's process, before untrusted code runs: CPU seconds, address space,
   number of processes (0; Linux does not enforce this limit for root), file size, open files,
   no core files.
@@ -29,10 +30,26 @@ Layers (see :func:`active_layers` for what this machine has):
   mount. Seccomp cannot see paths, so these are refused everywhere, the scratch directory
   included. Reading files stays allowed (imports need it). ``clone3`` and ``openat2`` answer
   ENOSYS so that the C library falls back to calls whose flags the filter can read.
+- ``landlock`` (Linux 5.13 or later, unprivileged): each call's process restricts its own file
+  access before untrusted code runs. It may read the Python installation (its prefixes, the
+  standard library, site-packages), the system's shared libraries and /dev/urandom; read and
+  write only its own directory and /dev/null; execute nothing. Everything else, the user's home,
+  /etc and the project included, is refused (EACCES). From Landlock ABI 4, TCP bind and connect
+  are refused too; from ABI 6, signals and abstract UNIX sockets reach no process outside the
+  call.
+- ``unprivileged``: a call's process is not root. Running as root, calls run as ``nobody`` when
+  that user can read the Python installation (the process limit is then enforced too), else they
+  keep uid 0 but give up every capability (the layer is then inactive: files owned by root stay
+  root's to the call, and only ``landlock`` or ``bwrap`` keep them away).
 - ``bwrap`` (when bubblewrap is installed and works here): the worker sees only the system
   directories, the Python installation (read-only) and the scratch directory (writable), in new
   user, PID, network, IPC and UTS namespaces, in a new session (no writing into the caller's
   terminal), and dies with its parent.
+
+Every call gets a fresh, empty directory in the scratch directory as its working directory, and
+after it every process it left behind is killed (the worker is their subreaper) and its directory
+removed: no call can change what another call sees. :func:`confinement_problem` says whether the
+active layers keep calls from the user's files (``landlock`` or ``bwrap``).
 
 None of this is a virtual machine: a kernel exploit, or a bug in any of the layers, escapes it.
 """
@@ -40,11 +57,15 @@ None of this is a virtual machine: a kernel exploit, or a bug in any of the laye
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import enum
+import errno
 import functools
 import importlib.util
 import json
 import os
+import platform
+import pwd
 import select
 import shutil
 import signal
@@ -129,8 +150,9 @@ class Layer:
 class Sandbox:
     """Workers that run calls in confinement; use as a context manager, or call :meth:`close`.
 
-    ``seccomp`` and ``bwrap``: None uses the layer when this machine has it, True requires it
-    (:class:`SandboxError` otherwise), False leaves it out. ``workers`` calls run side by side.
+    ``seccomp``, ``landlock``, ``unprivileged`` and ``bwrap``: None uses the layer when this
+    machine has it, True requires it (:class:`SandboxError` otherwise), False leaves it out.
+    ``workers`` calls run side by side.
     """
 
     def __init__(
@@ -143,6 +165,8 @@ class Sandbox:
         open_files: int = 64,
         workers: int = 1,
         seccomp: bool | None = None,
+        landlock: bool | None = None,
+        unprivileged: bool | None = None,
         bwrap: bool | None = None,
     ) -> None:
         if call_timeout <= 0 or (batch_timeout is not None and batch_timeout <= 0):
@@ -160,6 +184,8 @@ class Sandbox:
             "open_files": int(open_files),
         }
         self._seccomp_module, self._seccomp_reason = _choose_seccomp(seccomp)
+        self._landlock_abi, self._landlock_reason = _choose_landlock(landlock)
+        self._unprivileged = unprivileged
         self._bwrap, self._bwrap_reason = _choose_bwrap(bwrap, self._seccomp_module)
         self.scratch_dir = Path(tempfile.mkdtemp(prefix="spinflow-sandbox-"))
         self._slots: list[_Worker | None] = [None] * workers
@@ -198,7 +224,7 @@ class Sandbox:
         probe = handshake.get("probe", {})
         limits = probe.get("limits", {})
         rlimits_active = limits.get("RLIMIT_NPROC") == 0 and limits.get("RLIMIT_CPU", -1) >= 0
-        running_as_root = os.geteuid() == 0
+        calls_as_root = probe.get("uid") == 0
         seccomp_active = probe.get("seccomp_mode") == 2
         if seccomp_active:
             seccomp_detail = "refuses sockets, process creation, signals to other processes, "
@@ -214,13 +240,18 @@ class Sandbox:
                 "python -I -B worker with an empty environment in its own session; "
                 "one fork per call; dedicated length-prefixed pipes",
             ),
-            Layer("scratch_dir", probe.get("cwd") == str(self.scratch_dir), str(self.scratch_dir)),
+            Layer(
+                "scratch_dir",
+                Path(probe.get("cwd", "/")).parent == self.scratch_dir,
+                f"{self.scratch_dir}: a fresh directory per call, removed after it, with any "
+                "process the call left",
+            ),
             Layer(
                 "rlimits",
                 rlimits_active,
                 f"CPU {self.limits['cpu_seconds']} s, address space "
                 f"{self.limits['address_space_bytes'] // MiB} MiB, processes 0"
-                + (" (not enforced: running as root)" if running_as_root else "")
+                + (" (not enforced: calls run as root)" if calls_as_root else "")
                 + f", file size {self.limits['file_size_bytes'] // MiB} MiB, "
                 f"open files {self.limits['open_files']}",
             ),
@@ -231,6 +262,8 @@ class Sandbox:
                 + (f", {self.batch_timeout:g} s per batch" if self.batch_timeout else ""),
             ),
             Layer("seccomp", seccomp_active, seccomp_detail),
+            self._landlock_layer(probe),
+            self._unprivileged_layer(probe, handshake),
             Layer(
                 "bwrap",
                 self._bwrap is not None,
@@ -240,6 +273,34 @@ class Sandbox:
                 else self._bwrap_reason,
             ),
         )
+
+    def _landlock_layer(self, probe: dict) -> Layer:
+        abi = self._landlock_abi
+        if not abi:
+            return Layer("landlock", False, self._landlock_reason)
+        if probe.get("landlock") != "active":
+            return Layer("landlock", False, f"not in effect: {probe.get('landlock')}")
+        detail = (
+            f"ABI {abi}: reads only Python and the system's libraries, writes only the call's "
+            "own directory, executes nothing"
+        )
+        if abi >= 4:
+            detail += "; TCP bind and connect refused"
+        if abi >= 6:
+            detail += "; signals and abstract sockets stay inside the call"
+        return Layer("landlock", True, detail)
+
+    def _unprivileged_layer(self, probe: dict, handshake: dict) -> Layer:
+        uid, capabilities = probe.get("uid"), probe.get("capabilities")
+        if uid != 0 and capabilities == 0:
+            name = _user_name(uid)
+            return Layer("unprivileged", True, f"calls run as {name} (uid {uid}), no capabilities")
+        if self._unprivileged is False:
+            return Layer("unprivileged", False, "turned off")
+        why = handshake.get("privileges") or "not dropped"
+        if uid == 0 and capabilities == 0:
+            return Layer("unprivileged", False, f"calls keep uid 0 without capabilities: {why}")
+        return Layer("unprivileged", False, f"calls run as uid {uid} with capabilities: {why}")
 
     # -- running calls ---------------------------------------------------------------------
 
@@ -357,9 +418,7 @@ class Sandbox:
     def _worker(self, slot: int) -> _Worker:
         worker = self._slots[slot]
         if worker is None:
-            worker = _Worker.start(
-                self._command(), self.scratch_dir, self.limits, self._seccomp_module
-            )
+            worker = _Worker.start(self._command(), self.scratch_dir, self._worker_config())
             if self._handshake is None:
                 self._handshake = worker.handshake
             self._slots[slot] = worker
@@ -370,6 +429,17 @@ class Sandbox:
         if worker is not None:
             worker.kill()
             self._slots[slot] = None
+
+    def _worker_config(self) -> dict:
+        """What the worker needs besides its pipes: limits and the layers to set up."""
+        return {
+            "limits": self.limits,
+            "seccomp_module": self._seccomp_module,
+            "landlock_abi": self._landlock_abi,
+            "unprivileged": self._unprivileged,
+            "unprivileged_user": _nobody(),
+            "own_pid_namespace": self._bwrap is not None,
+        }
 
     def _command(self) -> list[str]:
         python = [sys.executable, "-I", "-B", "-c", WORKER_SCRIPT.read_text(encoding="utf-8")]
@@ -393,18 +463,11 @@ class _Worker:
         self.handshake: dict = {}
 
     @classmethod
-    def start(
-        cls, command: list[str], scratch: Path, limits: dict, seccomp_module: str | None
-    ) -> _Worker:
+    def start(cls, command: list[str], scratch: Path, settings: dict) -> _Worker:
         """Start a worker and wait for its handshake; SandboxError if it does not come."""
         request_r, request_w = os.pipe()
         response_r, response_w = os.pipe()
-        config = {
-            "request_fd": request_r,
-            "response_fd": response_w,
-            "limits": limits,
-            "seccomp_module": seccomp_module,
-        }
+        config = {"request_fd": request_r, "response_fd": response_w, **settings}
         try:
             process = subprocess.Popen(
                 [*command, json.dumps(config)],
@@ -539,6 +602,66 @@ def _choose_seccomp(wanted: bool | None) -> tuple[str | None, str]:
     return spec.origin, ""
 
 
+# Landlock's first system call; the number is the same on every architecture but alpha.
+SYS_LANDLOCK_CREATE_RULESET = 444
+LANDLOCK_CREATE_RULESET_VERSION = 1
+
+
+@functools.cache
+def landlock_abi() -> tuple[int, str]:
+    """The Landlock ABI version this kernel offers (0 when none) and, when none, why not."""
+    release = platform.release()
+    if sys.platform != "linux":
+        return 0, f"Landlock is a Linux feature, not on {sys.platform}"
+    if platform.machine().startswith("alpha"):
+        return 0, "Landlock's system call numbers differ on alpha"
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall.restype = ctypes.c_long
+    abi = libc.syscall(
+        ctypes.c_long(SYS_LANDLOCK_CREATE_RULESET),
+        None,
+        ctypes.c_size_t(0),
+        ctypes.c_uint32(LANDLOCK_CREATE_RULESET_VERSION),
+    )
+    if abi > 0:
+        return int(abi), ""
+    code = ctypes.get_errno()
+    if code == errno.ENOSYS:
+        return 0, f"Linux {release} has no Landlock (it needs 5.13 or later)"
+    if code == errno.EOPNOTSUPP:
+        return 0, (
+            f"Landlock is built into Linux {release} but not enabled: add landlock to the "
+            "kernel's lsm= boot parameter"
+        )
+    return 0, f"Landlock does not answer on Linux {release}: {os.strerror(code)}"
+
+
+def _choose_landlock(wanted: bool | None) -> tuple[int, str]:
+    """The Landlock ABI to use (0: none) and, when none, why not."""
+    if wanted is False:
+        return 0, "turned off"
+    abi, reason = landlock_abi()
+    if not abi and wanted:
+        raise SandboxError(f"landlock was required but is not available: {reason}")
+    return abi, reason
+
+
+def _nobody() -> tuple[int, int] | None:
+    """uid and gid of the unprivileged user calls run as when spinflow runs as root."""
+    try:
+        entry = pwd.getpwnam("nobody")
+    except KeyError:
+        return None
+    return entry.pw_uid, entry.pw_gid
+
+
+def _user_name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"uid {uid}"
+
+
 def _choose_bwrap(wanted: bool | None, seccomp_module: str | None) -> tuple[str | None, str]:
     """The bwrap executable to use, or None and why not."""
     if wanted is False:
@@ -621,6 +744,28 @@ def _remove_tree(path: Path) -> None:
     if path.is_dir():
         restore_permissions(str(path))
         shutil.rmtree(path, ignore_errors=True)
+
+
+# Layers that keep a call from the user's files: either is enough.
+CONFINING_LAYERS = ("landlock", "bwrap")
+
+
+def confinement_problem(layers: Iterable[Layer]) -> str:
+    """ "" when ``layers`` keep calls from reading or writing files outside their own directory
+    and the Python installation (``landlock`` or ``bwrap`` is active); else one line naming what
+    is missing and how to get it."""
+    found = {layer.name: layer for layer in layers}
+    if any(found[name].active for name in CONFINING_LAYERS if name in found):
+        return ""
+    why = "; ".join(
+        f"{name}: {found[name].detail}" if name in found else f"{name}: not measured"
+        for name in CONFINING_LAYERS
+    )
+    return (
+        f"no layer keeps model-written code from reading this user's files ({why}): run on "
+        "Linux 5.13 or later with Landlock enabled, or install bubblewrap (apt-get install "
+        "bubblewrap) where unprivileged user namespaces are allowed"
+    )
 
 
 def run_calls(calls: Iterable[Call | tuple[str, str]], **options) -> list[Result]:

@@ -77,10 +77,39 @@ SAMPLES, SFT_DATA, PAIRS = "samples.jsonl", "sft.jsonl", "pairs.jsonl"
 SUPERVISED_FILE = "instructions.yaml"
 
 
-def _sandbox(params: Params):
-    from spinflow.sandbox import Sandbox
+def _sandbox(params: Params, counter: SandboxCounter):
+    """The sandbox for model-written code. Refused, in one line, when no layer keeps that code
+    from the user's files, unless ``autoif.allow_weak_sandbox``; its active layers are logged and
+    kept in ``counter`` (the stage's metrics and provenance)."""
+    from spinflow.sandbox import Sandbox, confinement_problem
 
-    return Sandbox(call_timeout=params.autoif.call_timeout, workers=params.autoif.sandbox_workers)
+    sandbox = Sandbox(
+        call_timeout=params.autoif.call_timeout, workers=params.autoif.sandbox_workers
+    )
+    try:
+        layers = sandbox.layers()
+        active = [layer.name for layer in layers if layer.active]
+        problem = confinement_problem(layers)
+        if problem and not params.autoif.allow_weak_sandbox:
+            raise SpinflowError(
+                f"refusing to run model-written code: {problem}; or set "
+                f"autoif.allow_weak_sandbox: true to run it with {', '.join(active)} only"
+            )
+    except BaseException:
+        sandbox.close()
+        raise
+    if problem:
+        log.warning(
+            "running model-written code in a weak sandbox (autoif.allow_weak_sandbox): %s", problem
+        )
+    inactive = [f"{layer.name} ({layer.detail})" for layer in layers if not layer.active]
+    log.info(
+        "sandbox layers: %s%s",
+        ", ".join(active),
+        f"; inactive: {', '.join(inactive)}" if inactive else "",
+    )
+    counter.layers = active
+    return sandbox
 
 
 def _read_instructions(path: Path) -> list[Instruction]:
@@ -152,7 +181,7 @@ def autoif_verify(params: Params) -> dict[str, Any]:
     instructions = _read_instructions(source)
     a = params.autoif
     counter = SandboxCounter()
-    with _sandbox(params) as sandbox:
+    with _sandbox(params, counter) as sandbox:
         kept, drops, accuracies = cross_validate(
             instructions,
             sandbox,
@@ -167,10 +196,11 @@ def autoif_verify(params: Params) -> dict[str, Any]:
             f"≥ {a.min_function_accuracy:g} on its cases ({len(instructions)} checked: "
             f"{count_drops(drops)})"
         )
+    settings = {
+        k: getattr(a, k) for k in ("min_function_accuracy", "min_functions", "call_timeout")
+    }
     made_by = provenance(
-        "autoif_verify",
-        {k: getattr(a, k) for k in ("min_function_accuracy", "min_functions", "call_timeout")},
-        {"instructions": source},
+        "autoif_verify", {**settings, "sandbox_layers": counter.layers}, {"instructions": source}
     )
     _write_instruction_dir(AUTOIF_VERIFIED, kept, drops, made_by)
     summary = {
@@ -561,7 +591,7 @@ def autoif_sample(params: Params, k: int) -> dict[str, Any]:
         for r, text in zip(records, responses, strict=True)
     ]
     counter = SandboxCounter()
-    with _sandbox(params) as sandbox:
+    with _sandbox(params, counter) as sandbox:
         passes = check_responses(checks, sandbox, counter)
     scored = [
         {
@@ -612,6 +642,7 @@ def autoif_sample(params: Params, k: int) -> dict[str, Any]:
                     "engine": params.generate.engine,
                     "prompt": params.prompt.model_dump(),
                     "seed": params.seed,
+                    "sandbox_layers": counter.layers,
                 },
                 {"model": source, "queries": AUTOIF_QUERIES / TRAIN_QUERIES},
             ),
@@ -741,7 +772,7 @@ def check_generated(params: Params, graph, pairs: list[dict], counter: SandboxCo
         )
     if not checked:
         return
-    with _sandbox(params) as sandbox:
+    with _sandbox(params, counter) as sandbox:
         passes = check_responses(
             [(instructions[p["instruction"]], p["generated"]) for p in checked], sandbox, counter
         )
@@ -785,7 +816,7 @@ def autoif_evaluate(params: Params, name: str) -> dict[str, Any]:
         for i in q["instructions"]
     ]
     counter = SandboxCounter()
-    with _sandbox(params) as sandbox:
+    with _sandbox(params, counter) as sandbox:
         passes = iter(check_responses(checks, sandbox, counter))
     rows = []
     for q, text in zip(queries, responses, strict=True):
@@ -819,6 +850,7 @@ def autoif_evaluate(params: Params, name: str) -> dict[str, Any]:
                     "engine": params.generate.engine,
                     "prompt": params.prompt.model_dump(),
                     "seed": params.seed,
+                    "sandbox_layers": counter.layers,
                 },
                 {"model": source, "queries": AUTOIF_QUERIES / EVAL_QUERIES},
             ),
