@@ -97,6 +97,17 @@ def test_a_machine_that_never_joins_fails_the_stage_in_one_line(tiny_dvc_repo, t
         "--machine-rank <rank>` on each other machine (or raise SPINFLOW_JOIN_TIMEOUT)"
     )
     assert "Traceback" not in stderr
+    # and a worker whose first machine is not there
+    alone = start(
+        repo, ["spinflow", "worker", STAGE, "--machine-rank", "1"], SPINFLOW_JOIN_TIMEOUT="3"
+    )
+    _, stderr = alone.communicate(timeout=120)
+    assert alone.returncode == 1
+    assert stderr.strip() == (
+        f"error: {STAGE}: machine 1 could not reach the first machine within 3 s; is `dvc repro` "
+        "running this stage there, and is main_process_ip:main_process_port of the accelerate "
+        "config reachable?"
+    )
     # a stage of one machine has no worker to start
     other = start(repo, ["spinflow", "worker", "eval_sft", "--machine-rank", "1"])
     _, stderr = other.communicate(timeout=60)

@@ -37,6 +37,11 @@ _TIMED_OUT = re.compile(
     r"Timed out after \d+ seconds waiting for clients\. (\d+)/(\d+) clients joined"
 )
 _NOT_REACHED = re.compile(r"(DistNetworkError|DistStoreError).*(timed out|Timed out|connect)")
+# what torch's store client prints while it retries to reach the first machine (C++ frames)
+_WAITING = re.compile(
+    r"^(\[[EW]\d{4} .*(c10d|TCPStore|socket)|frame #\d+: |Exception raised from |<omitting python "
+    r"frames>|\s*$)"
+)
 
 
 def machines(config: str | os.PathLike) -> int:
@@ -70,10 +75,13 @@ def run(args: Sequence[str], stage: str, machine_rank: int | None = None) -> int
     command = accelerate_command(args, machine_rank)
     process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, errors="replace")
     held: list[str] = []  # the launcher's traceback, shown only if it is not a rendezvous failure
+    waiting: list[str] = []  # retries to reach the first machine, the same
     assert process.stderr is not None
     for line in process.stderr:
         if held or line.startswith("Traceback (most recent call last)"):
             held.append(line)
+        elif _WAITING.match(line):
+            waiting.append(line)
         else:
             sys.stderr.write(line)
             sys.stderr.flush()
@@ -99,7 +107,7 @@ def run(args: Sequence[str], stage: str, machine_rank: int | None = None) -> int
             file=sys.stderr,
         )
         return 1
-    sys.stderr.write(text)
+    sys.stderr.write("".join(waiting[-20:]) + text)
     return code
 
 
