@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 
 from spinflow.config import EvalParams, PromptParams
-from spinflow.evaluation import answer_logps, evaluate, score_answers
+from spinflow.evaluation import (
+    answer_logps,
+    evaluate,
+    opponent_rows,
+    score_answers,
+    token_counts,
+)
 from spinflow.tasks import generate_examples
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
@@ -103,6 +109,58 @@ def test_shifted_opponent_log_probs_move_the_margin_by_beta_times_the_shift(
     expected = BETA * sum(differences) / len(differences)  # 0.3 × (−1/6): negative on purpose
     assert metrics["reward_margin"] == pytest.approx(expected, abs=1e-5)
     assert metrics["reward_accuracy"] == pytest.approx(3 / 6)  # rows 0, 2 and 5
+
+
+def test_opponent_rows_give_the_margin_evaluate_averages(
+    own_evaluation, tiny_model_session, tiny_tokenizer_session
+):
+    """Per example, what evaluate() averages into reward_margin: the mean of the rows' margins
+    equals it, and a row's margin is β·[(real after − before) − (answer after − before)]."""
+    _, rows = own_evaluation
+    real_shift = [0.0, 2.0, 0.0, 1.0, 5.0, 0.5]
+    shifted = [
+        {**row, "real_logps": row["real_logps"] + a, "generated_logps": row["generated_logps"]}
+        for row, a in zip(rows, real_shift, strict=True)
+    ]
+    metrics = _against(tiny_model_session, tiny_tokenizer_session, shifted[::-1])
+    extra = opponent_rows(
+        tiny_model_session,
+        tiny_tokenizer_session,
+        rows,
+        shifted[::-1],
+        prompt=PROMPT,
+        batch_size=3,
+        beta=BETA,
+    )
+    margins = [e["reward_margin"] for e in extra]
+    assert sum(margins) / len(margins) == pytest.approx(metrics["reward_margin"], abs=1e-5)
+    assert sum(m > 0 for m in margins) / len(margins) == pytest.approx(metrics["reward_accuracy"])
+    for row, e, a in zip(rows, extra, real_shift, strict=True):
+        # the model is its own opponent here: its answer's log-prob is the same before and after
+        assert e["opponent_answer_logps"] == pytest.approx(row["generated_logps"], abs=1e-4)
+        assert e["opponent_real_logps"] == pytest.approx(row["real_logps"] + a)
+        assert e["reward_margin"] == pytest.approx(-BETA * a, abs=1e-4)
+
+
+def test_token_counts_are_the_per_example_parts_of_two_metrics(
+    own_evaluation, tiny_model_session, tiny_tokenizer_session
+):
+    metrics, rows = own_evaluation
+    answers = [r["generated"] for r in rows]
+    counts = token_counts(tiny_tokenizer_session, RECORDS, answers, PROMPT)
+    _, real_counts = answer_logps(
+        tiny_model_session,
+        tiny_tokenizer_session,
+        RECORDS,
+        [r["answer"] for r in RECORDS],
+        PROMPT,
+        4,
+    )
+    assert [c["real_tokens"] for c in counts] == real_counts
+    total = sum(r["real_logps"] for r in rows) / sum(c["real_tokens"] for c in counts)
+    assert total == pytest.approx(metrics["answer_logprob_per_token"], rel=1e-6)
+    lengths = [c["generated_tokens"] for c in counts]
+    assert sum(lengths) / len(lengths) == pytest.approx(metrics["answer_length"])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -231,6 +231,43 @@ def test_sft_extra_baseline_matches_spin_steps(tracked):
     ]
 
 
+def test_report_metrics_are_in_the_pipeline_run(tracked):
+    """The paired differences, the verdict and the per-iteration diagnostics the report wrote
+    (metrics/comparisons.json, metrics/diagnostics.json) are charts of the pipeline run."""
+    client, root = tracked.client, tracked.root
+    parent = pipeline_runs(client, tracked.params)["pipeline"]
+    compared = json.loads((root / "metrics" / "comparisons.json").read_text())
+    diagnostics = json.loads((root / "metrics" / "diagnostics.json").read_text())
+    for k in range(1, ITERATIONS + 1):
+        for versus in ("vs_theta_0", "vs_sft_extra"):
+            result = compared["differences"][f"theta_{k}"][versus]["exact_match"]
+            for suffix, field in (("", "difference"), ("_low", "low"), ("_high", "high")):
+                history = client.get_metric_history(
+                    parent.info.run_id, f"paired/{versus}/exact_match{suffix}"
+                )
+                values = {m.step: m.value for m in history}
+                assert values[k] == pytest.approx(result[field])
+    for k in range(ITERATIONS):
+        history = client.get_metric_history(
+            parent.info.run_id, "diagnostics/training/reward_margin"
+        )
+        assert {m.step: m.value for m in history}[k] == pytest.approx(
+            diagnostics[f"iter_{k}"]["training"]["reward_margin"]
+        )
+        held = diagnostics[f"iter_{k}"]["validation"]
+        assert parent.data.metrics["diagnostics/validation/examples"] == held["examples"] == 4
+    assert parent.data.metrics["verdict/chosen_step"] == compared["chosen"]["step"]
+    sentence = parent.data.tags["spinflow.verdict.vs_sft_extra"]
+    assert sentence == compared["verdict"]["vs_sft_extra"]["sentence"]
+    assert sentence.startswith(f"SPIN (θ{compared['chosen']['step']}, chosen on validation)")
+    # each iteration run has its validation scores beside the test ones
+    run = pipeline_runs(client, tracked.params)["iter_0"]
+    evaluated = json.loads((root / "metrics" / "eval_iter_0.json").read_text())
+    assert run.data.metrics["eval/val/exact_match"] == pytest.approx(
+        evaluated["validation"]["exact_match"]
+    )
+
+
 def test_samples_tables_and_report(tracked):
     client = tracked.client
     runs = pipeline_runs(client, tracked.params)
@@ -247,7 +284,12 @@ def test_samples_tables_and_report(tracked):
     )
     assert len(evaluated) == 8
     report = {f.path for f in tracked.client.list_artifacts(runs["pipeline"].info.run_id, "report")}
-    assert {"report/results.md", "report/metrics.png", "report/by_iteration.csv"} <= report
+    assert {
+        "report/results.md",
+        "report/metrics.png",
+        "report/by_iteration.csv",
+        "report/diagnostics.png",
+    } <= report
 
 
 def test_registry_versions_and_aliases(tracked):
@@ -267,10 +309,15 @@ def test_registry_versions_and_aliases(tracked):
         assert logged.experiment_id == run.info.experiment_id
         assert version.tags["spinflow.model_hash"] == run.data.tags["spinflow.model_hash"]
         assert run.data.tags["spinflow.model_version"] == str(version.version)
-    metric = f"eval/{params.tracking.champion_metric}"
+    # chosen on the validation split, ties to the earlier iteration: the report's rule
+    metric = f"eval/val/{params.tracking.champion_metric}"
     values = [runs[f"iter_{k}"].data.metrics[metric] for k in range(ITERATIONS)]
-    best = max(k for k in range(ITERATIONS) if values[k] == max(values))  # ties: the later one
+    best = min(k for k in range(ITERATIONS) if values[k] == max(values))
     assert aliases["champion"] == aliases[f"iter_{best}"]
+    parent = runs["pipeline"].data.tags
+    assert parent["spinflow.champion_iteration"] == str(best)
+    chosen = json.loads((tracked.root / "metrics" / "comparisons.json").read_text())["chosen"]
+    assert chosen["model"] == f"theta_{best + 1}" == parent["spinflow.chosen_model"]
     champion_uri = f"models:/{MODEL_NAME}@champion"
     folder = Path(mlflow.artifacts.download_artifacts(champion_uri, tracking_uri=tracked.uri))
     requirements = (folder / "requirements.txt").read_text()
@@ -533,3 +580,17 @@ def test_a_rerun_that_skips_the_report_leaves_no_pipeline_run_running(tracked, m
     finally:
         for k in range(ITERATIONS):
             execute(params, f"generate_iter_{k}", spin.generate)
+
+
+def test_the_champion_rule_is_best_on_validation_ties_to_the_earlier():
+    from spinflow.tracking.registry import choose_iteration
+    from spinflow.tracking.runs import eval_scalars
+
+    assert choose_iteration({0: 0.5, 1: 0.75, 2: 0.75}, "max") == 1
+    assert choose_iteration({2: 0.75, 1: 0.75, 0: 0.5}, "max") == 1  # by k, not by order
+    assert choose_iteration({0: 0.5, 1: 0.25, 2: 0.25}, "min") == 1
+    assert choose_iteration({0: None, 1: float("nan"), 2: 0.1}, "max") == 2
+    assert choose_iteration({0: None}, "max") is None
+    # what the rule reads: the validation split's metrics, logged as eval/val/<metric>
+    scalars = eval_scalars({"exact_match": 0.25, "validation": {"exact_match": 0.5, "n": 4}})
+    assert scalars == {"exact_match": 0.25, "val/exact_match": 0.5, "val/n": 4.0}

@@ -181,3 +181,69 @@ def evaluate(
         for r, a, rl, gl in zip(records, answers, real_logps, own_logps, strict=True)
     ]
     return metrics, rows
+
+
+def token_counts(
+    tokenizer, records: Sequence[dict], answers: Sequence[str], prompt: PromptParams
+) -> list[dict[str, int]]:
+    """Per record, the per-example parts of two metrics: ``real_tokens``, its real answer's
+    tokens as :func:`answer_logps` counts them (end token included; the denominator of
+    ``answer_logprob_per_token``), and ``generated_tokens``, those of its answer in ``answers``
+    as :func:`score_answers` counts them (``answer_length``)."""
+    counts = []
+    for record, answer in zip(records, answers, strict=True):
+        encoded = encode_example(
+            tokenizer,
+            record["prompt"],
+            record["answer"],
+            system_prompt=prompt.system_prompt,
+            max_prompt_length=prompt.max_prompt_length,
+            max_length=prompt.max_length,
+        )
+        generated = tokenizer(answer, add_special_tokens=False)["input_ids"]
+        counts.append(
+            {
+                "real_tokens": len(encoded.input_ids) - encoded.prompt_length,
+                "generated_tokens": len(generated),
+            }
+        )
+    return counts
+
+
+def opponent_rows(
+    model,
+    tokenizer,
+    rows: Sequence[dict],
+    reference: Sequence[dict],
+    *,
+    prompt: PromptParams,
+    batch_size: int,
+    beta: float,
+) -> list[dict]:
+    """Per row of :func:`evaluate` (the model's own), what it makes of its opponent's greedy
+    answer (``reference``, the opponent's rows, matched by id): the opponent's log-probs of the
+    real answer and of its own answer (before SPIN's step), the model's log-prob of that answer
+    (after), and the reward margin :func:`evaluate` averages into ``reward_margin``."""
+    by_id = {row["id"]: row for row in reference}
+    before = [by_id[row["id"]] for row in rows]
+    records = [{"prompt": row["prompt"]} for row in rows]
+    after, _ = answer_logps(
+        model,
+        tokenizer,
+        records,
+        [b["generated"] for b in before],
+        prompt,
+        batch_size,
+        desc="opponent answers",
+    )
+    return [
+        {
+            "opponent_real_logps": b["real_logps"],
+            "opponent_generated_logps": b["generated_logps"],
+            "opponent_answer_logps": a,
+            "reward_margin": spin_logits(
+                row["real_logps"], a, b["real_logps"], b["generated_logps"], beta
+            ),
+        }
+        for row, b, a in zip(rows, before, after, strict=True)
+    ]

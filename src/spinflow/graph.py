@@ -25,7 +25,10 @@ METRICS_DIR = Path("metrics")
 PLOTS_DIR = Path("plots")
 TIMINGS_DIR = Path("timings")  # run-to-run noise: not in dvc.yaml, ignored by Git
 REPORT_DIR = Path("reports")
-REPORT_FILES = ("results.md", "metrics.png", "by_iteration.csv")
+REPORT_FILES = ("results.md", "metrics.png", "by_iteration.csv", "diagnostics.png")
+# the report's own metrics: paired differences and the verdict; per-iteration diagnostics
+COMPARISONS = METRICS_DIR / "comparisons.json"
+DIAGNOSTICS = METRICS_DIR / "diagnostics.json"
 
 # What a model node is, for tracking and the report.
 BASE, BASELINE, ITERATION, SFT_EXTRA = "base", "baseline", "iteration", "sft_extra"
@@ -87,6 +90,11 @@ class Evaluation:
     @property
     def generations(self) -> Path:
         return self.directory / "generations.jsonl"
+
+    @property
+    def validation(self) -> Path:
+        """Rows of the same evaluation on the validation split (test-split evaluations)."""
+        return self.directory / "validation.jsonl"
 
     @property
     def metrics(self) -> Path:
@@ -764,6 +772,13 @@ class Graph:
                         for m in self.models.values()
                         if m.train_metrics is not None
                     ),
+                    # per-iteration diagnostics: each iteration's steps and θk's pool answers
+                    *(
+                        str(path)
+                        for m in self.models.values()
+                        if m.role == ITERATION
+                        for path in (m.steps_csv, generated_dir(m.iteration))
+                    ),
                     str(DATA_DIR),
                     *scores,
                     *(
@@ -783,10 +798,15 @@ class Graph:
                     "lobass",
                     "autoif.enabled",
                     "autoif.iterations",
+                    # the rule that chooses the iteration a user keeps (validation split)
+                    "tracking.champion_metric",
+                    "tracking.champion_mode",
                 ),
+                metrics=(str(COMPARISONS), str(DIAGNOSTICS)),
                 uncached_outs=(
                     str(REPORT_DIR / "results.md"),
                     str(REPORT_DIR / "metrics.png"),
+                    str(REPORT_DIR / "diagnostics.png"),
                     *((str(REPORT_DIR / "lobass_scores.png"),) if scores else ()),
                 ),
                 plots=(Plot(str(REPORT_DIR / "by_iteration.csv"), "iteration"),),

@@ -1,5 +1,9 @@
 """Held-out evaluation of any model of the pipeline (``eval_<name>``) and the report.
 
+Each model is scored on the test split and, by the same code, on the validation split (under
+``validation`` in its metrics, rows in ``eval/<name>/validation.jsonl``): the report and the
+MLflow ``champion`` alias choose the SPIN iteration on the validation split alone.
+
 An evaluation whose graph node names an opponent (θk for θk+1, θ0 for the SFT-extra baseline)
 reads the opponent's evaluation rows, so the reward margin needs no second model in memory.
 With ``eval.lm_eval.tasks`` set, the same loaded model then runs those lm-evaluation-harness
@@ -28,16 +32,28 @@ def _beta(params: Params, model: pipeline_graph.Model) -> float:
     return params.spin.beta
 
 
-def _score(params: Params, source: Path, records: list[dict], reference=None, beta: float = 0.1):
-    """Load the checkpoint at ``source`` and evaluate it on ``records`` (eval.*, prompt.*,
-    generate.engine); returns (model, tokenizer, metrics, rows)."""
+def _load(params: Params, source: Path):
+    """The checkpoint at ``source`` on the stage's device, its tokenizer and a generation engine
+    over it (generate.engine): (model, tokenizer, engine)."""
     from spinflow.devices import stage_device
     from spinflow.engines import open_engine
-    from spinflow.evaluation import evaluate as run_eval
     from spinflow.models import load_model, load_tokenizer
 
     tokenizer = load_tokenizer(source)
     model = load_model(source, device=stage_device(params.device))
+    engine = open_engine(
+        params.generate, model, tokenizer, model_dir=source, batch_size=params.eval.batch_size
+    )
+    return model, tokenizer, engine
+
+
+def _score(params: Params, loaded, records: list[dict], reference=None, beta: float = 0.1):
+    """Evaluate the loaded model on ``records`` (eval.*, prompt.*); returns (metrics, rows), each
+    row with its answers' token counts, so that every metric can be recomputed per example."""
+    from spinflow.evaluation import evaluate as run_eval
+    from spinflow.evaluation import token_counts
+
+    model, tokenizer, engine = loaded
     metrics, rows = run_eval(
         model,
         tokenizer,
@@ -47,15 +63,38 @@ def _score(params: Params, source: Path, records: list[dict], reference=None, be
         seed=params.seed,
         reference=reference,
         beta=beta,
-        engine=open_engine(
-            params.generate, model, tokenizer, model_dir=source, batch_size=params.eval.batch_size
-        ),
+        engine=engine,
     )
-    return model, tokenizer, metrics, rows
+    counts = token_counts(tokenizer, records, [row["generated"] for row in rows], params.prompt)
+    return metrics, [{**row, **count} for row, count in zip(rows, counts, strict=True)]
+
+
+def _validate(params: Params, loaded, records: list[dict], reference, beta: float):
+    """The same evaluation on the validation split, which chooses the SPIN iteration a user
+    keeps without reading the test split; against an opponent each row also holds the
+    opponent's log-probs and the reward margin (:func:`spinflow.evaluation.opponent_rows`).
+    Returns (scalar metrics, rows)."""
+    from spinflow.evaluation import opponent_rows
+
+    metrics, rows = _score(params, loaded, records, reference, beta)
+    if reference is not None:
+        model, tokenizer, _ = loaded
+        extra = opponent_rows(
+            model,
+            tokenizer,
+            rows,
+            reference,
+            prompt=params.prompt,
+            batch_size=params.eval.batch_size,
+            beta=beta,
+        )
+        rows = [{**row, **more} for row, more in zip(rows, extra, strict=True)]
+    return {k: v for k, v in metrics.items() if not isinstance(v, dict)}, rows
 
 
 def evaluate(params: Params, name: str) -> dict[str, Any]:
-    """Evaluate one model on the test split: metrics/eval_<name>.json and eval/<name>/."""
+    """Evaluate one model on the test split, and on the validation split under ``validation``:
+    metrics/eval_<name>.json and eval/<name>/."""
     from spinflow.data import load_split
     from spinflow.engines import check_engine
 
@@ -68,24 +107,39 @@ def evaluate(params: Params, name: str) -> dict[str, Any]:
     model_node = graph.model(evaluation.model)
     source = require(graph, model_node.path)
     records = load_split(DATA_DIR, "test")
+    validation = load_split(DATA_DIR, "val")
     opponent = graph.evaluation(evaluation.opponent) if evaluation.opponent else None
     reference = (
         read_jsonl(require(graph, opponent.generations), ("id", "generated")) if opponent else None
     )
+    val_reference = (
+        read_jsonl(require(graph, opponent.validation), ("id", "generated"))
+        if opponent and validation
+        else None
+    )
     beta = _beta(params, model_node)
-    model, tokenizer, metrics, rows = _score(params, source, records, reference, beta)
+    loaded = _load(params, source)
+    metrics, rows = _score(params, loaded, records, reference, beta)
+    val_rows: list[dict] = []
+    if validation:
+        metrics["validation"], val_rows = _validate(params, loaded, validation, val_reference, beta)
+    model, tokenizer, _ = loaded
     benchmark_results = None
     if benchmarks is not None:  # last: it may move the model to another device
         benchmark_results = harness.run(model, tokenizer, benchmarks)
         metrics["lm_eval"] = harness.headline(benchmark_results)
     metrics = {"model": name, **metrics}
     inputs = {"model": source, "test": DATA_DIR / "test.jsonl"}
+    if validation:
+        inputs["validation"] = DATA_DIR / "val.jsonl"
     if opponent:
         inputs["opponent"] = opponent.generations
     if benchmarks is not None and benchmarks.settings.include_path is not None:
         inputs["lm_eval_tasks"] = benchmarks.settings.include_path
     with atomic_path(evaluation.directory, directory=True) as tmp:
         write_jsonl(tmp / evaluation.generations.name, rows)
+        if validation:
+            write_jsonl(tmp / evaluation.validation.name, val_rows)
         if benchmark_results is not None:
             write_json(tmp / harness.RESULTS_FILE, benchmark_results)
         write_json(
@@ -128,7 +182,7 @@ def evaluate_checkpoints(
         raise SpinflowError(f"{data_dir / split}.jsonl is empty: nothing to evaluate")
     results = []
     for path in models:
-        _, _, metrics, rows = _score(params, path, records)
+        metrics, rows = _score(params, _load(params, path), records)
         scores = answer_scores({row["id"]: row["generated"] for row in rows}, records)
         pass_rate, exact = interval_cells(scores)
         results.append(

@@ -70,7 +70,10 @@ the adapter settings and its base (``models:/<name>/<version>`` of θk when regi
 checkpoint path; its hash in the config).
 
 ``iter_k`` and ``champion`` aliases describe the pipeline that ran last. The champion is the
-iteration of that pipeline with the best ``tracking.champion_metric`` (ties: the later one).
+iteration of that pipeline with the best ``tracking.champion_metric`` on the validation split
+(``eval/val/<metric>``; ties: the earlier one), the rule the report's verdict uses; the test
+split plays no part in it. The report stage adds its paired differences, verdict and
+per-iteration diagnostics to the pipeline run (:func:`~spinflow.tracking.runs.report_scalars`).
 
 Where: ``MLFLOW_TRACKING_URI`` when set, else ``sqlite:///<root>/mlflow.db`` with artifacts in
 ``<root>/mlartifacts``, where ``<root>`` is the DVC repository root (``DVC_ROOT``; a temporary

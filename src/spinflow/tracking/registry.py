@@ -3,7 +3,8 @@
 Versions are the saved checkpoints, logged with the transformers flavor (pyfunc too) and explicit
 pip requirements (no torchvision: there is no CPU wheel of it here). A version is reused for the
 same checkpoint (``spinflow.model_hash``). ``iter_k`` points at θk+1, ``champion`` at the iteration
-with the best ``tracking.champion_metric`` (ties: the later one).
+a user keeps: :func:`choose_iteration` on the validation split (the report's verdict uses the
+same rule).
 """
 
 from __future__ import annotations
@@ -27,6 +28,26 @@ from spinflow.tracking.store import (
 log = logging.getLogger(__name__)
 
 CHAMPION = "champion"
+VALIDATION_PREFIX = "val/"  # evaluation metrics of the validation split, as logged
+
+
+def choose_iteration(values: dict[int, float | None], mode: str) -> int | None:
+    """The iteration a user keeps, from each iteration's value of the chosen metric on the
+    validation split: the best (``mode`` max or min), ties to the earlier iteration (less
+    training, same evidence); None when no iteration has a finite value."""
+    best: tuple[float, int] | None = None
+    for k, value in sorted(values.items()):
+        if value is None or not math.isfinite(value):
+            continue
+        if (
+            best is None
+            or (mode == "max" and value > best[0])
+            or (mode == "min" and value < best[0])
+        ):
+            best = (value, k)
+    return None if best is None else best[1]
+
+
 REQUIREMENTS = ("torch", "transformers", "accelerate", "safetensors", "tokenizers")
 
 
@@ -178,37 +199,43 @@ class Registry:
     # -- aliases and cleanup -----------------------------------------------------------------------
 
     def update_champion(self, runs: dict[int, Any]) -> tuple[int, str] | None:
-        """Point ``champion`` at the best of the iteration runs (by k); returns (k, version)."""
+        """Point ``champion`` at the iteration run (by k) :func:`choose_iteration` picks on the
+        validation split's ``tracking.champion_metric``; returns (k, version)."""
         tracking = self.params.tracking
-        metric = f"eval/{tracking.champion_metric}"
-        best: tuple[float, int, str] | None = None
+        metric = f"eval/{VALIDATION_PREFIX}{tracking.champion_metric}"
+        values: dict[int, float | None] = {}
+        versions: dict[int, str] = {}
         evaluated: set[str] = set()
-        for k, run in sorted(runs.items()):
-            version, value = run.data.tags.get(TAG_VERSION), run.data.metrics.get(metric)
+        for k, run in runs.items():
             evaluated.update(key for key in run.data.metrics if key.startswith("eval/"))
-            if version is None or value is None or not math.isfinite(value):
-                continue
-            if (
-                best is None
-                or (tracking.champion_mode == "max" and value >= best[0])
-                or (tracking.champion_mode == "min" and value <= best[0])
-            ):
-                best = (value, k, version)
-        if best is None:
+            version = run.data.tags.get(TAG_VERSION)
+            if version is not None:
+                versions[k] = version
+                values[k] = run.data.metrics.get(metric)
+        chosen = choose_iteration(values, tracking.champion_mode)
+        if chosen is None:
             if evaluated:
+                choices = sorted(
+                    m.removeprefix(f"eval/{VALIDATION_PREFIX}")
+                    for m in evaluated
+                    if m.startswith(f"eval/{VALIDATION_PREFIX}")
+                )
                 log.warning(
-                    "no iteration has %s, so no %s alias; tracking.champion_metric can be: %s",
+                    "no iteration has %s, so no %s alias; the champion is chosen on the "
+                    "validation split (data.num_val > 0), and tracking.champion_metric can be: %s",
                     metric,
                     CHAMPION,
-                    ", ".join(sorted(m.removeprefix("eval/") for m in evaluated)),
+                    ", ".join(choices) or "none (no validation split)",
                 )
             return None
-        value, k, version = best
+        version = versions[chosen]
         aliases = self.client.get_registered_model(self.name).aliases or {}
         if str(aliases.get(CHAMPION)) != version:
             self.client.set_registered_model_alias(self.name, CHAMPION, version)
-            log.info("champion: iter_%d (version %s, %s = %s)", k, version, metric, value)
-        return k, version
+            log.info(
+                "champion: iter_%d (version %s, %s = %s)", chosen, version, metric, values[chosen]
+            )
+        return chosen, version
 
     def cleanup(self) -> None:
         """Delete this pipeline's versions that a re-run replaced and nothing refers to."""

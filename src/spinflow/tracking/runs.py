@@ -21,7 +21,9 @@ from typing import Any
 from spinflow.config import Params
 from spinflow.graph import (
     BASE,
+    COMPARISONS,
     DATA_DIR,
+    DIAGNOSTICS,
     ITERATION,
     REPORT,
     REPORT_DIR,
@@ -44,7 +46,7 @@ from spinflow.tracking.lineage import (
     provenance_params,
 )
 from spinflow.tracking.recovery import fail_interrupted_runs, remove_orphaned_models
-from spinflow.tracking.registry import CHAMPION, Registry
+from spinflow.tracking.registry import CHAMPION, VALIDATION_PREFIX, Registry
 from spinflow.tracking.store import (
     TAG_ITERATION,
     TAG_KEY,
@@ -125,12 +127,16 @@ def _same(a: float, b: float) -> bool:
 
 
 def eval_scalars(metrics: dict[str, Any]) -> dict[str, float]:
-    """Numeric evaluation metrics; ``per_task_pass_rate`` becomes ``pass_rate/<task>`` and the
-    lm-evaluation-harness metrics ``lm_eval/<task>/<metric>``."""
+    """Numeric evaluation metrics; ``per_task_pass_rate`` becomes ``pass_rate/<task>``, the
+    lm-evaluation-harness metrics ``lm_eval/<task>/<metric>`` and the validation split's
+    metrics ``val/<metric>``."""
     out: dict[str, float] = {}
     for key, value in metrics.items():
         if isinstance(value, dict):
-            if key == "per_task_pass_rate":
+            if key == "validation":
+                for name, number in eval_scalars(value).items():
+                    out[f"{VALIDATION_PREFIX}{name}"] = number
+            elif key == "per_task_pass_rate":
                 for task, rate in value.items():
                     if (number := _number(rate)) is not None:
                         out[_metric_name(f"pass_rate/{task}")] = number
@@ -143,6 +149,45 @@ def eval_scalars(metrics: dict[str, Any]) -> dict[str, float]:
         if (number := _number(value)) is not None:
             out[_metric_name(key)] = number
     return out
+
+
+def _numbers(data: dict[str, Any], prefix: str) -> dict[str, float]:
+    """The numeric leaves of ``data`` as ``<prefix><key>/<key>…``."""
+    out: dict[str, float] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            out.update(_numbers(value, f"{prefix}{key}/"))
+        elif (number := _number(value)) is not None:
+            out[_metric_name(f"{prefix}{key}")] = number
+    return out
+
+
+def report_scalars(comparisons: dict[str, Any], diagnostics: dict[str, Any]):
+    """The report's own metrics as the pipeline run's stepped charts: ``paired/vs_<model>/
+    <metric>`` (with ``_low`` and ``_high``, the 95% paired interval) at θk's step k;
+    ``verdict/vs_<model>/…`` and ``verdict/chosen_step`` at step 0; ``diagnostics/<group>/<key>``
+    at iteration k's step k. Returns {key: {step: value}}."""
+    charts: dict[str, dict[int, float]] = {}
+    for entry in (comparisons.get("differences") or {}).values():
+        for versus, metrics in entry.items():
+            if not versus.startswith("vs_"):
+                continue
+            for metric, result in metrics.items():
+                key = _metric_name(f"paired/{versus}/{metric}")
+                for suffix, field in (("", "difference"), ("_low", "low"), ("_high", "high")):
+                    if (number := _number(result.get(field))) is not None:
+                        charts.setdefault(key + suffix, {})[entry["step"]] = number
+    chosen = comparisons.get("chosen") or {}
+    if (step := _number(chosen.get("step"))) is not None:
+        charts["verdict/chosen_step"] = {0: step}
+    for key, number in _numbers(comparisons.get("verdict") or {}, "verdict/").items():
+        charts[key] = {0: number}
+    for entry in diagnostics.values():
+        step = entry["iteration"]
+        for key, number in _numbers(entry, "diagnostics/").items():
+            if key != "diagnostics/iteration":
+                charts.setdefault(key, {})[step] = number
+    return charts
 
 
 def steps_from_csv(path: Path | None) -> list[dict[str, float]]:
@@ -332,7 +377,8 @@ class Tracker:
                 f"Charts `eval/*`: step 0 = θ0, step k+1 = θk+1 (SPIN iteration k); "
                 f"`sft_extra/*` at step {self.params.spin.iterations}. Registered model "
                 f"`{tracking.registered_model}`, aliases `iter_k` and `{CHAMPION}` "
-                f"(best `{tracking.champion_metric}`, {tracking.champion_mode})."
+                f"(best validation `{tracking.champion_metric}`, {tracking.champion_mode}; ties "
+                "to the earlier iteration)."
             ),
         }
 
@@ -581,7 +627,23 @@ class Tracker:
                 self.client.log_artifact(parent, str(path), "report")
         for stage in self._pipeline_stages():
             self._stage_tags(self.client.get_run(parent), stage, {})
+        self._verdict_tags(parent)
         self.client.set_terminated(parent)
+
+    def _verdict_tags(self, parent: str) -> None:
+        """The report's verdict on the pipeline run: the iteration chosen on the validation
+        split (``spinflow.chosen_model``) and one sentence per baseline
+        (``spinflow.verdict.vs_<model>``)."""
+        if not COMPARISONS.is_file():
+            return
+        comparisons = read_json(COMPARISONS)
+        tags = {"spinflow.chosen_model": str((comparisons.get("chosen") or {}).get("model"))}
+        for versus, verdict in (comparisons.get("verdict") or {}).items():
+            tags[f"spinflow.verdict.{versus}"] = str(verdict.get("sentence", ""))
+        current = self.client.get_run(parent).data.tags
+        for key, value in tags.items():
+            if current.get(key) != value:
+                self.client.set_tag(parent, key, value)
 
     def _pipeline_stages(self) -> list[str]:
         """Stages that no child run describes: the base model's, the data's and the report."""
@@ -612,6 +674,8 @@ class Tracker:
             prefix = model.chart
             for key, value in eval_scalars(read_json(evaluation.metrics)).items():
                 desired.setdefault(f"{prefix}/{key}", {})[step] = value
+        if upto is None and COMPARISONS.is_file() and DIAGNOSTICS.is_file():
+            desired.update(report_scalars(read_json(COMPARISONS), read_json(DIAGNOSTICS)))
         return desired
 
     def _sync_parent(self, upto: Model | None) -> None:
