@@ -196,3 +196,149 @@ def test_no_password_in_messages_the_pending_file_or_the_cli(
     assert caplog.records and all(PASSWORD not in r.getMessage() for r in caplog.records)
     assert main(["uri"]) == 0
     assert capsys.readouterr().out.strip() == shown
+
+
+# -- a SQLite store made crash-safe ------------------------------------------------------------
+
+# MLflow creating its store in a process whose files may not grow past a limit: a disk that fills.
+FULL_DISK_CREATION = """
+import os, resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG
+os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
+from mlflow import MlflowClient
+limit = int(sys.argv[2])
+resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+MlflowClient(tracking_uri=sys.argv[1]).search_experiments()
+"""
+
+
+def run_python(script: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=300
+    )
+
+
+def schema_revision(db) -> str | None:
+    import sqlite3
+
+    with sqlite3.connect(db) as connection:
+        tables = {r[0] for r in connection.execute("SELECT name FROM sqlite_master")}
+        if "alembic_version" not in tables:
+            return None
+        row = connection.execute("SELECT version_num FROM alembic_version").fetchone()
+        return row[0] if row else None
+
+
+def half_made_store(db) -> bytes:
+    """A store MLflow began on a disk that filled: tables without the schema they belong to."""
+    created = run_python(FULL_DISK_CREATION, f"sqlite:///{db}", "200000")
+    assert created.returncode != 0 and "disk I/O error" in created.stderr
+    assert schema_revision(db) not in (None, tracking.store._schema_head())
+    return db.read_bytes()
+
+
+def store_warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "spinflow.tracking.store"]
+
+
+def test_a_half_made_store_is_made_again_by_the_next_stage_and_by_sync(
+    tiny_checkpoint_session, tmp_path, monkeypatch, caplog, capsys
+):
+    import yaml
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    db = tmp_path / "mlflow.db"
+    broken = half_made_store(db)
+    # as it was: MLflow itself fails on it every time
+    again = run_python(FULL_DISK_CREATION, f"sqlite:///{db}", str(2**40))
+    assert "already exists" in again.stderr
+
+    params = tiny_params(tiny_checkpoint_session, tracking={"retry_seconds": 0})
+    tracking.preflight(params)  # what every tracked stage runs first
+    assert schema_revision(db) == tracking.store._schema_head()
+    (aside,) = tmp_path.glob("mlflow.db.broken-*")
+    assert aside.read_bytes() == broken  # moved, not deleted
+    (line,) = store_warnings(caplog)
+    assert f"MLflow store {db} was not at the installed MLflow's schema" in line
+    assert f"moved it to {aside.name} and made it again" in line and "\n" not in line
+
+    caplog.clear()
+    db.unlink()
+    broken = half_made_store(db)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params.model_dump(mode="json")))
+    assert main(["sync", "--params", "params.yaml"]) == 0
+    assert capsys.readouterr().out.startswith("synced to sqlite:///")
+    assert schema_revision(db) == tracking.store._schema_head()
+    assert len(store_warnings(caplog)) == 1
+    assert sorted(p.read_bytes() == broken for p in tmp_path.glob("mlflow.db.broken-*")) == [
+        False,
+        True,
+    ]
+    from mlflow import MlflowClient
+
+    experiment = MlflowClient(f"sqlite:///{db}").get_experiment_by_name("spinflow-test")
+    assert experiment is not None  # sync logged into the store it made
+
+
+def test_store_creation_leaves_nothing_half_made(tmp_path, caplog):
+    db = tmp_path / "runs" / "mlflow.db"
+    uri = f"sqlite:///{db}"
+    # a disk that fills while the store is created: one line, and no store in its place
+    full = run_python(
+        "import resource, signal, sys\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "from spinflow.tracking.store import TrackingError, prepare_store\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (200000, 200000))\n"
+        "try:\n    prepare_store(sys.argv[1])\n"
+        "except TrackingError as exc:\n    print(exc)\n",
+        uri,
+    )
+    assert full.stdout.startswith(f"cannot create the MLflow store {db} (OperationalError")
+    assert full.stdout.count("\n") == 1 and not db.exists()
+    assert list(db.parent.iterdir()) == []
+    # killed while MLflow migrates the new tables: only a hidden temporary file is left
+    killed = run_python(
+        "import os, sys\nimport mlflow.store.db.utils as utils\n"
+        "utils._upgrade_db = lambda engine: os.kill(os.getpid(), 9)\n"
+        "from spinflow.tracking.store import prepare_store\nprepare_store(sys.argv[1])\n",
+        uri,
+    )
+    assert killed.returncode == -9 and not db.exists()
+    (leftover,) = db.parent.iterdir()
+    assert leftover.name.startswith(".mlflow.db.tmp-")
+    tracking.check_reachable(uri)  # the next stage
+    assert schema_revision(db) == tracking.store._schema_head()
+    assert [p.name for p in db.parent.iterdir()] == ["mlflow.db"]  # the leftover is gone too
+    assert store_warnings(caplog) == []  # nothing to report: there was no store
+
+
+def test_a_store_with_runs_is_never_moved(tmp_path, caplog):
+    import sqlite3
+
+    from mlflow import MlflowClient
+
+    db = tmp_path / "mlflow.db"
+    uri = f"sqlite:///{db}"
+    tracking.check_reachable(uri)
+    client = MlflowClient(uri)
+    run = client.create_run(client.create_experiment("kept"))
+    client.log_metric(run.info.run_id, "loss", 0.5)
+    with sqlite3.connect(db) as connection:  # its schema version lost, its runs still there
+        connection.execute("DELETE FROM alembic_version")
+    before = db.read_bytes()
+    tracking.check_reachable(uri)
+    assert db.read_bytes() == before and list(tmp_path.glob("mlflow.db.broken-*")) == []
+    assert store_warnings(caplog) == []
+
+
+def test_a_file_that_is_not_a_store_stops_in_one_line(tmp_path):
+    db = tmp_path / "mlflow.db"
+    db.write_bytes(b"not a database at all\n" * 100)
+    with pytest.raises(tracking.TrackingError) as err:
+        tracking.check_reachable(f"sqlite:///{db}")
+    message = str(err.value)
+    assert message.startswith(f"MLflow store {db} is not a readable SQLite database (")
+    assert "move it aside" in message and "\n" not in message
+    assert db.read_bytes() == b"not a database at all\n" * 100
