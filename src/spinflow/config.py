@@ -598,7 +598,11 @@ class TrackingParams(Section):
     experiment: str = Field("spinflow", description="MLflow experiment name")
     registered_model: str = Field("spinflow-spin", description="Registered model name")
     champion_metric: str = Field(
-        "verifier_pass_rate", description="Evaluation metric that picks the champion"
+        "verifier_pass_rate",
+        description=(
+            "Validation-split metric that picks the SPIN iteration kept: the champion alias and "
+            "the report's verdict (ties to the earlier iteration)"
+        ),
     )
     champion_mode: Literal["max", "min"] = Field(
         "max", description="Whether larger or smaller is better"
