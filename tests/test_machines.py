@@ -73,7 +73,11 @@ def test_a_stage_on_two_machines_equals_one_process(tiny_dvc_repo, tmp_path):
     assert command.startswith(f"spinflow launch --config_file {config.name} stages/train.py")
     first = start(repo, command)
     second = start(repo, ["spinflow", "worker", STAGE, "--machine-rank", "1"])
-    results = [p.communicate(timeout=180) for p in (first, second)]
+    try:
+        results = [p.communicate(timeout=180) for p in (first, second)]
+    finally:  # neither machine may wait on after a failure
+        for process in (first, second):
+            process.kill()
     assert first.returncode == 0 and second.returncode == 0, results
     assert results[0][1].count(f"{STAGE} done:") == 1  # the main process of the first machine
     assert f"{STAGE} done:" not in results[1][1]  # the second one writes and reports nothing
