@@ -61,11 +61,11 @@ if len(_script) == 2 and _script[0] == "stages" and _script[1][:-3] in MODEL_STA
     # the continuous engine runs the model's weights with its own code, not its forward
     from spinflow.engines import continuous
 
-    _init = continuous.ContinuousEngine.__init__
+    _engine_load = continuous.ContinuousEngine._load  # where it takes the weights it runs
 
-    def _engine_init(self, model, *args, **kwargs):
-        _init(self, model, *args, **kwargs)
-        placed = getattr(model, "_test_placed", "not loaded by load_model")
+    def _load_weights(self, dtype):
+        _engine_load(self, dtype)
+        placed = getattr(self.source, "_test_placed", "not loaded by load_model")
         _write(placed, str(self.device), "continuous engine")
 
-    continuous.ContinuousEngine.__init__ = _engine_init
+    continuous.ContinuousEngine._load = _load_weights
