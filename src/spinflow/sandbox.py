@@ -242,7 +242,7 @@ class Sandbox:
             ),
             Layer(
                 "scratch_dir",
-                Path(probe.get("cwd", "/")).parent == self.scratch_dir,
+                Path(probe.get("cwd", "/")).parent == self.scratch_dir.resolve(),
                 f"{self.scratch_dir}: a fresh directory per call, removed after it, with any "
                 "process the call left",
             ),

@@ -33,7 +33,6 @@ import stat
 import struct
 import sys
 import sysconfig
-import tempfile
 import time
 
 # Modules that verification functions commonly use, imported once in the worker so that each call
@@ -390,6 +389,16 @@ def python_read_paths():
     return sorted(path for path in paths if path and path != "/" and os.path.exists(path))
 
 
+def outermost(paths):
+    """The existing ``paths``, resolved, without those beneath another (one rule covers them)."""
+    resolved = sorted({os.path.realpath(path) for path in paths if os.path.exists(path)})
+    kept = []
+    for path in resolved:
+        if not any(path.startswith(top.rstrip("/") + "/") for top in kept):
+            kept.append(path)
+    return kept
+
+
 class Landlock:
     """File access of a call's process, restricted with Landlock: read the Python installation
     and the system's shared libraries, read and write its own directory and /dev/null; nothing
@@ -411,7 +420,7 @@ class Landlock:
             self.attr.scoped = SCOPE_ABSTRACT_UNIX_SOCKET | SCOPE_SIGNAL
         self.attr_size = 8 if abi < 4 else 16 if abi < 6 else 24
         self.writable = fs & ~(FS_EXECUTE | FS_MAKE_CHAR | FS_MAKE_BLOCK | FS_IOCTL_DEV)
-        self.read_paths = [*python_read_paths(), *SYSTEM_READ_PATHS]
+        self.read_paths = outermost([*python_read_paths(), *SYSTEM_READ_PATHS])
         self.device = FS_READ_FILE | FS_WRITE_FILE | (FS_TRUNCATE if abi >= 3 else 0)
 
     def syscall(self, number, *arguments):
@@ -582,6 +591,11 @@ def kill_strays(own_pid_namespace, rounds=1000):
 def remove_tree(path):
     """Remove a call's directory, giving back permissions the call may have taken away."""
     try:
+        os.rmdir(path)  # the usual case: the call wrote nothing
+        return
+    except OSError:
+        pass
+    try:
         shutil.rmtree(path)
         return
     except FileNotFoundError:
@@ -625,6 +639,14 @@ class Worker:
         self.last_capability = 40
         if os.geteuid() == 0 and config["unprivileged"] is not False:
             self.prepare_privileges(config["unprivileged_user"], config["unprivileged"])
+            # the worker runs no program: its calls inherit sets no program can draw from
+            drop_bounding_capabilities(self.libc, self.last_capability)
+        # Processes a call leaves behind, if it can make any: not through the filter, nor past
+        # the process limit, which holds for every user but root.
+        self.strays_possible = self.syscall_filter is None and self.user is None
+        self.strays_possible = self.strays_possible and os.geteuid() == 0
+        self.call_prefix = f"call-{os.getpid()}-{os.urandom(4).hex()}-"  # unique across workers
+        self.calls = 0
         for name in PRELOADED_MODULES:
             importlib.import_module(name)
         os.environ.clear()  # the parent passes none; Python itself may have set LC_CTYPE
@@ -658,7 +680,7 @@ class Worker:
             {
                 "ready": True,
                 "seccomp": self.seccomp_status,
-                "privileges": getattr(self, "privileges_detail", ""),
+                "privileges": self.privileges_detail,
                 "probe": self.run_probe(),
             },
         )
@@ -704,7 +726,9 @@ class Worker:
 
     def new_call_dir(self):
         """A fresh, empty working directory for the next call, owned by the user it runs as."""
-        path = tempfile.mkdtemp(prefix="call-", dir=self.scratch)  # unique across workers
+        self.calls += 1
+        path = os.path.join(self.scratch, f"{self.call_prefix}{self.calls}")
+        os.mkdir(path, 0o700)
         if self.user is not None:
             os.chown(path, *self.user)
         self.call_dir = path
@@ -753,7 +777,7 @@ class Worker:
         if self.unreaped is not None:
             os.waitpid(self.unreaped, 0)
             self.unreaped = None
-        if not kill_strays(self.own_pid_namespace):
+        if self.strays_possible and not kill_strays(self.own_pid_namespace):
             raise RuntimeError("a call's processes kept multiplying")
         if self.call_dir is not None:
             remove_tree(self.call_dir)
@@ -772,7 +796,6 @@ class Worker:
         if self.landlock is not None:
             self.landlock.restrict(call_dir)
         if self.privileges != "kept":
-            drop_bounding_capabilities(self.libc, self.last_capability)
             if self.user is not None:
                 become_user(*self.user)
             drop_capabilities(self.libc)
