@@ -559,3 +559,17 @@ def test_truncated_weights_are_one_line(tiny_checkpoint, keep):
     message = _one_line(err)
     assert message.startswith(f"{tiny_checkpoint}: the weights (model.safetensors) are truncated")
     assert err.value.path == tiny_checkpoint
+
+
+def test_a_checkpoint_without_tokenizer_json_is_one_clear_line(tiny_checkpoint):
+    from spinflow.errors import ModelError
+    from spinflow.models import load_tokenizer
+
+    (tiny_checkpoint / "tokenizer.json").unlink()
+    with pytest.raises(ModelError) as err:
+        load_tokenizer(tiny_checkpoint)
+    message = str(err.value)
+    assert message == (
+        f"could not load the tokenizer in {tiny_checkpoint}: no tokenizer it can build "
+        "(tokenizer.json and tokenizer.model missing)"
+    )

@@ -519,9 +519,11 @@ def load_tokenizer(path: str | os.PathLike):
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(p))
     except (OSError, ValueError) as exc:
-        raise ModelError(
-            f"could not load the tokenizer in {p}: {_first_line(exc)}", path=p
-        ) from exc
+        reason = _first_line(exc)
+        if reason.rstrip().endswith(":"):  # a list follows on the next lines: say what is missing
+            missing = [n for n in ("tokenizer.json", "tokenizer.model") if not (p / n).is_file()]
+            reason = f"no tokenizer it can build ({' and '.join(missing)} missing)"
+        raise ModelError(f"could not load the tokenizer in {p}: {reason}", path=p) from exc
     except Exception as exc:  # the Rust tokenizers library raises plain Exception
         if type(exc) is not Exception:
             raise
