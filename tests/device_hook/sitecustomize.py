@@ -58,14 +58,35 @@ if len(_script) == 2 and _script[0] == "stages" and _script[1][:-3] in MODEL_STA
     devices.stage_device = _stage_device
     models.load_model = _load_model
 
-    # the continuous engine runs the model's weights with its own code, not its forward
-    from spinflow.engines import continuous
+    # the continuous engine runs the model's weights with its own code, not its forward: it is
+    # wrapped when the stage imports it (importing it here would add to what the stage imports)
+    import importlib.abc
+    import importlib.machinery
 
-    _engine_load = continuous.ContinuousEngine._load  # where it takes the weights it runs
+    def _patch_engine(continuous) -> None:
+        engine_load = continuous.ContinuousEngine._load  # where it takes the weights it runs
 
-    def _load_weights(self, dtype):
-        _engine_load(self, dtype)
-        placed = getattr(self.source, "_test_placed", "not loaded by load_model")
-        _write(placed, str(self.device), "continuous engine")
+        def _load_weights(self, dtype):
+            engine_load(self, dtype)
+            placed = getattr(self.source, "_test_placed", "not loaded by load_model")
+            _write(placed, str(self.device), "continuous engine")
 
-    continuous.ContinuousEngine._load = _load_weights
+        continuous.ContinuousEngine._load = _load_weights
+
+    class _EngineFinder(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path, target=None):
+            if name != "spinflow.engines.continuous":
+                return None
+            spec = importlib.machinery.PathFinder.find_spec(name, path)
+            if spec is None or spec.loader is None:
+                return spec
+            execute = spec.loader.exec_module
+
+            def exec_module(module):
+                execute(module)
+                _patch_engine(module)
+
+            spec.loader.exec_module = exec_module
+            return spec
+
+    sys.meta_path.insert(0, _EngineFinder())
