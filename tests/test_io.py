@@ -273,3 +273,15 @@ def test_records_without_a_required_text_key_name_the_line(tmp_path, record, pro
         io.read_jsonl(path, ("id", "prompt", "real", "generated"))
     assert str(info.value).startswith(f"{path}: line 2: {problem}")
     assert io.read_jsonl(path)[1] == record  # nothing required: read as it is
+
+
+def test_a_file_size_limit_is_named_in_one_line(tmp_path):
+    """Beyond RLIMIT_FSIZE a write fails with EFBIG (Python ignores SIGXFSZ): the line names
+    the process's limit as well as the file system's."""
+    import errno
+
+    from spinflow.errors import cannot_write
+
+    error = cannot_write(tmp_path / "model.safetensors", OSError(errno.EFBIG, "File too large"))
+    assert error is not None and "\n" not in str(error)
+    assert "file-size limit of this process (ulimit -f)" in str(error)

@@ -53,7 +53,7 @@ WRITE_ERRORS: dict[int, str] = {
     errno.EROFS: "read-only file system; make it writable",
     errno.EACCES: "permission denied; check who owns it and its directory",
     errno.EPERM: "operation not permitted; check who owns it and its directory",
-    errno.EFBIG: "file too large for this file system",
+    errno.EFBIG: "file too large for this file system or for the file-size limit of this process (ulimit -f)",
 }
 # Rust libraries (safetensors, tokenizers) report the errno only inside their message.
 _RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")
