@@ -278,3 +278,33 @@ def can_mount_tmpfs() -> bool:
         check=False,
     )
     return probe.returncode == 0
+
+
+def free_port() -> int:
+    """A TCP port of 127.0.0.1 that nothing listens on now."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def cpu_launch_config(path: Path, port: int, *, machines: int = 1) -> Path:
+    """An accelerate config at ``path`` for 2 CPU processes in all, on ``machines`` "machines"
+    of 127.0.0.1: MULTI_GPU makes accelerate start them with torchrun, which talks gloo
+    without CUDA."""
+    config = {
+        "compute_environment": "LOCAL_MACHINE",
+        "distributed_type": "MULTI_GPU",
+        "num_machines": machines,
+        "num_processes": 2,
+        "machine_rank": 0,
+        "main_process_ip": "127.0.0.1",
+        "main_process_port": port,
+        "mixed_precision": "no",
+        "rdzv_backend": "static",
+        "same_network": True,
+        "use_cpu": False,
+    }
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    return path

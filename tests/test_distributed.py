@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import csv
 import json
-import socket
 from pathlib import Path
 
 import pytest
@@ -17,7 +16,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import PROJECT_ROOT, DvcRepo
+from conftest import PROJECT_ROOT, DvcRepo, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -28,12 +27,6 @@ STAGES = {
     "spin": ("train", "train_iter_0", ("spin", "train"), "models/theta_1", "train_iter_0"),
     "sft": ("sft", "sft", ("sft",), "models/theta_0", "sft"),
 }
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def set_params(repo: DvcRepo, section: tuple[str, ...], **values) -> None:

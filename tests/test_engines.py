@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import sys
 from types import SimpleNamespace
 
 import pytest
 import torch
-import yaml
 
+from conftest import cpu_launch_config, free_port
 from spinflow import engines
 from spinflow.chat import prompt_ids
 from spinflow.config import GenerateParams
@@ -178,27 +177,7 @@ def test_generate_stage_in_two_processes_writes_the_one_process_file(tiny_dvc_re
     repo = tiny_dvc_repo.copy(tmp_path / "repo")
     generated = repo.root / "generated" / "iter_0"
     expected = {p.name: p.read_bytes() for p in generated.iterdir()}
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    config = tmp_path / "two_cpu_processes.yaml"
-    config.write_text(
-        yaml.safe_dump(
-            {
-                "compute_environment": "LOCAL_MACHINE",
-                "distributed_type": "MULTI_GPU",  # torchrun; gloo without CUDA
-                "num_machines": 1,
-                "num_processes": 2,
-                "machine_rank": 0,
-                "main_process_ip": "127.0.0.1",
-                "main_process_port": port,
-                "mixed_precision": "no",
-                "use_cpu": False,
-                "rdzv_backend": "static",
-                "same_network": True,
-            }
-        )
-    )
+    config = cpu_launch_config(tmp_path / "two_cpu_processes.yaml", free_port())
     shutil.rmtree(generated)
     output = repo.run(
         "accelerate",

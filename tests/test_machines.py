@@ -10,34 +10,16 @@ from pathlib import Path
 import pytest
 import yaml
 
-from test_distributed import free_port, max_difference, outputs, set_params
+from conftest import cpu_launch_config, free_port
+from test_distributed import max_difference, outputs, set_params
 
 pytestmark = pytest.mark.slow
 
 STAGE = "train_iter_0"
 
 
-def two_machines(repo_root: Path, port: int) -> Path:
-    config = repo_root / "two_machines.yaml"
-    config.write_text(
-        yaml.safe_dump(
-            {
-                "compute_environment": "LOCAL_MACHINE",
-                "distributed_type": "MULTI_GPU",  # torchrun; gloo without CUDA
-                "num_machines": 2,
-                "num_processes": 2,
-                "machine_rank": 0,
-                "main_process_ip": "127.0.0.1",
-                "main_process_port": port,
-                "mixed_precision": "no",
-                "rdzv_backend": "static",
-                "same_network": True,
-                "use_cpu": False,
-            }
-        ),
-        encoding="utf-8",
-    )
-    return config
+def two_machines(repo_root: Path) -> Path:
+    return cpu_launch_config(repo_root / "two_machines.yaml", free_port(), machines=2)
 
 
 def dvc_command(repo) -> str:
@@ -67,7 +49,7 @@ def test_a_stage_on_two_machines_equals_one_process(tiny_dvc_repo, tmp_path):
     one = outputs(repo, "models/theta_1", STAGE)
 
     set_params(repo, ("spin", "train"), gradient_accumulation_steps=1)
-    config = two_machines(repo.root, free_port())
+    config = two_machines(repo.root)
     set_params(repo, ("spin",), accelerate_config=config.name)
     command = dvc_command(repo)
     assert command.startswith(f"spinflow launch --config_file {config.name} stages/train.py")
@@ -90,7 +72,7 @@ def test_a_stage_on_two_machines_equals_one_process(tiny_dvc_repo, tmp_path):
 
 def test_a_machine_that_never_joins_fails_the_stage_in_one_line(tiny_dvc_repo, tmp_path):
     repo = tiny_dvc_repo.copy(tmp_path / "repo")
-    config = two_machines(repo.root, free_port())
+    config = two_machines(repo.root)
     set_params(repo, ("spin",), accelerate_config=config.name)
     first = start(repo, dvc_command(repo), SPINFLOW_JOIN_TIMEOUT="3")
     _, stderr = first.communicate(timeout=120)

@@ -11,8 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import DvcRepo
-from test_distributed import DDP, free_port, set_params
+from conftest import DvcRepo, free_port
+from test_distributed import DDP, set_params
 
 pytestmark = pytest.mark.slow
 

@@ -41,6 +41,12 @@ def stage_device(setting: str = "auto") -> torch.device:
     return torch.device("cuda", rank)
 
 
+def runs_on_cpu(device: torch.device | None) -> bool:
+    """Whether ``device`` is the CPU; None (not decided by a stage) means the CPU where torch
+    sees no GPU."""
+    return device.type == "cpu" if device is not None else not torch.cuda.is_available()
+
+
 def inference_dtype(device: torch.device) -> torch.dtype:
     """The dtype inference autocasts to on ``device``: bfloat16 on a GPU that computes it
     natively, float32 elsewhere (on CPUs bf16 is chosen by measurement, see

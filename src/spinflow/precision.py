@@ -380,8 +380,9 @@ def resolve_precision(
     if optim.bf16 != "auto":
         precision = Precision(bool(optim.bf16), optim.bf16, "set in params")
         return optim, precision
-    cpu = device.type == "cpu" if device is not None else not torch.cuda.is_available()
-    state = PartialState(cpu=cpu)
+    from spinflow.devices import runs_on_cpu
+
+    state = PartialState(cpu=runs_on_cpu(device))
     precision = None
     if state.is_main_process:
         precision = auto_precision(model, batch, loss_fn, state.device)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import random
 import resource
 import sys
@@ -25,6 +26,7 @@ from tqdm.auto import tqdm
 
 from spinflow.chat import Encoded, collate, encode_example
 from spinflow.config import OptimParams, PromptParams
+from spinflow.devices import runs_on_cpu
 from spinflow.errors import TrainingError
 from spinflow.logprobs import mean_nll, segment_logps
 
@@ -97,7 +99,7 @@ def make_accelerator(optim: OptimParams, device: torch.device | None = None):
         # one process that trains twice (the benchmark, tests): accelerate keeps the first
         # precision for the life of the process unless its state is cleared
         AcceleratorState._reset_state()
-    cpu = device.type == "cpu" if device is not None else not torch.cuda.is_available()
+    cpu = runs_on_cpu(device)
     accelerator = Accelerator(
         mixed_precision=mixed_precision,
         gradient_accumulation_steps=optim.gradient_accumulation_steps,
@@ -113,8 +115,6 @@ def make_accelerator(optim: OptimParams, device: torch.device | None = None):
 
 def _fsdp_requested() -> bool:
     """Whether `accelerate launch` was given an FSDP config (it says so in the environment)."""
-    import os
-
     return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
 
 
@@ -322,8 +322,9 @@ class Resume:
         found = []
         for folder in sorted(self.directory.glob("step-*")):
             marker = folder / _COMPLETE
-            if marker.is_file() and read_json(marker).get("fingerprint") == self.fingerprint:
-                found.append((read_json(marker)["steps"], folder))
+            saved = read_json(marker) if marker.is_file() else {}
+            if saved.get("fingerprint") == self.fingerprint:
+                found.append((saved["steps"], folder))
         return max(found)[1] if found else None
 
     def clear(self, keep: Path | None = None) -> None:
