@@ -31,6 +31,7 @@ examples:
   spinflow params --defaults --yaml      the defaults as a complete params.yaml
   spinflow pipeline write                re-render dvc.yaml, then `dvc repro`
   spinflow evaluate models/theta_* --split val   compare checkpoints off the test split
+  spinflow doctor                        check this machine before a long run
 
 `spinflow <command> --help` describes a command's options."""
 
@@ -174,6 +175,12 @@ def _cmd_benchmark(args) -> int:
     return 0
 
 
+def _cmd_doctor(args) -> int:
+    from spinflow.doctor import main as doctor
+
+    return doctor(load_params(args.params), args.params, as_json=args.json)
+
+
 def _cmd_evaluate(args) -> int:
     from pathlib import Path
 
@@ -289,6 +296,19 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data", default="data/prepared", help="prepared data directory")
     e.add_argument("--out", default=None, help="also write the metrics to this JSON file")
     e.set_defaults(fn=_cmd_evaluate)
+    d = sub.add_parser(
+        "doctor",
+        parents=[common],
+        help="check this machine before a long run: devices, engines, sandbox, accelerate "
+        "config, a smoke test",
+        description="A line each, PASS, FAIL or SKIP and why: the devices stages run on and "
+        "their bf16 support, the generation engines usable here, the sandbox layers, the "
+        "accelerate configs params.yaml names, and on each device a tiny random model answering "
+        "through each usable engine (log-probs checked against training's) and one SPIN "
+        "training step in the precision bf16: auto picks. Exit status 1 if any check failed.",
+    )
+    d.add_argument("--json", action="store_true", help="print the checks as one JSON object")
+    d.set_defaults(fn=_cmd_doctor)
     w = sub.add_parser(
         "worker",
         parents=[common],
