@@ -206,7 +206,7 @@ def check_sandbox(params: Params) -> list[Check]:
         for layer in layers
     ]
     if result.passed:
-        checks.append(Check(PASS, "sandbox call", f"a call ran in {result.seconds:.2f} s"))
+        checks.append(Check(PASS, "sandbox call", f"a call ran in {result.seconds * 1000:.0f} ms"))
     else:
         why = f"{result.outcome.value}" + (f" ({result.kind.value})" if result.kind else "")
         message = " ".join(result.message.split())
