@@ -154,11 +154,49 @@ def merge_lora(model):
     return model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
 
 
+def saved_dtype(accelerator) -> torch.dtype | None:
+    """The dtype a checkpoint is saved in when it differs from its weights': bfloat16 for a model
+    trained with bf16 on GPUs, the precision it was trained in (vLLM's ``dtype: auto`` and the
+    next stage then read bfloat16, not float32 cast to float16). None on CPUs: there θk keeps
+    its float32 weights, so what a CPU run saves does not depend on ``bf16``."""
+    if accelerator.mixed_precision == "bf16" and not runs_on_cpu(accelerator.device):
+        return torch.bfloat16
+    return None
+
+
+def _cast(state_dict: dict, dtype: torch.dtype) -> dict:
+    """``state_dict`` with its floating-point tensors in ``dtype``; tensors that shared storage
+    (tied embeddings) still share it, so the checkpoint stores them once."""
+    cast: dict[tuple, torch.Tensor] = {}
+    out = {}
+    for key, value in state_dict.items():
+        if not value.is_floating_point():
+            out[key] = value
+            continue
+        ident = (value.untyped_storage().data_ptr(), value.storage_offset(), tuple(value.shape))
+        if ident not in cast:
+            cast[ident] = value.detach().to(dtype)
+        out[key] = cast[ident]
+    return out
+
+
+def _record_dtype(checkpoint: Path, dtype: torch.dtype) -> None:
+    """config.json of ``checkpoint`` says its weights are in ``dtype`` (``save_pretrained``
+    records the dtype of the module, not that of the state dict it was given)."""
+    import json
+
+    path = checkpoint / "config.json"
+    config = json.loads(path.read_text())
+    config["dtype"] = str(dtype).removeprefix("torch.")
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
 def save_checkpoint(
     accelerator, model, tokenizer, out_dir: Path, files: dict[str, Any] | None = None
 ) -> None:
     """Save a plain checkpoint atomically (main process only), with ``files`` (name: JSON
-    object, such as provenance.json) written into it before it takes its place."""
+    object, such as provenance.json) written into it before it takes its place; in bfloat16
+    when trained with bf16 on GPUs (:func:`saved_dtype`)."""
     from torch.distributed.fsdp import FSDPModule
 
     from spinflow.io import atomic_path, write_json
@@ -175,8 +213,13 @@ def save_checkpoint(
             plain, state_dict = _unsharded(plain, state_dict), None
         elif plain is not accelerator.unwrap_model(model):
             state_dict = None  # merged weights live in the module now
+        dtype = saved_dtype(accelerator)
+        if dtype is not None:
+            state_dict = _cast(plain.state_dict() if state_dict is None else state_dict, dtype)
         with atomic_path(out_dir, directory=True) as tmp:
             plain.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+            if dtype is not None:
+                _record_dtype(tmp, dtype)
             tokenizer.save_pretrained(tmp)
             for name, obj in (files or {}).items():
                 write_json(tmp / name, obj)
