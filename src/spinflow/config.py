@@ -271,6 +271,11 @@ class SpinTrainParams(OptimParams):
     learning_rate: Annotated[float, Field(gt=0.0)] = Field(2e-6, description="Peak learning rate")
 
 
+# Temperatures vLLM 0.33 takes (SamplingParams._verify_args refuses more than 2; __post_init__
+# raises a positive temperature under 0.01 to 0.01)
+VLLM_TEMPERATURES = (0.01, 2.0)
+
+
 class VllmParams(Section):
     """vLLM settings (generate.engine: vllm)."""
 
@@ -690,6 +695,28 @@ class Params(Section):
                 "sft.patience stops θ0's training on its validation loss, but data.num_val is 0; "
                 "raise data.num_val or set sft.patience: null"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _vllm_takes_the_sampling(self) -> Params:
+        """With generate.engine: vllm, a temperature vLLM would refuse or change stops here."""
+        if self.generate.engine != "vllm":
+            return self
+        low, high = VLLM_TEMPERATURES
+        temperatures = {"generate.temperature": self.generate.temperature}
+        if self.autoif.enabled:
+            temperatures["autoif.temperature"] = self.autoif.temperature
+        for key, value in temperatures.items():
+            if value > high:
+                raise ValueError(
+                    f"'{key}' = {value!r}: vLLM (generate.engine: vllm) refuses a temperature "
+                    f"above {high:g}"
+                )
+            if 0 < value < low:
+                raise ValueError(
+                    f"'{key}' = {value!r}: vLLM (generate.engine: vllm) raises a temperature "
+                    f"under {low:g} to {low:g}; use 0 (greedy) or at least {low:g}"
+                )
         return self
 
     def value(self, key: str) -> Any:
