@@ -48,6 +48,7 @@ from spinflow.tracking.lineage import (
 from spinflow.tracking.recovery import fail_interrupted_runs, remove_orphaned_models
 from spinflow.tracking.registry import CHAMPION, VALIDATION_PREFIX, Registry
 from spinflow.tracking.store import (
+    TAG_CANDIDATE,
     TAG_ITERATION,
     TAG_KEY,
     TAG_MODEL_HASH,
@@ -60,6 +61,7 @@ from spinflow.tracking.store import (
     TAG_WRITER,
     artifact_location,
     pipeline_key,
+    writer_alive,
     writer_id,
 )
 
@@ -190,6 +192,31 @@ def report_scalars(comparisons: dict[str, Any], diagnostics: dict[str, Any]):
     return charts
 
 
+def step_metrics(rows: Iterable[dict[str, float]]) -> list[tuple[str, float, int]]:
+    """``train/<column>`` at each row's ``step`` (its position, from 1, when it has none)."""
+    out = []
+    for i, row in enumerate(rows, start=1):
+        step = int(row.get("step", i))
+        for key, value in row.items():
+            if key != "step" and (number := _number(value)) is not None:
+                out.append((_metric_name(f"train/{key}"), number, step))
+    return out
+
+
+TRAINING_PREFIXES = ("train/", "train_summary/")
+
+
+def logged_metrics(client, run_id: str, prefixes: tuple[str, ...]) -> dict[tuple[str, int], float]:
+    """(key, step) → value of the run's metrics whose key starts with one of ``prefixes``."""
+    run = client.get_run(run_id)
+    logged: dict[tuple[str, int], float] = {}
+    for key in run.data.metrics:
+        if key.startswith(prefixes):
+            for metric in client.get_metric_history(run_id, key):
+                logged[(key, metric.step)] = metric.value
+    return logged
+
+
 def steps_from_csv(path: Path | None) -> list[dict[str, float]]:
     """The per-step training metrics a training stage wrote (numeric cells only)."""
     if path is None or not path.is_file():
@@ -297,15 +324,24 @@ class Tracker:
     def _context_tags(self) -> dict[str, str]:
         return context_tags(self.key, self.commit)
 
-    def _find(self, role: str, iteration: int | None = None) -> list:
-        query = f"tags.`{TAG_KEY}` = '{self.key}' and tags.`{TAG_ROLE}` = '{role}'"
+    def _find(self, role: str, iteration: int | None = None, tag: str = TAG_ROLE) -> list:
+        """Active runs of this pipeline whose ``tag`` (the role, or the candidate role) is
+        ``role``, oldest first."""
+        query = f"tags.`{TAG_KEY}` = '{self.key}' and tags.`{tag}` = '{role}'"
         if iteration is not None:
             query += f" and tags.`{TAG_ITERATION}` = '{iteration}'"
         runs = self.client.search_runs([self.experiment_id], query, max_results=100)
         return sorted(runs, key=lambda r: (r.info.start_time or 0, r.info.run_id))
 
-    def _create(self, role: str, name: str, iteration: int | None, tags: dict[str, str]):
-        tags = {**self._context_tags(), TAG_ROLE: role, TAG_WRITER: self.writer, **tags}
+    def _create(
+        self,
+        role: str,
+        name: str,
+        iteration: int | None,
+        tags: dict[str, str],
+        tag: str = TAG_ROLE,
+    ):
+        tags = {**self._context_tags(), tag: role, TAG_WRITER: self.writer, **tags}
         if iteration is not None:
             tags[TAG_ITERATION] = str(iteration)
         return self.client.create_run(self.experiment_id, tags=tags, run_name=name)
@@ -412,6 +448,87 @@ class Tracker:
         log.info("MLflow run %s (%s) replaced by %s: %s", old, model.run_name, new.info.run_id, why)
         return new
 
+    # -- a training stage's run while it runs ------------------------------------------------------
+
+    def _writable(self, run) -> bool:
+        """Whether this process may write into ``run``: its writer is this process or has ended."""
+        writer = run.data.tags.get(TAG_WRITER)
+        return not writer or writer == self.writer or not writer_alive(writer)
+
+    def begin_training(self, model: Model):
+        """The run that ``model``'s training stage writes its per-step metrics into while it runs,
+        RUNNING and claimed by this process.
+
+        - none yet: the model's run, created as :meth:`training` would create it;
+        - the model's run exists but no training was logged into it to the end (a killed or
+          failed attempt): that run, continued; steps it holds are not logged again;
+        - the model's run holds a finished training: a re-run, which may make the same
+          checkpoint or another. A candidate run (tagged ``spinflow.candidate`` with the
+          model's role, no ``spinflow.role``) takes its metrics; when the stage ends,
+          :meth:`training` deletes it if the checkpoint is the same (the earlier run stays) or
+          puts it in the earlier run's place if not. A candidate left by a killed re-run is
+          continued.
+        """
+        candidates = [
+            r for r in self._find(model.role, model.iteration, TAG_CANDIDATE) if self._writable(r)
+        ]
+        found = self._find(model.role, model.iteration)
+        if candidates:
+            run = candidates[0]
+        elif found and found[0].data.tags.get(f"spinflow.logged.{training_stage(model)}"):
+            run = self._create(
+                model.role,
+                model.run_name,
+                model.iteration,
+                {TAG_PARENT: self.parent_id()},
+                tag=TAG_CANDIDATE,
+            )
+            log.info(
+                "MLflow run %s (%s) holds an earlier training; this one goes to run %s until "
+                "it ends",
+                found[0].info.run_id,
+                model.run_name,
+                run.info.run_id,
+            )
+        else:
+            return self._child(model, None)
+        if run.data.tags.get(TAG_PARENT) != self.parent_id():
+            self.client.set_tag(run.info.run_id, TAG_PARENT, self.parent_id())
+        self._claim(run)
+        return self.client.get_run(run.info.run_id)
+
+    def _settle_candidate(self, model: Model, model_hash: str) -> None:
+        """A re-run's candidate run (:meth:`begin_training`) once its checkpoint is known:
+        deleted when the model's run already describes that checkpoint, else the model's run,
+        the earlier one superseded."""
+        marker = f"spinflow.logged.{training_stage(model)}"
+        for candidate in self._find(model.role, model.iteration, TAG_CANDIDATE):
+            if not self._writable(candidate):
+                continue  # a re-run still at work
+            found = self._find(model.role, model.iteration)
+            current = found[0] if found else None
+            candidate_id = candidate.info.run_id
+            if current is not None and current.data.tags.get(marker) == model_hash:
+                self.client.delete_run(candidate_id)
+                log.info(
+                    "MLflow run %s (%s) kept: the re-run made the same checkpoint; run %s deleted",
+                    current.info.run_id,
+                    model.run_name,
+                    candidate_id,
+                )
+                continue
+            self.client.set_tag(candidate_id, TAG_ROLE, model.role)
+            self.client.delete_tag(candidate_id, TAG_CANDIDATE)
+            if current is not None:
+                self.client.set_tag(current.info.run_id, TAG_SUPERSEDED, candidate_id)
+                self.client.delete_run(current.info.run_id)
+                log.info(
+                    "MLflow run %s (%s) replaced by %s: the re-run made another checkpoint",
+                    current.info.run_id,
+                    model.run_name,
+                    candidate_id,
+                )
+
     # -- logging primitives ---------------------------------------------------------------------
 
     def _log_params(self, run, values: dict[str, str]) -> None:
@@ -502,15 +619,21 @@ class Tracker:
         model_hash = self._model_hash(model.path)
         if model_hash is None or stage is None:
             return None
+        self._settle_candidate(model, model_hash)
         run = self._child(model, model_hash)
         marker = f"spinflow.logged.{stage}"
         if run.data.tags.get(marker) != model_hash:
-            if any(key.startswith("train/") for key in run.data.metrics):
-                # an earlier attempt broke off half-way: start clean rather than double metrics
-                run = self._supersede(run, model, "its training metrics were incomplete")
+            # the stage's live metrics, or an attempt that broke off half-way, may be there
+            wanted = {(key, step): value for key, value, step in self._training_metrics(model)}
+            logged = logged_metrics(self.client, run.info.run_id, TRAINING_PREFIXES)
+            if any(k not in wanted or not _same(v, wanted[k]) for k, v in logged.items()):
+                # one value per step: start clean rather than mix two trainings
+                run = self._supersede(run, model, "its training metrics differ from the stage's")
                 self.client.set_tag(run.info.run_id, TAG_MODEL_HASH, model_hash)
                 run = self.client.get_run(run.info.run_id)
-            self._log_training(run, model)
+                logged = {}
+            missing = [(k, v, step) for (k, step), v in wanted.items() if (k, step) not in logged]
+            self._log_training(run, model, missing)
             self.client.set_tag(run.info.run_id, marker, model_hash)
             run = self.client.get_run(run.info.run_id)
         if model.role == ITERATION:
@@ -524,41 +647,31 @@ class Tracker:
         self.client.set_terminated(run.info.run_id)
         return run
 
-    def _log_training(self, run, model: Model) -> None:
+    def _training_metrics(self, model: Model) -> list[tuple[str, float, int]]:
+        """What a training stage's outputs put in its run: ``train/*`` per step, from its steps
+        CSV, and ``train_summary/*`` at step 0, from its summary and timings."""
+        metrics = step_metrics(steps_from_csv(model.steps_csv))
+        summary = {}
+        if model.train_metrics is not None and model.train_metrics.is_file():
+            skip = {"iteration", "beta", "learning_rate"}
+            summary = {
+                key: value
+                for key, value in read_json(model.train_metrics).items()
+                if not key.startswith("final_") and key not in skip
+            }
+        summary.update(read_timings(model.timings, model.path))
+        for key, value in summary.items():
+            if (number := _number(value)) is not None:
+                metrics.append((_metric_name(f"train_summary/{key}"), number, 0))
+        return metrics
+
+    def _log_training(self, run, model: Model, metrics: list[tuple[str, float, int]]) -> None:
         run_id = run.info.run_id
         params = flatten(provenance_params(model.path))
         if model.iteration is not None:
             params["iteration"] = str(model.iteration)
         self._log_params(run, params)
-        per_step = []
-        for i, row in enumerate(steps_from_csv(model.steps_csv), start=1):
-            step = int(row.get("step", i))
-            for key, value in row.items():
-                if key != "step" and (number := _number(value)) is not None:
-                    per_step.append((_metric_name(f"train/{key}"), number, step))
-        self._log_metrics(run_id, per_step)
-        if model.train_metrics is not None and model.train_metrics.is_file():
-            summary = read_json(model.train_metrics)
-            skip = {"iteration", "beta", "learning_rate"}
-            self._log_metrics(
-                run_id,
-                (
-                    (_metric_name(f"train_summary/{key}"), number, 0)
-                    for key, value in summary.items()
-                    if not key.startswith("final_")
-                    and key not in skip
-                    and (number := _number(value)) is not None
-                ),
-            )
-        timings = read_timings(model.timings, model.path)
-        self._log_metrics(
-            run_id,
-            (
-                (_metric_name(f"train_summary/{key}"), number, 0)
-                for key, value in timings.items()
-                if (number := _number(value)) is not None
-            ),
-        )
+        self._log_metrics(run_id, metrics)
         if model.role == ITERATION:
             self._table(run_id, pairs_file(model.iteration), f"samples/{model.stage}.json")
         lora = self.registry.lora(model)

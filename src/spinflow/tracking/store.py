@@ -41,6 +41,10 @@ TAG_NOTE = "mlflow.note.content"
 # whose writer has died was interrupted by a crash
 TAG_WRITER = "spinflow.writer"
 TAG_INTERRUPTED = "spinflow.interrupted"
+# on a run a re-run of a training stage writes while the model's earlier run stays: the role the
+# run takes if the stage makes another checkpoint (it is deleted if it makes the same one)
+TAG_CANDIDATE = "spinflow.candidate"
+TAG_FAILED = "spinflow.failed"  # the error that ended the stage whose run is FAILED
 
 
 class TrackingError(SpinflowError):
