@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import pytest
@@ -24,7 +25,18 @@ def _write_params(tmp_path, **spin) -> str:
 @pytest.fixture
 def hooks(monkeypatch):
     calls = []
+
+    @contextlib.contextmanager
+    def running(params, graph, stage):
+        calls.append(("running", stage.name))
+        try:
+            yield
+        except BaseException as error:
+            calls.append(("failed", stage.name, type(error).__name__))
+            raise
+
     monkeypatch.setattr(tracking, "preflight", lambda params: calls.append(("preflight",)))
+    monkeypatch.setattr(tracking, "running", running)
     monkeypatch.setattr(
         tracking,
         "after_stage",
@@ -39,7 +51,14 @@ def test_execute_passes_the_graph_arguments_and_logs_afterwards(hooks):
     seen = []
     result = runner.execute(params, "train_iter_1", lambda p, k: seen.append(k) or "done")
     assert result == "done" and seen == [1]
-    assert hooks == [("preflight",), ("after", "train_iter_1")]
+    assert hooks == [("preflight",), ("running", "train_iter_1"), ("after", "train_iter_1")]
+
+
+def test_only_the_main_process_of_a_launch_tracks(hooks, monkeypatch):
+    params = validate_params(default_params_dict())
+    monkeypatch.setenv("RANK", "1")
+    assert runner.execute(params, "train_iter_1", lambda p, k: k) == 1
+    assert hooks == []
 
 
 def test_untracked_stage_calls_no_tracking(hooks):
@@ -56,7 +75,11 @@ def test_a_failing_stage_is_not_logged(hooks):
 
     with pytest.raises(RuntimeError):
         runner.execute(params, "eval_sft", broken)
-    assert hooks == [("preflight",)]
+    assert hooks == [
+        ("preflight",),
+        ("running", "eval_sft"),
+        ("failed", "eval_sft", "RuntimeError"),
+    ]
 
 
 def test_run_stage_unknown_stage_is_one_line(tmp_path, capsys, hooks):

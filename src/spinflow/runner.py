@@ -2,8 +2,9 @@
 
 ``python stages/<script>.py <stage>`` runs one stage of the graph: it loads the validated
 params, checks that dvc.yaml still matches them (under DVC), calls the recipe function with the
-keyword arguments the graph declares for that stage, and then hands the stage to tracking (the
-one place MLflow is called from). A SpinflowError ends the process with one line on stderr, and
+keyword arguments the graph declares for that stage, and hands the stage to tracking (the one
+place MLflow is called from) around and after its work: a training stage's per-step metrics
+reach MLflow while it runs. A SpinflowError ends the process with one line on stderr, and
 so does a write that fails for want of space or permission (naming the path); when the file at
 fault is an output of another stage (a truncated pairs.jsonl, a corrupt checkpoint), the line
 says how to restore it.
@@ -12,6 +13,7 @@ says how to restore it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -29,7 +31,9 @@ def execute(params: Params, stage_name: str, fn: StageFunction, graph: Graph | N
     """Run ``fn`` as the graph's stage ``stage_name``, then log it to MLflow when tracking is on.
 
     Tracking is checked before the stage starts, so an unreachable server fails at once rather
-    than after hours of training.
+    than after hours of training. While ``fn`` runs, a training stage's run is open and its
+    steps are logged as they are written; a stage that raises leaves its run FAILED
+    (:func:`spinflow.tracking.running`).
     """
     from spinflow import tracking
 
@@ -39,7 +43,8 @@ def execute(params: Params, stage_name: str, fn: StageFunction, graph: Graph | N
     track = stage.track and is_main_process()
     if track:
         tracking.preflight(params)
-    result = fn(params, **stage.args)
+    with tracking.running(params, graph, stage) if track else contextlib.nullcontext():
+        result = fn(params, **stage.args)
     if track:
         tracking.after_stage(params, graph, stage)
     return result

@@ -1,9 +1,11 @@
 """MLflow tracking: every stage's results as runs, every SPIN iteration as a registered model.
 
-The stage runner (:func:`spinflow.runner.execute`) calls :func:`preflight` before and
-:func:`after_stage` after every stage whose graph node has ``track`` set; what is logged is read
-from the pipeline graph (:mod:`spinflow.graph`): each model node with a ``run_name`` has a run,
-each evaluation node logs into its model's run. Nothing here knows the recipes.
+The stage runner (:func:`spinflow.runner.execute`) calls :func:`preflight` before, runs the
+stage inside :func:`running` (a training stage's steps logged while it runs, a failure marked on
+its run) and calls :func:`after_stage` after every stage whose graph node has ``track`` set;
+what is logged is read from the pipeline graph (:mod:`spinflow.graph`): each model node with a
+``run_name`` has a run, each evaluation node logs into its model's run. Nothing here knows the
+recipes.
 
 - :mod:`~spinflow.tracking.store`: where runs go (tracking URI, artifacts, reachability);
 - :mod:`~spinflow.tracking.lineage`: the Git commit, ``dvc.lock`` hashes, provenance inputs;
@@ -54,8 +56,11 @@ Idempotence:
 - A run is tied to the checkpoint it describes (``spinflow.model_hash``, the hash
   :func:`spinflow.provenance.tree_hash` gives). A stage re-run that yields the same checkpoint
   logs nothing twice (``spinflow.logged.<stage>`` markers); one that yields a different checkpoint
-  (or finds a run whose earlier logging broke off) replaces the run: the old run is tagged
-  ``spinflow.superseded_by`` and deleted (MLflow keeps it in the trash until ``mlflow gc``).
+  (or finds training metrics in the run that differ from its own) replaces the run: the old run
+  is tagged ``spinflow.superseded_by`` and deleted (MLflow keeps it in the trash until ``mlflow
+  gc``). A run whose earlier logging broke off, or that holds the steps logged while the stage
+  ran, gets only the (metric, step) pairs it lacks. A re-run of a finished training writes into
+  a candidate run until it ends (:meth:`~spinflow.tracking.runs.Tracker.begin_training`).
 - Registered versions are reused by ``spinflow.model_hash``. A version is deleted only when it
   was created by this pipeline for that iteration (``spinflow.managed``), no alias points to it,
   the run that created it has been superseded, and no active run of the experiment refers to it.
@@ -97,9 +102,10 @@ from typing import Any
 from spinflow.config import Params
 from spinflow.errors import SpinflowError
 from spinflow.graph import EVALUATION, REPORT, TRAINING, Graph, Stage, build
-from spinflow.tracking import pending
+from spinflow.tracking import live, pending
 from spinflow.tracking.runs import Tracker
 from spinflow.tracking.store import (
+    TAG_FAILED,
     TrackingError,
     artifact_location,
     check_reachable,
@@ -121,6 +127,7 @@ __all__ = [
     "preflight",
     "project_root",
     "redact",
+    "running",
     "sync",
     "tracking_uri",
 ]
@@ -215,6 +222,99 @@ def after_stage(params: Params, graph: Graph, stage: Stage) -> None:
             error,
             pending.PENDING_FILE,
         )
+
+
+class _OpenRun:
+    """A training stage's run, opened as the stage starts, and the thread following its steps."""
+
+    def __init__(self, tracker: Tracker, run_id: str, follower: live.LiveMetrics | None):
+        self.tracker = tracker
+        self.run_id = run_id
+        self.follower = follower
+
+    def stop(self) -> None:
+        if self.follower is not None:
+            self.follower.stop()
+
+    def fail(self, stage: str, error: BaseException) -> None:
+        """The stage raised ``error``: its steps so far logged, its run FAILED (KILLED on
+        Ctrl-C); a failure of MLflow here is one warning, never in place of ``error``."""
+        status = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
+        client = self.tracker.client
+        try:
+            self.stop()
+            client.set_tag(self.run_id, TAG_FAILED, f"{stage}: {_first_line(error)}")
+            client.set_terminated(self.run_id, status=status)
+            self.tracker.release()
+        except Exception as exc:
+            _log_traceback()
+            log.warning(
+                "%s: its MLflow run %s could not be marked %s (%s); the next tracked stage or "
+                "`python -m spinflow.tracking sync` marks it FAILED",
+                stage,
+                self.run_id,
+                status,
+                _first_line(exc),
+            )
+
+
+def _open(params: Params, graph: Graph, stage: Stage) -> _OpenRun | None:
+    """Open ``stage``'s run when it is a training stage that writes a steps file, and follow the
+    file; None for other stages, or when MLflow fails now (then one warning: the stage still
+    logs everything when it ends)."""
+    if stage.track != TRAINING or not params.tracking.enabled or not is_main_process():
+        return None
+    model = graph.model(stage.subject)
+    if model.steps_csv is None:
+        return None
+    every = live.interval()
+    uri = tracking_uri()
+
+    def attempt() -> tuple[Tracker, str]:
+        check_reachable(uri)
+        tracker = Tracker(params, graph, uri, stage.name)
+        tracker.recover()
+        return tracker, tracker.begin_training(model).info.run_id
+
+    try:
+        tracker, run_id = _with_retries(attempt, params.tracking.retry_seconds)
+    except Exception as exc:
+        _log_traceback()
+        log.warning(
+            "%s: its MLflow run could not be opened at %s (%s); its metrics are logged when it "
+            "ends",
+            stage.name,
+            redact(uri),
+            _first_line(exc),
+        )
+        return None
+    follower = None
+    if every > 0:
+        follower = live.LiveMetrics(tracker.client, run_id, model.steps_csv, every).start()
+    return _OpenRun(tracker, run_id, follower)
+
+
+@contextlib.contextmanager
+def running(params: Params, graph: Graph, stage: Stage) -> Iterator[None]:
+    """Around the work of a tracked stage (the stage runner's ``with``), before
+    :func:`after_stage`.
+
+    A training stage's run is opened (found or created as :func:`after_stage` finds it) when
+    the stage starts, and a thread logs the steps its steps CSV gains (:mod:`.live`); when the
+    stage returns, the thread stops after logging the file's last steps, and
+    :func:`after_stage` completes the same run, logging no step twice. When the stage raises,
+    the run is marked FAILED (KILLED on Ctrl-C), with ``spinflow.failed`` saying why. A stage
+    killed outright leaves its run RUNNING: the next tracked stage, or sync, marks it FAILED
+    (:mod:`.recovery`)."""
+    opened = _open(params, graph, stage)
+    try:
+        yield
+    except BaseException as error:
+        if opened is not None:
+            opened.fail(stage.name, error)
+        raise
+    if opened is not None:
+        opened.stop()
 
 
 def sync(params: Params) -> None:
