@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -13,7 +14,7 @@ import torch
 from conftest import cpu_launch_config, free_port
 from spinflow import engines
 from spinflow.chat import prompt_ids
-from spinflow.config import GenerateParams
+from spinflow.config import GenerateParams, VllmParams
 from spinflow.engines.continuous import TOLERANCE, ContinuousEngine, _probe
 from spinflow.errors import SpinflowError
 from spinflow.generation import Request, SamplingParams, TorchEngine
@@ -314,76 +315,262 @@ def test_shared_prompt_prefix_is_computed_once_with_the_same_answers(
 
 
 # ---------------------------------------------------------------------------------------------
-# The vllm engine's adapter, against a stand-in for vLLM's offline API (no GPU here): what it
-# sends per request, how it reads the outputs, and how replicas split and reassemble requests.
+# The vllm engine against tests/vllm_double, a double of vLLM 0.33's offline API (no GPU here):
+# the arguments it sends, one model per process reused across calls and released, replicas, the
+# dtype handed to vLLM, and the end tokens.
 
-FAKE_VLLM = """
-import os
-from types import SimpleNamespace
+VLLM_DOUBLE = Path(__file__).parent / "vllm_double"
 
-class SamplingParams:
-    def __init__(self, **kwargs):
-        self.__dict__.update(kwargs)
 
-class LLM:
-    def __init__(self, **kwargs):
-        self.kwargs = kwargs
-
-    def generate(self, prompts, params, use_tqdm=True):
-        outputs = []
-        for prompt, p in zip(prompts, params):
-            ids = prompt["prompt_token_ids"]
-            # answer: the seed, the replica's GPUs as a number, then the end token if seed is even
-            tokens = [p.seed, int(os.environ["CUDA_VISIBLE_DEVICES"].replace(",", ""))]
-            ended = p.seed % 2 == 0
-            if ended:
-                tokens.append(p.stop_token_ids[0])
-            logprobs = [{t: SimpleNamespace(logprob=-0.5)} for t in tokens]
-            outputs.append(SimpleNamespace(outputs=[SimpleNamespace(
-                token_ids=tokens, logprobs=logprobs, finish_reason="stop" if ended else "length",
-            )], prompt_token_ids=ids, params=p))
-        return outputs
-"""
+def _events(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
 @pytest.fixture
-def fake_vllm(tmp_path, monkeypatch):
-    (tmp_path / "vllm.py").write_text(FAKE_VLLM)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.delitem(sys.modules, "vllm", raising=False)
-    yield
-    sys.modules.pop("vllm", None)
+def vllm_double(tmp_path, monkeypatch):
+    """``import vllm`` finds the double, a GPU is "visible", and the double's events go to
+    the returned file."""
+    from spinflow.engines import vllm as adapter
+
+    log = tmp_path / "vllm_events.jsonl"
+    monkeypatch.syspath_prepend(str(VLLM_DOUBLE))
+    for name in [m for m in sys.modules if m == "vllm" or m.startswith("vllm.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setenv("VLLM_DOUBLE_LOG", str(log))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    yield log
+    if adapter._resident is not None:
+        adapter._resident.close()
+    for name in [m for m in sys.modules if m == "vllm" or m.startswith("vllm.")]:
+        sys.modules.pop(name)
 
 
-@pytest.mark.parametrize("replicas", [1, 2])
-def test_vllm_engine_sends_each_seed_and_reassembles_replicas(
-    fake_vllm, monkeypatch, tmp_path, replicas
+def _vllm_generate(**vllm):
+    return GenerateParams(engine="vllm", vllm=VllmParams(**vllm))
+
+
+def _vllm_requests(tokenizer, count: int = 6) -> list[Request]:
+    return _requests(tokenizer)[:count]
+
+
+def test_the_double_refuses_what_vllm_refuses(vllm_double, tiny_checkpoint):
+    import vllm
+
+    assert vllm.__version__ == "0.33.0"
+    with pytest.raises(TypeError, match="max_new_tokens"):
+        vllm.SamplingParams(max_new_tokens=4)  # spinflow's name, not vLLM's
+    with pytest.raises(TypeError, match="max_tokens"):
+        vllm.SamplingParams(max_tokens="4")
+    for bad in ({"temperature": 2.5}, {"temperature": -1.0}, {"top_p": 0.0}, {"max_tokens": 0}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            vllm.SamplingParams(**bad)
+    with pytest.raises(TypeError, match="swap_space"):
+        vllm.LLM(str(tiny_checkpoint), swap_space=4)  # an argument 0.33 no longer takes
+    with pytest.raises(ValueError, match="data_parallel_size"):
+        vllm.LLM(str(tiny_checkpoint), data_parallel_size=2)
+
+
+def test_vllm_engine_loads_one_model_reuses_it_and_releases_it(
+    vllm_double, tiny_checkpoint, tiny_tokenizer_session, tmp_path
 ):
-    from spinflow.config import VllmParams
-    from spinflow.engines.vllm import VllmEngine
+    tok = tiny_tokenizer_session
+    requests = _vllm_requests(tok)
+    with engines.open_engine(_vllm_generate(), None, tok, model_dir=tiny_checkpoint) as engine:
+        first = engine.complete(requests, SETTINGS[0])
+        again = engine.complete(requests, SETTINGS[0])
+        greedy = engine.complete(requests, SETTINGS[1])
+        assert [e["event"] for e in _events(vllm_double)] == ["load"] + ["generate"] * 3
+    assert [e["event"] for e in _events(vllm_double)][-2:] == ["shutdown", "cleanup"]
+    assert [c.token_ids for c in first] == [c.token_ids for c in again]  # per-request seeds
+    assert len(greedy) == len(requests)
+    load, generate = _events(vllm_double)[:2]
+    assert load["dtype"] == "float32"  # float32 checkpoint, no bfloat16 on this "GPU"
+    assert generate["seeds"] == [r.seed for r in requests]
+    assert generate["max_tokens"] == [SETTINGS[0].max_new_tokens] * len(requests)
+    for completion in first:
+        assert 0 < len(completion.token_ids) + completion.ended <= SETTINGS[0].max_new_tokens
+        assert completion.logp < 0
 
+    # a process holds one model: loading another releases the one still open first
+    other = Path(shutil.copytree(tiny_checkpoint, tmp_path / "other"))
+    a = engines.open_engine(_vllm_generate(), None, tok, model_dir=tiny_checkpoint)
+    b = engines.open_engine(_vllm_generate(), None, tok, model_dir=other)
+    with a, b:
+        a.complete(requests[:1], SETTINGS[0])
+        b.complete(requests[:1], SETTINGS[0])
+    tail = [(e["event"], Path(e.get("model", "")).name) for e in _events(vllm_double)][-8:]
+    assert tail == [
+        ("load", "tiny-model"),
+        ("generate", "tiny-model"),
+        ("shutdown", "tiny-model"),
+        ("cleanup", ""),
+        ("load", "other"),
+        ("generate", "other"),
+        ("shutdown", "other"),
+        ("cleanup", ""),
+    ]
+
+
+def test_vllm_replicas_keep_their_model_and_answer_as_one_process(
+    vllm_double, tiny_checkpoint, tiny_tokenizer_session, monkeypatch
+):
+    """Two replicas, each a process on its own GPU: every other request each, one model load
+    each for two calls, the answers those of one process, and both released on close."""
+    tok = tiny_tokenizer_session
+    requests = _vllm_requests(tok)
+    with engines.open_engine(_vllm_generate(), None, tok, model_dir=tiny_checkpoint) as engine:
+        expected = engine.complete(requests, SETTINGS[0])
+    vllm_double.unlink()
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,7")
-    options = VllmParams(data_parallel_size=replicas)
-    engine = VllmEngine(tmp_path, eos_token_id=99, options=options)
-    requests = [Request([1, 2, i], seed=10 + i) for i in range(5)]
-    got = engine.complete(requests, SamplingParams(temperature=1.0, max_new_tokens=8))
-    gpus = ["3", "7"] if replicas == 2 else ["37"]
-    for i, completion in enumerate(got):
-        seed = 10 + i
-        assert completion.token_ids == [seed, int(gpus[i % replicas])]  # end token stripped
-        assert completion.ended == (seed % 2 == 0)
-        assert completion.logp == pytest.approx(-0.5 * (2 + completion.ended))
+    generate = _vllm_generate(data_parallel_size=2)
+    with engines.open_engine(generate, None, tok, model_dir=tiny_checkpoint) as engine:
+        got = engine.complete(requests, SETTINGS[0])
+        again = engine.complete(requests[:3], SETTINGS[0])
+        processes = [process for process, _ in engine._workers]
+    assert not any(process.is_alive() for process in processes)
+    assert [(c.token_ids, c.logp, c.ended) for c in got] == [
+        (c.token_ids, c.logp, c.ended) for c in expected
+    ]
+    assert [c.token_ids for c in again] == [c.token_ids for c in expected[:3]]
+    events = _events(vllm_double)
+    by_devices = {
+        devices: [e["event"] for e in events if e["devices"] == devices] for devices in ("3", "7")
+    }
+    assert by_devices == {d: ["load", "generate", "generate", "shutdown", "cleanup"] for d in "37"}
+    seeds = [e["seeds"] for e in events if e["event"] == "generate" and e["devices"] == "7"]
+    assert seeds[0] == [r.seed for r in requests[1::2]]
 
 
-def test_vllm_engine_needs_enough_gpus_for_its_replicas(fake_vllm, monkeypatch, tmp_path):
-    from spinflow.config import VllmParams
-    from spinflow.engines.vllm import VllmEngine
-
+def test_vllm_engine_needs_enough_gpus_for_its_replicas(
+    vllm_double, monkeypatch, tiny_checkpoint, tiny_tokenizer_session
+):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
-    options = VllmParams(data_parallel_size=2, tensor_parallel_size=2)
-    engine = VllmEngine(tmp_path, eos_token_id=99, options=options)
-    with pytest.raises(SpinflowError, match=r"^generate\.vllm: .* needs 4 GPUs, 1 visible$"):
+    generate = _vllm_generate(data_parallel_size=2, tensor_parallel_size=2)
+    engine = engines.open_engine(generate, None, tiny_tokenizer_session, model_dir=tiny_checkpoint)
+    with (
+        engine,
+        pytest.raises(SpinflowError, match=r"^generate\.vllm: .* needs 4 GPUs, 1 visible$"),
+    ):
         engine.complete([Request([1], 0)], SamplingParams(max_new_tokens=2))
+
+
+def test_vllm_dtype_auto_never_hands_vllm_float16(tiny_checkpoint):
+    from spinflow.engines.vllm import resolve_dtype
+
+    assert resolve_dtype("auto", tiny_checkpoint, bf16_supported=True)[0] == "bfloat16"
+    assert resolve_dtype("auto", tiny_checkpoint, bf16_supported=False)[0] == "float32"
+    assert resolve_dtype("float16", tiny_checkpoint, bf16_supported=True)[0] == "float16"
+    config = tiny_checkpoint / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "dtype": "bfloat16"}))
+    assert resolve_dtype("auto", tiny_checkpoint, bf16_supported=False)[0] == "bfloat16"
+
+
+def test_theta_trained_with_bf16_on_a_gpu_is_saved_in_bfloat16(
+    tiny_model_session, tiny_tokenizer_session, tmp_path, monkeypatch
+):
+    """On GPUs θk is saved in the precision it was trained in; CPU runs keep float32."""
+    from accelerate import Accelerator
+    from safetensors import safe_open
+
+    from spinflow import training
+    from spinflow.engines.vllm import resolve_dtype
+
+    gpu = SimpleNamespace(mixed_precision="bf16", device=torch.device("cuda", 0))
+    cpu = SimpleNamespace(mixed_precision="bf16", device=torch.device("cpu"))
+    assert training.saved_dtype(gpu) == torch.bfloat16
+    assert training.saved_dtype(cpu) is None
+    assert training.saved_dtype(SimpleNamespace(mixed_precision="no", device=gpu.device)) is None
+
+    monkeypatch.setattr(training, "saved_dtype", lambda accelerator: torch.bfloat16)
+    out = tmp_path / "theta"
+    training.save_checkpoint(Accelerator(cpu=True), tiny_model_session, tiny_tokenizer_session, out)
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    with safe_open(str(out / "model.safetensors"), "pt") as weights:
+        names = list(weights.keys())
+        assert {weights.get_tensor(name).dtype for name in names} == {torch.bfloat16}
+    assert "lm_head.weight" not in names  # tied embeddings stored once
+    assert resolve_dtype("auto", out, bf16_supported=False)[0] == "bfloat16"
+    assert next(tiny_model_session.parameters()).dtype == torch.float32  # the model is unchanged
+
+
+@pytest.mark.parametrize(
+    ("changes", "key"),
+    [
+        ({"generate": {"temperature": 2.5}}, "generate.temperature"),
+        ({"generate": {"temperature": 0.005}}, "generate.temperature"),
+        ({"autoif": {"enabled": True, "temperature": 2.1}}, "autoif.temperature"),
+        ({"generate": {"top_p": 0.0}}, "generate.top_p"),
+        ({"generate": {"max_new_tokens": 0}}, "generate.max_new_tokens"),
+        ({"generate": {"vllm": {"gpu_memory_utilization": 1.2}}}, "generate.vllm.gpu_memory"),
+        ({"generate": {"vllm": {"tensor_parallel_size": 0}}}, "generate.vllm.tensor_parallel"),
+    ],
+)
+def test_validate_refuses_what_vllm_would_refuse(changes, key):
+    from spinflow.config import validate_params
+    from spinflow.errors import ConfigError
+
+    raw = {**changes, "generate": {**changes.get("generate", {}), "engine": "vllm"}}
+    with pytest.raises(ConfigError) as err:
+        validate_params(raw)
+    assert f"'{key}" in str(err.value) and "\n" not in str(err.value)
+    if "temperature" in key:  # the other engines take any temperature
+        validate_params({**raw, "generate": {**raw["generate"], "engine": "continuous"}})
+
+
+# ---------------------------------------------------------------------------------------------
+# End tokens: every engine stops on the tokenizer's and the generation_config's
+
+
+@pytest.fixture(scope="module")
+def two_end_tokens(tiny_model_session, tiny_tokenizer_session) -> tuple[int, int]:
+    """The two tokens the untrained tiny model samples most (its own end token it hardly ever
+    samples), so that answers end on each of them."""
+    never = TorchEngine(tiny_model_session, eos_token_id=(), pad_token_id=0, batch_size=10)
+    counts: dict[int, int] = {}
+    for completion in never.complete(_requests(tiny_tokenizer_session), SETTINGS[0]):
+        for token in set(completion.token_ids):
+            counts[token] = counts.get(token, 0) + 1
+    first, second = sorted(counts, key=lambda t: (-counts[t], t))[:2]
+    return first, second
+
+
+def test_every_engine_stops_on_and_strips_the_same_end_tokens(
+    tiny_checkpoint, tiny_tokenizer_session, two_end_tokens, vllm_double
+):
+    from spinflow.generation import end_token_ids
+    from spinflow.models import load_model
+
+    tok = tiny_tokenizer_session
+    path = tiny_checkpoint / "generation_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "eos_token_id": two_end_tokens}))
+    model = load_model(tiny_checkpoint)
+    ends = end_token_ids(tok, model)
+    assert ends == (tok.eos_token_id, *two_end_tokens) == end_token_ids(tok, tiny_checkpoint)
+    requests = _requests(tok)
+    answers = {}
+    for name in ("torch", "continuous"):
+        with engines.open_engine(
+            GenerateParams(engine=name, dtype="float32"), model, tok, model_dir=tiny_checkpoint
+        ) as engine:
+            answers[name] = engine.complete(requests, SETTINGS[0])
+    torch_answers, continuous = answers["torch"], answers["continuous"]
+    assert [(c.token_ids, c.end_token_id) for c in continuous] == [
+        (c.token_ids, c.end_token_id) for c in torch_answers
+    ]
+    assert {c.end_token_id for c in torch_answers} >= set(two_end_tokens)  # both ended answers
+    for completion in torch_answers:
+        assert completion.ended == (completion.end_token_id in ends)
+        assert not set(completion.token_ids) & set(ends)  # stripped, and nothing after
+
+    with engines.open_engine(_vllm_generate(), None, tok, model_dir=tiny_checkpoint) as engine:
+        from_vllm = engine.complete(requests, SETTINGS[0])
+    (sent,) = [e for e in _events(vllm_double) if e["event"] == "generate"]
+    assert sent["stop_token_ids"] == [sorted(ends)] * len(requests)
+    assert {c.end_token_id for c in from_vllm} - {None} <= set(ends)
+    for completion in from_vllm:
+        assert completion.ended == (completion.end_token_id is not None)
+        assert not set(completion.token_ids) & set(ends)
 
 
 def _tiny_architecture(kind: str):

@@ -1,8 +1,15 @@
 """θk answers prompts, reproducibly per prompt, through a generation engine.
 
 An engine turns :class:`Request` s (prompt token ids and a seed) into :class:`Completion` s
-(answer token ids, θk's log-prob of them, whether the end token came); the engines are in
-:mod:`spinflow.engines`. This module holds what they share: the sampler and the reference engine.
+(answer token ids, θk's log-prob of them, whether an end token came); the engines are in
+:mod:`spinflow.engines`. This module holds what they share: the end tokens, the sampler and the
+reference engine.
+
+Every engine ends an answer on the same tokens, :func:`end_token_ids`: the tokenizer's end token
+and each end token of the model's ``generation_config`` (``eos_token_id`` may be a list, as in
+chat models whose turns end with another token than the document's). vLLM stops on both sets by
+itself; the other engines stop on them because they are given them, and every engine strips the
+end token that came from the answer.
 
 Sampling draws its noise from a generator seeded by (seed, prompt id), so an answer depends on
 the prompt and the seed alone, not on which batch the prompt landed in: the same params give the
@@ -11,9 +18,11 @@ same file whatever the batch size.
 
 from __future__ import annotations
 
+import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -37,13 +46,47 @@ class Request:
 
 @dataclass
 class Completion:
-    """An answer: its tokens (without the end token), whether it ended with the end token, and
-    θk's log-prob of it, untempered, summed over its tokens and the end token when it came."""
+    """An answer: its tokens (without the end token), whether it ended with an end token (and
+    which), and θk's log-prob of it, untempered, summed over its tokens and the end token when
+    one came."""
 
     token_ids: list[int]
     logp: float
     ended: bool
     text: str = ""
+    end_token_id: int | None = None
+
+
+def _generation_config(model_or_dir):
+    """The model's generation config: a loaded model's own, or, for a checkpoint directory, its
+    generation_config.json, else one derived from its config.json (as transformers and vLLM
+    read a checkpoint)."""
+    if not isinstance(model_or_dir, (str, os.PathLike)):
+        return getattr(model_or_dir, "generation_config", None)
+    from transformers import AutoConfig, GenerationConfig
+
+    directory = Path(model_or_dir)
+    if (directory / "generation_config.json").is_file():
+        return GenerationConfig.from_pretrained(directory)
+    return GenerationConfig.from_model_config(AutoConfig.from_pretrained(directory))
+
+
+def end_token_ids(tokenizer, model_or_dir) -> tuple[int, ...]:
+    """The tokens that end an answer, the same for every engine: the tokenizer's end token first,
+    then each ``eos_token_id`` of the model's generation config (one id or a list). ``model_or_dir``
+    is a loaded model or its checkpoint directory."""
+    ids = [tokenizer.eos_token_id]
+    config = _generation_config(model_or_dir)
+    configured = getattr(config, "eos_token_id", None)
+    ids += [configured] if isinstance(configured, int) else list(configured or [])
+    return tuple(dict.fromkeys(int(i) for i in ids if i is not None))
+
+
+def as_end_tokens(eos_token_id: int | Iterable[int]) -> frozenset[int]:
+    """An engine's end tokens from one id or several (:func:`end_token_ids`)."""
+    if isinstance(eos_token_id, int):
+        return frozenset((eos_token_id,))
+    return frozenset(int(i) for i in eos_token_id)
 
 
 @dataclass
@@ -90,10 +133,12 @@ def generate_batch(
     prompt_token_ids: Sequence[list[int]],
     sampling: SamplingParams,
     generators: list[torch.Generator],
-    eos_token_id: int,
+    eos_token_id: int | Iterable[int],
     pad_token_id: int,
 ) -> list[Completion]:
-    """Completions of a batch of prompts, left-padded, all rows stepped until the last ends."""
+    """Completions of a batch of prompts, left-padded, all rows stepped until the last ends
+    (``eos_token_id``: the end token, or all of them)."""
+    ends = as_end_tokens(eos_token_id)
     device = next(model.parameters()).device
     width = max(len(p) for p in prompt_token_ids)
     batch = len(prompt_token_ids)
@@ -107,6 +152,7 @@ def generate_batch(
 
     answers: list[list[int]] = [[] for _ in range(batch)]
     logps = [0.0] * batch
+    end_tokens: list[int | None] = [None] * batch
     finished = torch.zeros(batch, dtype=torch.bool)
     past = None
     step_ids = input_ids
@@ -128,8 +174,9 @@ def generate_batch(
                 continue
             token = int(tokens[row])
             logps[row] += float(token_logps[row])
-            if token == eos_token_id:
+            if token in ends:
                 finished[row] = True
+                end_tokens[row] = token
             else:
                 answers[row].append(token)
         if bool(finished.all()):
@@ -140,21 +187,38 @@ def generate_batch(
             dim=-1,
         )
         position_ids = position_ids[:, -1:] + 1
+    rows = zip(answers, logps, finished.tolist(), end_tokens, strict=True)
     return [
-        Completion(answer, logp, bool(done))
-        for answer, logp, done in zip(answers, logps, finished.tolist(), strict=True)
+        Completion(answer, logp, bool(done), end_token_id=end) for answer, logp, done, end in rows
     ]
 
 
-class TorchEngine:
+class Engine:
+    """What every engine shares: ``with engine:`` releases what it holds when the block ends
+    (:meth:`close`), before a stage loads another model."""
+
+    def close(self) -> None:
+        """Release what the engine holds; nothing here (the model belongs to the caller)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class TorchEngine(Engine):
     """The reference engine: HF forward passes with a growing cache, prompts sorted by length
-    and batched; every row of a batch steps until the batch's last row ends. Any model."""
+    and batched; every row of a batch steps until the batch's last row ends. Any model.
+    ``eos_token_id``: the end token, or all of them (:func:`end_token_ids`)."""
 
     name = "torch"
 
-    def __init__(self, model, *, eos_token_id: int, pad_token_id: int, batch_size: int):
+    def __init__(
+        self, model, *, eos_token_id: int | Iterable[int], pad_token_id: int, batch_size: int
+    ):
         self.model = model.eval()
-        self.eos_token_id, self.pad_token_id = eos_token_id, pad_token_id
+        self.eos_token_id, self.pad_token_id = as_end_tokens(eos_token_id), pad_token_id
         self.batch_size = batch_size
 
     def complete(

@@ -35,14 +35,21 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from spinflow.errors import SpinflowError
-from spinflow.generation import Completion, Request, SamplingParams, next_tokens
+from spinflow.generation import (
+    Completion,
+    Engine,
+    Request,
+    SamplingParams,
+    as_end_tokens,
+    next_tokens,
+)
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +88,7 @@ def _teacher_forced(engine, prompts: list[list[int]], answers: list[list[int]]):
     return [torch.stack(row) for row in logps], seconds
 
 
-def _probe(model, prompts: list[list[int]], slots: int, eos_token_id: int) -> dict:
+def _probe(model, prompts: list[list[int]], slots: int, eos_token_id: int | Iterable[int]) -> dict:
     """bfloat16 against float32 on the answers the float32 engine samples for ``prompts``
     (temperature 1, at most :data:`PROBE_TOKENS` tokens, fixed seeds): the mean |difference| of
     the log-probs both give each answer token (the end token included), that of the first answer
@@ -96,7 +103,7 @@ def _probe(model, prompts: list[list[int]], slots: int, eos_token_id: int) -> di
         SamplingParams(temperature=1.0, top_p=1.0, max_new_tokens=PROBE_TOKENS),
         desc="generate.dtype probe",
     )
-    answers = [c.token_ids + [eos_token_id] * c.ended for c in sampled]  # never empty
+    answers = [c.token_ids + [c.end_token_id] * c.ended for c in sampled]  # never empty
     seconds = {dtype: math.inf for dtype in engines}
     logps = {}
     with torch.inference_mode():
@@ -118,7 +125,7 @@ def _probe(model, prompts: list[list[int]], slots: int, eos_token_id: int) -> di
 
 
 def choose_dtype(
-    model, prompts: list[list[int]], slots: int, *, eos_token_id: int
+    model, prompts: list[list[int]], slots: int, *, eos_token_id: int | Iterable[int]
 ) -> tuple[str, str]:
     """``dtype: auto``: bfloat16 or float32 for decoding ``model`` here, and why, in words."""
     from spinflow.io import read_json, write_json
@@ -271,10 +278,19 @@ class _Block:
         self.width = mlp.gate_proj.out_features  # gate_up's output splits here
 
 
-class ContinuousEngine:
+class ContinuousEngine(Engine):
+    """``eos_token_id``: the end token, or all of them (:func:`spinflow.generation.end_token_ids`)."""
+
     name = "continuous"
 
-    def __init__(self, model, *, eos_token_id: int, batch_size: int, dtype: str = "float32"):
+    def __init__(
+        self,
+        model,
+        *,
+        eos_token_id: int | Iterable[int],
+        batch_size: int,
+        dtype: str = "float32",
+    ):
         config = model.config
         if not supports(model):
             raise SpinflowError(
@@ -283,7 +299,7 @@ class ContinuousEngine:
             )
         window = getattr(config, "sliding_window", None)
         self.window = window if getattr(config, "use_sliding_window", True) else None
-        self.eos_token_id = eos_token_id
+        self.eos_token_id = as_end_tokens(eos_token_id)
         self.slots = batch_size
         self.heads = config.num_attention_heads
         self.kv_heads = config.num_key_value_heads
@@ -549,7 +565,7 @@ class ContinuousEngine:
         generators: list[torch.Generator] = [torch.Generator() for _ in range(slots)]
         answers: list[list[int]] = [[] for _ in requests]
         logps = [0.0] * len(requests)
-        ended = [False] * len(requests)
+        ends: list[int | None] = [None] * len(requests)
         positions = [0] * slots  # where each slot's next token goes
         logits = torch.zeros(slots, self.source.config.vocab_size)
         with tqdm(total=len(requests), desc=desc, unit="prompt", dynamic_ncols=True) as bar:
@@ -586,10 +602,11 @@ class ContinuousEngine:
                 for slot, token, logp in zip(live, chosen.tolist(), token_logps, strict=True):
                     index = owner[slot]
                     logps[index] += logp
-                    if token != self.eos_token_id:
+                    if token in self.eos_token_id:
+                        ends[index] = token
+                    else:
                         answers[index].append(token)
-                    if token == self.eos_token_id or len(answers[index]) >= sampling.max_new_tokens:
-                        ended[index] = token == self.eos_token_id
+                    if ends[index] is not None or len(answers[index]) >= sampling.max_new_tokens:
                         owner[slot] = None
                         free.append(slot)
                         bar.update(1)
@@ -604,6 +621,11 @@ class ContinuousEngine:
                     run(chunks)
         self.cache, self.prefix = [], []
         return [
-            Completion(token_ids=answers[i], logp=logps[i], ended=ended[i])
+            Completion(
+                token_ids=answers[i],
+                logp=logps[i],
+                ended=ends[i] is not None,
+                end_token_id=ends[i],
+            )
             for i in range(len(requests))
         ]

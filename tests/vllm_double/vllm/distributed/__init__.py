@@ -1,0 +1,1 @@
+"""vllm.distributed of the test double (vLLM 0.33.0): only parallel_state."""
