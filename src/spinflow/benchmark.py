@@ -207,32 +207,32 @@ def benchmark_generation(
         f"batch {g.batch_size}, temperature {g.temperature}, top_p {g.top_p}, "
         f"at most {g.max_new_tokens} new tokens"
     )
-    engine = open_engine(g, model, tokenizer, model_dir=Path(model_dir))
-    # a warm-up batch on both sides, not timed: it resolves `dtype: auto` (a probe, then cached)
-    # and the kernels' first-call work
-    warm = requests[: g.batch_size]
-    warm_sampling = SamplingParams(g.temperature, g.top_p, min(8, g.max_new_tokens))
-    engine.complete(warm, warm_sampling, desc="benchmark warm-up")
-    if compare_hf:
-        hf_generate_answer_tokens(model, tokenizer, warm, warm_sampling, g.batch_size)
-    # the two sides alternate, `repeats` times: a change of load on the machine hits both
-    runs: dict[str, list[float]] = {"generate": [], "hf_generate": []}
-    seconds = []
-    for repeat in range(repeats):
-        started = time.perf_counter()
-        completions = engine.complete(requests, sampling, desc="benchmark generate")
-        seconds.append(time.perf_counter() - started)
-        tokens = sum(len(c.token_ids) for c in completions)
-        runs["generate"].append(tokens / seconds[-1])
-        line = f"repeat {repeat + 1}/{repeats}: generate {runs['generate'][-1]:.2f} tokens/s"
+    with open_engine(g, model, tokenizer, model_dir=Path(model_dir)) as engine:
+        # a warm-up batch on both sides, not timed: it resolves `dtype: auto` (a probe, then cached)
+        # and the kernels' first-call work
+        warm = requests[: g.batch_size]
+        warm_sampling = SamplingParams(g.temperature, g.top_p, min(8, g.max_new_tokens))
+        engine.complete(warm, warm_sampling, desc="benchmark warm-up")
         if compare_hf:
+            hf_generate_answer_tokens(model, tokenizer, warm, warm_sampling, g.batch_size)
+        # the two sides alternate, `repeats` times: a change of load on the machine hits both
+        runs: dict[str, list[float]] = {"generate": [], "hf_generate": []}
+        seconds = []
+        for repeat in range(repeats):
             started = time.perf_counter()
-            hf_tokens = hf_generate_answer_tokens(
-                model, tokenizer, requests, sampling, g.batch_size
-            )
-            runs["hf_generate"].append(hf_tokens / (time.perf_counter() - started))
-            line += f", hf_generate {runs['hf_generate'][-1]:.2f} tokens/s"
-        print(line)
+            completions = engine.complete(requests, sampling, desc="benchmark generate")
+            seconds.append(time.perf_counter() - started)
+            tokens = sum(len(c.token_ids) for c in completions)
+            runs["generate"].append(tokens / seconds[-1])
+            line = f"repeat {repeat + 1}/{repeats}: generate {runs['generate'][-1]:.2f} tokens/s"
+            if compare_hf:
+                started = time.perf_counter()
+                hf_tokens = hf_generate_answer_tokens(
+                    model, tokenizer, requests, sampling, g.batch_size
+                )
+                runs["hf_generate"].append(hf_tokens / (time.perf_counter() - started))
+                line += f", hf_generate {runs['hf_generate'][-1]:.2f} tokens/s"
+            print(line)
     results = {
         "generation_tokens_per_second": statistics.median(runs["generate"]),
         "generation_prompts_per_second": len(requests) / statistics.median(seconds),
