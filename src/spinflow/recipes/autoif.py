@@ -545,23 +545,23 @@ def _answer(
     device = stage_device(params.device)
     model = load_model(model_dir, device=device) if params.generate.engine != "vllm" else None
     batch_size = params.eval.batch_size if temperature == 0 else None
-    engine = open_engine(
-        params.generate, model, tokenizer, model_dir=model_dir, batch_size=batch_size
-    )
     stats = GenerationStats()
-    completions = generate_answers(
-        engine,
-        tokenizer,
-        records,
-        sampling=SamplingParams(
-            temperature, params.autoif.top_p, max_new_tokens or params.autoif.max_new_tokens
-        ),
-        seed=stage_seed(params.seed, stage),
-        system_prompt=params.prompt.system_prompt,
-        max_prompt_length=params.prompt.max_prompt_length,
-        desc=stage,
-        stats=stats,
-    )
+    with open_engine(
+        params.generate, model, tokenizer, model_dir=model_dir, batch_size=batch_size
+    ) as engine:
+        completions = generate_answers(
+            engine,
+            tokenizer,
+            records,
+            sampling=SamplingParams(
+                temperature, params.autoif.top_p, max_new_tokens or params.autoif.max_new_tokens
+            ),
+            seed=stage_seed(params.seed, stage),
+            system_prompt=params.prompt.system_prompt,
+            max_prompt_length=params.prompt.max_prompt_length,
+            desc=stage,
+            stats=stats,
+        )
     return [c.text for c in completions], stats
 
 

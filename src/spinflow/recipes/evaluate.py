@@ -119,10 +119,13 @@ def evaluate(params: Params, name: str) -> dict[str, Any]:
     )
     beta = _beta(params, model_node)
     loaded = _load(params, source)
-    metrics, rows = _score(params, loaded, records, reference, beta)
     val_rows: list[dict] = []
-    if validation:
-        metrics["validation"], val_rows = _validate(params, loaded, validation, val_reference, beta)
+    with loaded[2]:  # the engine, released before the harness runs the model
+        metrics, rows = _score(params, loaded, records, reference, beta)
+        if validation:
+            metrics["validation"], val_rows = _validate(
+                params, loaded, validation, val_reference, beta
+            )
     model, tokenizer, _ = loaded
     benchmark_results = None
     if benchmarks is not None:  # last: it may move the model to another device
@@ -182,7 +185,9 @@ def evaluate_checkpoints(
         raise SpinflowError(f"{data_dir / split}.jsonl is empty: nothing to evaluate")
     results = []
     for path in models:
-        metrics, rows = _score(params, _load(params, path), records)
+        loaded = _load(params, path)
+        with loaded[2]:  # the engine, released before the next checkpoint loads
+            metrics, rows = _score(params, loaded, records)
         scores = answer_scores({row["id"]: row["generated"] for row in rows}, records)
         pass_rate, exact = interval_cells(scores)
         results.append(
