@@ -577,6 +577,18 @@ class AutoifParams(Section):
     supervisor_max_new_tokens: NewTokens = Field(
         256, description="Longest supervisor answer, in tokens"
     )
+    query_min_score: Annotated[int, Field(ge=1, le=10)] | None = Field(
+        8,
+        description="Keep a training query the supervisor rates at least this, from 1 to 10, as "
+        "answerable while following its instruction (paper: 8); read only with "
+        "autoif.supervisor (without one the queries are not scored); null: no scoring",
+    )
+    sft_first: bool = Field(
+        True,
+        description="Each AutoIF iteration first fine-tunes θk on the samples passing every "
+        "function (sft.jsonl, with the sft settings), then runs DPO from that model, as the "
+        "paper does; false: DPO only",
+    )
     train: SpinTrainParams = Field(default_factory=SpinTrainParams)
 
 

@@ -624,6 +624,8 @@ class Graph:
                         "generate.dtype",
                         "generate.batch_size",
                         "generate.vllm",
+                        "prompt.system_prompt",
+                        "prompt.max_prompt_length",
                         "seed",
                     ),
                     outs=supervised,
@@ -651,24 +653,30 @@ class Graph:
                 metrics=(str(train_metrics("autoif_verify")),),
             )
         )
+        engine = ("generate.engine", "generate.dtype", "generate.batch_size", "generate.vllm")
+        prompt = ("prompt.system_prompt", "prompt.max_prompt_length", "seed")
+        # the supervisor rates the training queries (autoif.query_min_score)
+        scoring = p.autoif.supervisor is not None and p.autoif.query_min_score is not None
         self._add(
             Stage(
                 "autoif_queries",
                 "autoif_queries",
-                (str(AUTOIF_VERIFIED), str(DATA_DIR)),
+                (str(AUTOIF_VERIFIED), str(DATA_DIR), *((p.autoif.supervisor,) if scoring else ())),
                 (
                     "autoif.heldout",
                     "autoif.queries",
                     "autoif.eval_queries",
                     "autoif.eval_instructions_per_query",
-                    "seed",
+                    *(
+                        ("autoif.query_min_score", "eval.batch_size", *engine, *prompt)
+                        if scoring
+                        else ("seed",)
+                    ),
                 ),
                 outs=(str(AUTOIF_QUERIES),),
                 metrics=(str(train_metrics("autoif_queries")),),
             )
         )
-        engine = ("generate.engine", "generate.dtype", "generate.batch_size", "generate.vllm")
-        prompt = ("prompt.system_prompt", "prompt.max_prompt_length", "seed")
         self._autoif_evaluate(f"{AUTOIF}_theta_0", self.theta(0).name, sandbox + engine + prompt)
         combined = p.autoif.with_spin
         previous = self.theta(0)
@@ -722,7 +730,13 @@ class Graph:
                     stage,
                     "autoif_train",
                     (str(previous.path), str(samples)),
-                    ("autoif.train", "autoif.beta", *PROMPT_KEYS),
+                    (
+                        "autoif.train",
+                        "autoif.beta",
+                        "autoif.sft_first",
+                        *(("sft",) if p.autoif.sft_first else ()),
+                        *PROMPT_KEYS,
+                    ),
                     outs=(f"models/{name}",),
                     metrics=(str(train_metrics(stage)),),
                     plots=(steps_plot(stage),),

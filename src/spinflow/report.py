@@ -459,6 +459,7 @@ def autoif_section(graph: Graph) -> list[str]:
         f"| {_reasons(verified['dropped'])} |",
         f"| autoif_queries: training / held-out instructions | {queries['train_instructions']} / "
         f"{queries['heldout_instructions']} | – |",
+        *_query_scoring_row(queries),
     ]
     calls = [f"autoif_verify {verified['sandbox_calls_per_second']:.0f}"]
     k = 0
@@ -498,6 +499,17 @@ def _with_spin_rows(graph: Graph) -> list[str]:
             f"{trained[what]} (all SPIN pairs) |"
         )
     return rows
+
+
+def _query_scoring_row(queries: dict) -> list[str]:
+    """The supervisor's rating of the training queries (autoif.query_min_score), when it ran."""
+    if queries.get("query_scoring") != "on":
+        return []
+    return [
+        f"| autoif_queries: training queries the supervisor rates answerable | "
+        f"{queries['train_queries']} of {queries['train_queries_made']} | "
+        f"{_reasons(queries['train_queries_dropped'])} |"
+    ]
 
 
 def _reasons(counts: dict[str, int]) -> str:

@@ -37,6 +37,8 @@ from __future__ import annotations
 import logging
 import math
 import random
+import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +76,7 @@ DROPS_FILE = "drops.jsonl"
 TRAIN_QUERIES, EVAL_QUERIES = "train.jsonl", "eval.jsonl"
 TRAIN_INSTRUCTIONS, EVAL_INSTRUCTIONS = "train_instructions.jsonl", "eval_instructions.jsonl"
 SAMPLES, SFT_DATA, PAIRS = "samples.jsonl", "sft.jsonl", "pairs.jsonl"
+QUERY_SCORES = "scores.jsonl"
 SUPERVISED_FILE = "instructions.yaml"
 
 
@@ -275,6 +278,33 @@ def parse_function_answer(text: str) -> tuple[str, list[dict]]:
     return obj["func"], converted
 
 
+def self_instruct_requests(params: Params, seeds: list[Instruction]) -> list[dict]:
+    """The ``autoif.supervisor_rounds`` self-instruct prompts: each shows up to 8 seed
+    instructions (drawn by seed) and asks for new ones."""
+    a = params.autoif
+    rng = random.Random(derive_seed(params.seed, "autoif_supervise"))
+    count = max(1, math.ceil(a.supervisor_instructions / a.supervisor_rounds))
+    return [
+        {
+            "id": f"self-instruct-{r}",
+            "prompt": SELF_INSTRUCT_PROMPT.format(
+                examples="\n".join(f"- {i.text}" for i in rng.sample(seeds, min(8, len(seeds)))),
+                count=count,
+            ),
+        }
+        for r in range(a.supervisor_rounds)
+    ]
+
+
+def function_requests(instructions: list[str], attempts: int) -> list[dict]:
+    """``attempts`` prompts per new instruction, each asking for a function with cases."""
+    return [
+        {"id": f"sup_{i:04d}#r{j}", "prompt": FUNCTION_PROMPT.format(instruction=text), "at": i}
+        for i, text in enumerate(instructions)
+        for j in range(attempts)
+    ]
+
+
 def autoif_supervise(params: Params) -> dict[str, Any]:
     """New instructions, functions and cases written by ``autoif.supervisor``: self-instruct
     from the seeds, then a function with cases per new instruction, as the paper prompts.
@@ -288,18 +318,7 @@ def autoif_supervise(params: Params) -> dict[str, Any]:
     seeds = load_library(seeds_path(params), min_cases=a.min_cases).instructions
     if not seeds:
         raise DataError(f"{stage}: no usable seed instruction in {seeds_path(params)}")
-    rng = random.Random(derive_seed(params.seed, stage))
-    count = max(1, math.ceil(a.supervisor_instructions / a.supervisor_rounds))
-    rounds = [
-        {
-            "id": f"self-instruct-{r}",
-            "prompt": SELF_INSTRUCT_PROMPT.format(
-                examples="\n".join(f"- {i.text}" for i in rng.sample(seeds, min(8, len(seeds)))),
-                count=count,
-            ),
-        }
-        for r in range(a.supervisor_rounds)
-    ]
+    rounds = self_instruct_requests(params, seeds)
     sampling = {"temperature": a.temperature, "max_new_tokens": a.supervisor_max_new_tokens}
     answers, stats = _answer(params, model_dir, rounds, stage=stage, **sampling)
     drops: list[Drop] = []
@@ -313,11 +332,7 @@ def autoif_supervise(params: Params) -> dict[str, Any]:
             if line.lower() not in known and len(new) < a.supervisor_instructions:
                 known.add(line.lower())
                 new.append(line)
-    requests = [
-        {"id": f"sup_{i:04d}#r{j}", "prompt": FUNCTION_PROMPT.format(instruction=text), "at": i}
-        for i, text in enumerate(new)
-        for j in range(a.supervisor_attempts)
-    ]
+    requests = function_requests(new, a.supervisor_attempts)
     written = _answer(params, model_dir, requests, stage=stage, **sampling)[0] if requests else []
     items = [
         {"id": f"sup_{i:04d}", "group": f"sup_{i:04d}", "instruction": text}
@@ -432,9 +447,88 @@ def make_queries(
     return queries
 
 
+QUERY_SCORE_PROMPT = (
+    "Rate from 1 to 10 how well the query below can be answered while following the "
+    "instruction after it: 10 when a good answer to the query can follow the instruction fully, "
+    "1 when the instruction makes no sense for the query or contradicts it.\n"
+    "Query: {query}\nInstruction: {instruction}\n"
+    'Answer with "Score: " and the number only.'
+)
+LOW_QUERY_SCORE = "low_query_score"
+UNPARSEABLE_SCORE = "unparseable_query_score"
+_SCORE = re.compile(r"score\s*[:=]?\s*(10|[1-9])(?![0-9])", re.IGNORECASE)
+_NUMBER = re.compile(r"(?<![0-9])(10|[1-9])(?![0-9.])")
+
+
+def query_scoring(params: Params) -> str | None:
+    """Why the supervisor does not score the training queries, or None when it does."""
+    if params.autoif.query_min_score is None:
+        return "autoif.query_min_score is null"
+    if params.autoif.supervisor is None:
+        return "no autoif.supervisor to rate them"
+    return None
+
+
+def query_score_request(query_id: str, prompt: str, instruction: str) -> dict:
+    """The prompt asking the supervisor to rate a training query (its SFT prompt, then its
+    instruction) on 1-10."""
+    return {
+        "id": query_id,
+        "prompt": QUERY_SCORE_PROMPT.format(query=prompt.strip(), instruction=instruction),
+    }
+
+
+def parse_query_score(text: str) -> int:
+    """The 1-10 rating of a supervisor answer: the number after "Score", else the first whole
+    number from 1 to 10; ValueError when there is none."""
+    found = _SCORE.search(text) or _NUMBER.search(text)
+    if found is None:
+        raise ValueError("no score from 1 to 10 in the answer")
+    return int(found.group(1))
+
+
+def score_queries(
+    params: Params, queries: list[dict], prompts: dict[str, str], texts: dict[str, str]
+) -> tuple[list[dict], list[Drop], list[dict]]:
+    """(kept queries, drops, every rating) of the training queries the supervisor rates, greedily,
+    at least ``autoif.query_min_score``; ``prompts`` and ``texts`` map source and instruction ids
+    to their text."""
+    threshold = params.autoif.query_min_score
+    requests = [
+        query_score_request(
+            q["id"], prompts[q["source_id"]], " ".join(texts[i] for i in q["instructions"])
+        )
+        for q in queries
+    ]
+    answers, _ = _answer(
+        params,
+        Path(params.autoif.supervisor),
+        requests,
+        temperature=0.0,
+        stage="autoif_queries",
+        max_new_tokens=8,
+    )
+    kept, drops, ratings = [], [], []
+    for query, text in zip(queries, answers, strict=True):
+        try:
+            score = parse_query_score(text)
+        except ValueError as exc:
+            drops.append(Drop(query["id"], UNPARSEABLE_SCORE, f"{exc}: {text[:60]!r}"))
+            ratings.append({"id": query["id"], "score": None, "answer": text})
+            continue
+        ratings.append({"id": query["id"], "score": score, "answer": text})
+        if score >= threshold:
+            kept.append(query)
+        else:
+            drops.append(Drop(query["id"], LOW_QUERY_SCORE, f"rated {score} < {threshold}"))
+    return kept, drops, ratings
+
+
 def autoif_queries(params: Params) -> dict[str, Any]:
     """Training queries (SFT prompts, training instructions) and evaluation queries (test
-    prompts, held-out instructions): autoif/queries/."""
+    prompts, held-out instructions): autoif/queries/. With ``autoif.supervisor`` and
+    ``autoif.query_min_score`` the supervisor rates each training query and those rated below
+    are dropped (autoif/queries/drops.jsonl)."""
     from spinflow.data import load_split
 
     graph = pipeline_graph.build(params)
@@ -442,7 +536,8 @@ def autoif_queries(params: Params) -> dict[str, Any]:
     a = params.autoif
     train_set, heldout = split_heldout(_read_instructions(source), a.heldout, params.seed)
     rng = random.Random(derive_seed(params.seed, "autoif_queries"))
-    train = make_queries(load_split(DATA_DIR, "sft"), train_set, a.queries, 1, rng, "autoif-train")
+    sft_prompts = load_split(DATA_DIR, "sft")
+    train = make_queries(sft_prompts, train_set, a.queries, 1, rng, "autoif-train")
     evaluation = make_queries(
         load_split(DATA_DIR, "test"),
         heldout,
@@ -451,8 +546,30 @@ def autoif_queries(params: Params) -> dict[str, Any]:
         rng,
         "autoif-eval",
     )
+    made = len(train)
+    drops: list[Drop] = []
+    ratings: list[dict] = []
+    skipped = query_scoring(params)
+    if skipped is None:
+        train, drops, ratings = score_queries(
+            params,
+            train,
+            {r["id"]: r["prompt"] for r in sft_prompts},
+            {i.id: i.text for i in train_set},
+        )
+        _report_drops("autoif_queries", drops)
+        if not train:
+            raise SpinflowError(
+                f"autoif_queries: the supervisor rated no training query ≥ "
+                f"{a.query_min_score} ({made} rated: {count_drops(drops)}); lower "
+                "autoif.query_min_score or set it to null"
+            )
+    else:
+        log.info("autoif_queries: queries not scored: %s", skipped)
     with atomic_path(AUTOIF_QUERIES, directory=True) as tmp:
         write_jsonl(tmp / TRAIN_QUERIES, train)
+        write_jsonl(tmp / DROPS_FILE, [d.to_record() for d in drops])
+        write_jsonl(tmp / QUERY_SCORES, ratings)
         write_jsonl(tmp / EVAL_QUERIES, evaluation)
         write_jsonl(tmp / TRAIN_INSTRUCTIONS, [i.to_record() for i in train_set])
         write_jsonl(tmp / EVAL_INSTRUCTIONS, [i.to_record() for i in heldout])
@@ -466,17 +583,26 @@ def autoif_queries(params: Params) -> dict[str, Any]:
                     "eval_queries": a.eval_queries,
                     "eval_instructions_per_query": a.eval_instructions_per_query,
                     "seed": params.seed,
+                    **(
+                        {"query_min_score": a.query_min_score, "engine": params.generate.engine}
+                        if skipped is None
+                        else {}
+                    ),
                 },
                 {
                     "instructions": source,
                     "sft": DATA_DIR / "sft.jsonl",
                     "test": DATA_DIR / "test.jsonl",
+                    **({"supervisor": Path(a.supervisor)} if skipped is None else {}),
                 },
             ),
         )
     summary = {
         "train_instructions": len(train_set),
         "heldout_instructions": len(heldout),
+        "query_scoring": "on" if skipped is None else f"off: {skipped}",
+        "train_queries_made": made,
+        "train_queries_dropped": count_drops(drops),
         "train_queries": len(train),
         "eval_queries": len(evaluation),
         "eval_instructions": sum(len(q["instructions"]) for q in evaluation),
@@ -689,21 +815,37 @@ def autoif_train(params: Params, k: int) -> dict[str, Any]:
             "has both; raise autoif.samples or autoif.queries, or lower autoif.chosen_min"
         )
     a = params.autoif
-    trained = train_on_pairs(
-        params,
-        target,
-        source,
-        pairs,
-        a.train,
-        beta=a.beta,
-        loss="sigmoid",
-        settings={"beta": a.beta, "prompt": params.prompt.model_dump(), "seed": params.seed},
-        inputs={"model": source, "pairs": pairs_path},
-        bf16_key="autoif.train.bf16",
-    )
+    settings = {"beta": a.beta, "prompt": params.prompt.model_dump(), "seed": params.seed}
+    inputs = {"model": source, "pairs": pairs_path}
+    sft_dir = target.path.with_name(f".{target.path.name}.sft")  # the SFT step's model, removed
+    shutil.rmtree(sft_dir, ignore_errors=True)
+    try:
+        sft_summary: dict[str, Any] = {}
+        if a.sft_first:
+            sft_path = require(graph, autoif_samples_dir(k) / SFT_DATA)
+            sft_summary, start = _sft_step(params, k, source, sft_path, sft_dir)
+            settings["sft_first"] = {"sft": params.sft.model_dump(), **sft_summary}
+            inputs["sft"] = sft_path
+        else:
+            start = source
+        trained = train_on_pairs(
+            params,
+            target,
+            start,
+            pairs,
+            a.train,
+            beta=a.beta,
+            loss="sigmoid",
+            settings=settings,
+            inputs=inputs,
+            bf16_key="autoif.train.bf16",
+        )
+    finally:
+        shutil.rmtree(sft_dir, ignore_errors=True)
     result = trained.result
     summary = {
         "iteration": k,
+        **sft_summary,
         "pairs": len(trained.examples),
         "beta": a.beta,
         "learning_rate": trained.optim.learning_rate,
@@ -712,6 +854,48 @@ def autoif_train(params: Params, k: int) -> dict[str, Any]:
     }
     write_training_outputs(target, summary, trained)
     return {**summary, **result.timings()}
+
+
+def _sft_step(
+    params: Params, k: int, source: Path, sft_path: Path, folder: Path
+) -> tuple[dict[str, Any], Path]:
+    """``autoif.sft_first``: θk fine-tuned on iteration k's samples that pass every function
+    (``sft.jsonl``) with the project's SFT training and the ``sft`` settings, into ``folder``;
+    (its counts, the model DPO starts from). No sample passing: θk itself, with a warning."""
+    from spinflow.recipes.sft import supervised
+
+    records = [
+        {"id": r["id"], "prompt": r["prompt"], "answer": r["answer"]}
+        for r in read_jsonl(sft_path, ("id", "prompt", "answer"))
+    ]
+    if not records:
+        log.warning(
+            "autoif_train_iter_%d: no sample passes every function (%s is empty): the SFT step "
+            "is skipped, DPO starts from θ%d",
+            k,
+            sft_path,
+            k,
+        )
+        return {"sft_examples": 0, "sft_optimizer_steps": 0}, source
+    stage = f"autoif_train_iter_{k}"
+    step = pipeline_graph.Model(
+        f"{pipeline_graph.AUTOIF}_sft_{k}",
+        folder / "model",
+        f"{stage}_sft",
+        f"θ{k} + SFT (AutoIF iter {k})",
+        pipeline_graph.AUTOIF,
+        train_metrics=folder / "metrics.json",
+        steps_csv=folder / "steps.csv",
+        timings=folder / "timings.json",
+    )
+    done = supervised(params, step, source=source, records=records, max_steps=None, extra_inputs={})
+    counts = {
+        "sft_examples": done["examples"],
+        "sft_optimizer_steps": done["optimizer_steps"],
+    }
+    if "final_loss" in done:
+        counts["sft_final_loss"] = done["final_loss"]
+    return counts, step.path
 
 
 def preference_pairs(path: Path, k: int, id_prefix: str = "") -> list[dict]:
