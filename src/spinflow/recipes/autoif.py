@@ -457,7 +457,7 @@ QUERY_SCORE_PROMPT = (
 LOW_QUERY_SCORE = "low_query_score"
 UNPARSEABLE_SCORE = "unparseable_query_score"
 _SCORE = re.compile(r"score\s*[:=]?\s*(10|[1-9])(?![0-9])", re.IGNORECASE)
-_NUMBER = re.compile(r"(?<![0-9])(10|[1-9])(?![0-9.])")
+_NUMBER = re.compile(r"(?<![0-9.])(10|[1-9])(?![0-9.])")
 
 
 def query_scoring(params: Params) -> str | None:
