@@ -305,15 +305,21 @@ def running(params: Params, graph: Graph, stage: Stage) -> Iterator[None]:
     :func:`after_stage` completes the same run, logging no step twice. When the stage raises,
     the run is marked FAILED (KILLED on Ctrl-C), with ``spinflow.failed`` saying why. A stage
     killed outright leaves its run RUNNING: the next tracked stage, or sync, marks it FAILED
-    (:mod:`.recovery`)."""
+    (:mod:`.recovery`).
+
+    While the run is open, MLflow's client does not retry a failed request for minutes
+    (:func:`_mlflow_http`): the thread tries again at its next look, and the stage's end is
+    not held up by a server that is down."""
     opened = _open(params, graph, stage)
-    try:
+    if opened is None:
         yield
-    except BaseException as error:
-        if opened is not None:
+        return
+    with _mlflow_http(params.tracking.retry_seconds):
+        try:
+            yield
+        except BaseException as error:
             opened.fail(stage.name, error)
-        raise
-    if opened is not None:
+            raise
         opened.stop()
 
 
