@@ -1,6 +1,6 @@
 """DVC stage report: every evaluated model in one table, one plot and one chart."""
 
-from spinflow.recipes.evaluate import report
+from spinflow.report import report
 from spinflow.runner import run_stage
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -355,22 +356,26 @@ def test_import_closure_names_an_unparsable_module(tmp_path):
 
 def test_every_stage_lists_its_scripts_import_closure(monkeypatch):
     monkeypatch.chdir(REPO)
-    stages = pipeline.render(_params(spin={"iterations": 2}))["stages"]
+    params = _params(spin={"iterations": 2})
+    graph = build(params)
+    stages = pipeline.render(params)["stages"]
     for name, stage in stages.items():
         script = next(part for part in stage["cmd"].split() if part.startswith("stages/"))
         code = [d for d in stage["deps"] if d.startswith("src/")]
-        assert code == pipeline.import_closure(script), name
+        off = pipeline.switched_off(params, graph.stage(name))
+        assert code == pipeline.import_closure(script, skip=off), name
+        assert set(code) <= set(pipeline.import_closure(script)), name
         assert stage["deps"][0] == script
 
 
 def test_code_dependencies_include_the_modules_the_issue_found_missing(monkeypatch):
     monkeypatch.chdir(REPO)
     stages = pipeline.render(_params(spin={"iterations": 2}))["stages"]
-    every_stage = {"config", "io", "provenance", "graph", "runner", "errors"}
+    every_stage = {"config", "io", "graph", "runner", "errors"}
     for name, stage in stages.items():
         for module in every_stage:
             assert f"src/spinflow/{module}.py" in stage["deps"], (name, module)
-    for module in ("losses", "chat", "evaluation", "recipes/evaluate"):
+    for module in ("losses", "chat", "evaluation", "recipes/evaluate", "provenance"):
         assert f"src/spinflow/{module}.py" in stages["eval_iter_0"]["deps"], module
     for module in ("recipes/spin", "training", "losses", "chat"):
         assert f"src/spinflow/{module}.py" in stages["train_iter_0"]["deps"], module
@@ -442,3 +447,44 @@ def test_pipeline_cli(tmp_path, capsys):
     assert len(err.strip().splitlines()) == 1
     assert err.startswith(f"error: {dvc_file} does not match params.yaml: stages differ")
     assert "missing: ['eval_iter_2', 'generate_iter_2', 'train_iter_2']" in err
+
+
+def test_every_module_a_stage_process_imported_is_a_code_dependency(tiny_dvc_repo):
+    """What the stage processes of the tiny pipeline really imported (recorded at exit by
+    tests/device_hook/sitecustomize.py) is covered by the code dependencies dvc.yaml lists."""
+    stages = yaml.safe_load((tiny_dvc_repo.root / "dvc.yaml").read_text())["stages"]
+    folder = tiny_dvc_repo.root / ".spinflow" / "test-imports"
+    records = [json.loads(f.read_text()) for f in sorted(folder.glob("*.json"))]
+    assert {"sft", "generate_iter_0", "train_iter_0", "eval_iter_0", "report"} <= {
+        r["stage"] for r in records
+    }
+    for record in records:
+        deps = set(stages[record["stage"]]["deps"])
+        assert record["script"] in deps
+        assert set(record["files"]) <= deps, (record["stage"], set(record["files"]) - deps)
+
+
+def test_code_dependencies_follow_what_the_params_switch_on(monkeypatch):
+    """Tracking is nobody's dependency; a stage depends on the engine generate.engine names and
+    on AutoIF and the sandbox only where AutoIF runs in it."""
+    monkeypatch.chdir(REPO)
+    stages = pipeline.render(_params(spin={"iterations": 2}))["stages"]
+    every = {d for stage in stages.values() for d in stage["deps"]}
+    assert not {d for d in every if d.startswith("src/spinflow/tracking/")}
+    for module in ("engines/vllm", "sandbox", "sandbox_worker", "recipes/autoif", "harness"):
+        assert f"src/spinflow/{module}.py" not in every, module
+    continuous = "src/spinflow/engines/continuous.py"
+    generating = {name for name, stage in stages.items() if continuous in stage["deps"]}
+    assert generating == {
+        "eval_sft",
+        "eval_sft_extra",
+        "generate_iter_0",
+        "generate_iter_1",
+        "eval_iter_0",
+        "eval_iter_1",
+    }
+
+    vllm = pipeline.render(_params(spin={"iterations": 2}, generate={"engine": "vllm"}))["stages"]
+    assert "src/spinflow/engines/vllm.py" in vllm["generate_iter_0"]["deps"]
+    assert continuous not in vllm["generate_iter_0"]["deps"]
+    assert "src/spinflow/engines/vllm.py" not in vllm["train_iter_0"]["deps"]

@@ -14,7 +14,7 @@ from spinflow.chat import Encoded
 from spinflow.config import default_params_dict, validate_params
 from spinflow.errors import ConfigError, DataError
 from spinflow.io import write_json, write_jsonl
-from spinflow.recipes import autoif, spin
+from spinflow.recipes import autoif, generate, spin
 from test_recipes_autoif import REPORT_METRICS
 
 
@@ -134,7 +134,7 @@ def test_the_pool_takes_one_verified_answer_per_query_in_file_order(tmp_path, mo
             "instruction": "short",
         },
     ]
-    pairs = spin.make_pairs(records, ["abc", "y"], 1)
+    pairs = generate.make_pairs(records, ["abc", "y"], 1)
     assert [(p["id"], p["instruction"], p["real"], p["generated"]) for p in pairs] == [
         ("autoif/q1", "even", "ab", "abc"),
         ("autoif/q0", "short", "x", "y"),

@@ -11,7 +11,7 @@ from conftest import make_optim
 from spinflow import training
 from spinflow.chat import answer_ids, prompt_ids
 from spinflow.config import PromptParams
-from spinflow.recipes import spin
+from spinflow.recipes import generate, spin
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
@@ -137,16 +137,16 @@ def _write_pairs(k: int, count: int = 2) -> None:
     pool = [
         {"id": f"p{i}", "task": "t", "prompt": f"q{i}", "answer": f"a{i}"} for i in range(count)
     ]
-    write_jsonl(pairs_file(k), spin.make_pairs(pool, [f"g{k}-{i}" for i in range(count)], k))
+    write_jsonl(pairs_file(k), generate.make_pairs(pool, [f"g{k}-{i}" for i in range(count)], k))
 
 
 def test_make_pairs_keeps_real_and_generated_apart():
     pool = [{"id": "x", "task": "sum", "prompt": "1+1?", "answer": "2"}]
-    assert spin.make_pairs(pool, ["3"], 4) == [
+    assert generate.make_pairs(pool, ["3"], 4) == [
         {"id": "x", "iteration": 4, "task": "sum", "prompt": "1+1?", "real": "2", "generated": "3"}
     ]
     with pytest.raises(ValueError):
-        spin.make_pairs(pool, ["3", "4"], 0)
+        generate.make_pairs(pool, ["3", "4"], 0)
 
 
 @pytest.mark.parametrize("mix_previous", [0, 1, 2])

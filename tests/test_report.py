@@ -322,7 +322,7 @@ def test_a_damaged_metrics_file_names_itself_and_its_stage(
 ):
     import yaml
 
-    from spinflow.recipes.evaluate import report as report_stage
+    from spinflow.report import report as report_stage
     from spinflow.runner import run_stage
 
     graph, _ = report

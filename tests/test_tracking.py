@@ -20,7 +20,8 @@ from spinflow import tracking
 from spinflow.config import Params, validate_params
 from spinflow.graph import build, pairs_file
 from spinflow.provenance import tree_hash
-from spinflow.recipes import evaluate, prepare, sft, spin
+from spinflow.recipes import evaluate, generate, prepare, sft, spin
+from spinflow.report import report as report_stage
 from spinflow.runner import execute
 
 ITERATIONS = 2
@@ -51,7 +52,7 @@ def run_tiny_pipeline(params: Params, *, prepare: bool = True) -> None:
         execute(params, "sft", sft.sft)
     execute(params, "eval_sft", evaluate.evaluate)
     for k in range(params.spin.iterations):
-        execute(params, f"generate_iter_{k}", spin.generate)
+        execute(params, f"generate_iter_{k}", generate.generate)
         execute(params, f"train_iter_{k}", spin.train)
         execute(params, f"eval_iter_{k}", evaluate.evaluate)
     if params.sft_extra.enabled:
@@ -60,7 +61,7 @@ def run_tiny_pipeline(params: Params, *, prepare: bool = True) -> None:
     if params.sft_extra.enabled and params.sft_extra.compute:
         execute(params, "sft_extra_compute", sft.sft_extra)
         execute(params, "eval_sft_extra_compute", evaluate.evaluate)
-    execute(params, "report", evaluate.report)
+    execute(params, "report", report_stage)
 
 
 def prepare_inputs(params: Params) -> None:
@@ -351,7 +352,7 @@ def test_rerun_with_same_inputs_is_idempotent(tracked, monkeypatch):
     before = snapshot()
     execute(params, "train_iter_1", spin.train)
     execute(params, "eval_iter_1", evaluate.evaluate)
-    execute(params, "report", evaluate.report)
+    execute(params, "report", report_stage)
     assert snapshot() == before
 
 
@@ -558,11 +559,11 @@ def test_a_rerun_that_skips_the_report_leaves_no_pipeline_run_running(tracked, m
     client, params = tracked.client, tracked.params
     monkeypatch.chdir(tracked.root)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", tracked.uri)
-    generate = params.generate.model_copy(update={"batch_size": 3})
-    changed = params.model_copy(update={"generate": generate})
+    generation = params.generate.model_copy(update={"batch_size": 3})
+    changed = params.model_copy(update={"generate": generation})
     try:
         for k in range(ITERATIONS):
-            execute(changed, f"generate_iter_{k}", spin.generate)
+            execute(changed, f"generate_iter_{k}", generate.generate)
             execute(changed, f"train_iter_{k}", spin.train)
         runs = pipeline_runs(client, changed)
         assert {name: run.info.status for name, run in runs.items()} == {
@@ -579,11 +580,11 @@ def test_a_rerun_that_skips_the_report_leaves_no_pipeline_run_running(tracked, m
         assert "report/results.md" in {f.path for f in client.list_artifacts(parent, "report")}
     finally:
         for k in range(ITERATIONS):
-            execute(params, f"generate_iter_{k}", spin.generate)
+            execute(params, f"generate_iter_{k}", generate.generate)
 
 
 def test_the_champion_rule_is_best_on_validation_ties_to_the_earlier():
-    from spinflow.tracking.registry import choose_iteration
+    from spinflow.report import choose_iteration
     from spinflow.tracking.runs import eval_scalars
 
     assert choose_iteration({0: 0.5, 1: 0.75, 2: 0.75}, "max") == 1

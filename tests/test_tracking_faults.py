@@ -26,7 +26,8 @@ import yaml
 
 from spinflow import tracking
 from spinflow.graph import build
-from spinflow.recipes import evaluate, spin
+from spinflow.recipes import evaluate, generate, spin
+from spinflow.report import report as report_stage
 from spinflow.runner import execute
 from spinflow.tracking import pending
 from spinflow.tracking.__main__ import main
@@ -184,7 +185,7 @@ def test_an_api_failing_after_the_work_keeps_the_results_and_replays_them(
     prepare_inputs(params)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", proxy.url)
     execute(params, "eval_sft", evaluate.evaluate)
-    execute(params, "generate_iter_0", spin.generate)
+    execute(params, "generate_iter_0", generate.generate)
 
     def then_fail(work):
         def stage(p, **kwargs):
@@ -229,7 +230,7 @@ def test_an_api_failing_after_the_work_keeps_the_results_and_replays_them(
     assert version.run_id == run.info.run_id
 
     # the report's logging fails; `python -m spinflow.tracking sync` replays it
-    report = then_fail(evaluate.report)
+    report = then_fail(report_stage)
     execute(params, "report", report)
     assert [e.stage for e in pending.read()] == ["report"]
     proxy.failing = False

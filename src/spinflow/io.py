@@ -255,3 +255,21 @@ def write_rows_csv(path: str | os.PathLike, rows: list[dict[str, Any]]) -> None:
             writer.writerow(
                 {k: (f"{v:.8g}" if isinstance(v, float) else v) for k, v in row.items()}
             )
+
+
+def read_rows_csv(path: str | os.PathLike | None) -> list[dict[str, float]]:
+    """The numeric cells of a CSV written by :func:`write_rows_csv` (a training stage's steps),
+    one dict a row; [] when ``path`` is None or missing."""
+    if path is None or not Path(path).is_file():
+        return []
+    rows = []
+    with open(path, newline="", encoding="utf-8") as f:
+        for row in csv.DictReader(f):
+            parsed = {}
+            for key, value in row.items():
+                try:
+                    parsed[key] = float(value)
+                except (TypeError, ValueError):
+                    continue
+            rows.append(parsed)
+    return rows

@@ -7,7 +7,11 @@ parameter keys it reads, so a change re-runs exactly the stages it affects.
 
 Code dependencies are computed, not listed: a stage depends on its script and on every module of
 the package that the script imports, directly or through other modules, at module level or
-inside a function (:func:`import_closure`). Editing any code a stage runs re-runs that stage.
+inside a function (:func:`import_closure`), except the modules its params leave off
+(:func:`switched_off`): tracking, which writes nothing DVC hashes; the generation engines other
+than ``generate.engine``; AutoIF and the sandbox where AutoIF is off for the stage; the
+lm-evaluation-harness adapter while ``eval.lm_eval.tasks`` is empty. Editing code a stage runs
+re-runs that stage, and editing code it does not run re-runs nothing.
 """
 
 from __future__ import annotations
@@ -89,11 +93,18 @@ def _imported_modules(path: Path, module: str | None, source_root: Path) -> set[
     return found
 
 
-def import_closure(script: str | Path, source_root: Path = SOURCE_ROOT) -> list[str]:
+def _inside(module: str, packages: frozenset[str]) -> bool:
+    return any(module == p or module.startswith(p + ".") for p in packages)
+
+
+def import_closure(
+    script: str | Path, source_root: Path = SOURCE_ROOT, skip: frozenset[str] = frozenset()
+) -> list[str]:
     """Files of the package that ``script`` runs when imported or called: its import closure.
 
     Every ``import`` statement counts, also those inside functions, so a lazily imported module
-    is a dependency too. Returns sorted paths as they appear under ``source_root``.
+    is a dependency too; the modules in ``skip`` (and those inside them) are neither listed nor
+    followed. Returns sorted paths as they appear under ``source_root``.
     """
     if not (source_root / PACKAGE).is_dir():
         raise SpinflowError(
@@ -103,13 +114,47 @@ def import_closure(script: str | Path, source_root: Path = SOURCE_ROOT) -> list[
     todo = sorted(_imported_modules(Path(script), None, source_root))
     while todo:
         module = todo.pop()
-        if module in seen:
+        if module in seen or _inside(module, skip):
             continue
         seen.add(module)
         path = _module_file(module, source_root)
         if path is not None:
             todo.extend(sorted(_imported_modules(path, module, source_root) - seen))
     return sorted(str(_module_file(m, source_root)) for m in seen)
+
+
+# Modules that only some params run. An import of one of them sits inside a function, in the
+# branch its param opens, so a stage that leaves it off never loads it (tests/test_e2e_dvc.py
+# records what each stage process of the test pipeline really imports).
+TRACKING = "spinflow.tracking"
+ENGINE_MODULES = {
+    "torch": "spinflow.engines.torch",
+    "continuous": "spinflow.engines.continuous",
+    "vllm": "spinflow.engines.vllm",
+}
+AUTOIF_MODULES = (
+    "spinflow.recipes.autoif",
+    "spinflow.instructions",
+    "spinflow.sandbox",
+    "spinflow.sandbox_worker",
+)
+HARNESS = "spinflow.harness"
+AUTOIF_SCRIPT_PREFIX = "autoif_"
+
+
+def switched_off(params: Params, stage: Stage) -> frozenset[str]:
+    """The package modules ``stage`` does not run with these params.
+
+    Tracking runs in every tracked stage but writes nothing DVC hashes (MLflow only), so no
+    output depends on it.
+    """
+    off = {TRACKING}
+    off.update(m for name, m in ENGINE_MODULES.items() if name != params.generate.engine)
+    if not (stage.script.startswith(AUTOIF_SCRIPT_PREFIX) or params.autoif.with_spin):
+        off.update(AUTOIF_MODULES)
+    if not params.eval.lm_eval.tasks:
+        off.add(HARNESS)
+    return frozenset(off)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -141,13 +186,19 @@ def _cmd(stage: Stage, params: Params) -> str:
     return " ".join(stage_command(stage, params))
 
 
-def render_stage(stage: Stage, params: Params, code: dict[str, list[str]]) -> dict[str, Any]:
+def code_dependencies(stage: Stage, params: Params) -> list[str]:
+    """The stage's script and the package files it runs with these params."""
     script = str(STAGES_DIR / f"{stage.script}.py")
-    if script not in code:
-        code[script] = import_closure(script)
+    return [script, *import_closure(script, skip=switched_off(params, stage))]
+
+
+def render_stage(stage: Stage, params: Params, code: dict[tuple, list[str]]) -> dict[str, Any]:
+    key = (stage.script, switched_off(params, stage))
+    if key not in code:
+        code[key] = code_dependencies(stage, params)
     entry: dict[str, Any] = {
         "cmd": _cmd(stage, params),
-        "deps": [script, *code[script], *stage.inputs],
+        "deps": [*code[key], *stage.inputs],
     }
     if stage.params:
         entry["params"] = list(stage.params)
@@ -168,7 +219,7 @@ def render_stage(stage: Stage, params: Params, code: dict[str, list[str]]) -> di
 def render(params: Params, graph: Graph | None = None) -> dict[str, Any]:
     """The dvc.yaml mapping for these params."""
     graph = graph or build(params)
-    code: dict[str, list[str]] = {}
+    code: dict[tuple, list[str]] = {}
     stages = {name: render_stage(s, params, code) for name, s in graph.stages.items()}
     steps_files = {
         str(graph.model(name).steps_csv): list(STEP_PLOT_Y)

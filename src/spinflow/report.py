@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import random
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from spinflow.config import Params
 from spinflow.errors import DataError
 from spinflow.graph import (
     AUTOIF,
@@ -30,10 +32,18 @@ from spinflow.graph import (
     REPORT_DIR,
     SFT_EXTRA,
     Graph,
+    build,
     pairs_file,
     train_metrics,
 )
-from spinflow.io import atomic_path, read_json, read_jsonl, write_json, write_text
+from spinflow.io import (
+    atomic_path,
+    read_json,
+    read_jsonl,
+    read_rows_csv,
+    write_json,
+    write_text,
+)
 
 BOOTSTRAP_RESAMPLES = 2000
 
@@ -652,11 +662,27 @@ def paired_differences(graph: Graph, test: Sequence[dict]) -> dict[str, dict[str
     return differences
 
 
+def choose_iteration(values: dict[int, float | None], mode: str) -> int | None:
+    """The iteration a user keeps, from each iteration's value of the chosen metric on the
+    validation split: the best (``mode`` max or min), ties to the earlier iteration (less
+    training, same evidence); None when no iteration has a finite value. The MLflow
+    ``champion`` alias follows the same rule."""
+    best: tuple[float, int] | None = None
+    for k, value in sorted(values.items()):
+        if value is None or not math.isfinite(value):
+            continue
+        if (
+            best is None
+            or (mode == "max" and value > best[0])
+            or (mode == "min" and value < best[0])
+        ):
+            best = (value, k)
+    return None if best is None else best[1]
+
+
 def choose(graph: Graph, rows: list[dict[str, Any]]) -> dict[str, Any]:
     """The SPIN iteration a user keeps, chosen on the validation split by the rule the MLflow
-    ``champion`` alias follows (:func:`spinflow.tracking.registry.choose_iteration`)."""
-    from spinflow.tracking.registry import choose_iteration
-
+    ``champion`` alias follows (:func:`choose_iteration`)."""
     tracking = graph.params.tracking
     metric = tracking.champion_metric
     spin_rows = {r["iteration"]: r for r in rows if r["iteration"]}  # θ1 … θN
@@ -880,11 +906,9 @@ def training_figures(model) -> dict[str, float]:
     """The second half of an iteration's optimizer steps (at least one): the mean reward
     accuracy, margin and loss of the steps' batches with intervals over the steps, and the mean
     change of the log-probs of the real and the generated answers from θk (rewards / β)."""
-    from spinflow.tracking.runs import steps_from_csv
-
     if not model.steps_csv.is_file():
         raise DataError(f"{model.steps_csv}: missing", path=model.steps_csv)
-    steps = steps_from_csv(model.steps_csv)
+    steps = read_rows_csv(model.steps_csv)
     beta = read_output(model.train_metrics).get("beta")
     last = steps[len(steps) // 2 :]
     figures: dict[str, float] = {"steps": len(steps), "last_steps": len(last)}
@@ -1126,3 +1150,9 @@ def write_diagnostics_chart(diagnostics: dict[str, dict[str, Any]], path: Path) 
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)
+
+
+def report(params: Params) -> dict[str, Any]:
+    """The ``report`` stage: every evaluated model in one table, one DVC plot and one chart
+    (reports/)."""
+    return write_report(build(params))

@@ -13,7 +13,6 @@ says how to restore it.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import os
 import sys
@@ -35,18 +34,18 @@ def execute(params: Params, stage_name: str, fn: StageFunction, graph: Graph | N
     steps are logged as they are written; a stage that raises leaves its run FAILED
     (:func:`spinflow.tracking.running`).
     """
-    from spinflow import tracking
-
     graph = graph or build(params)
     stage = graph.stage(stage_name)
-    # launched in several processes, the main one alone talks to MLflow
-    track = stage.track and is_main_process()
-    if track:
-        tracking.preflight(params)
-    with tracking.running(params, graph, stage) if track else contextlib.nullcontext():
+    # launched in several processes, the main one alone talks to MLflow; tracking writes
+    # nothing DVC hashes, so it is no stage's code dependency (spinflow.pipeline.switched_off)
+    if not (stage.track and params.tracking.enabled and is_main_process()):
+        return fn(params, **stage.args)
+    from spinflow import tracking
+
+    tracking.preflight(params)
+    with tracking.running(params, graph, stage):
         result = fn(params, **stage.args)
-    if track:
-        tracking.after_stage(params, graph, stage)
+    tracking.after_stage(params, graph, stage)
     return result
 
 

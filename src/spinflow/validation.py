@@ -27,7 +27,6 @@ import yaml
 from spinflow.config import PARAMS_FILE, Params, read_params_file
 from spinflow.errors import ConfigError
 from spinflow.graph import Graph, build
-from spinflow.harness import check_tasks
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +114,10 @@ def check_references(params: Params) -> None:
     ):
         if problem:
             raise ConfigError(problem)
-    check_tasks(params.eval.lm_eval)
+    if params.eval.lm_eval.tasks:
+        from spinflow.harness import check_tasks
+
+        check_tasks(params.eval.lm_eval)
 
 
 def _has_key(tree: Any, dotted: str) -> bool:

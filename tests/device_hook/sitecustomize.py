@@ -1,5 +1,7 @@
 """Loaded at start-up by every stage process of the test pipelines (conftest.pipeline_env puts
-this folder on PYTHONPATH): records where each model runs.
+this folder on PYTHONPATH): records where each model runs, and which of the package's modules
+each stage process imported (at exit, to ``.spinflow/test-imports/<pid>.json``: the code
+dependencies dvc.yaml lists must cover them, tests/test_pipeline.py).
 
 In a stage process (``stages/<script>.py``) it wraps :func:`spinflow.devices.stage_device` (the
 decision) and :func:`spinflow.models.load_model` (which must be given that decision), and adds a
@@ -18,6 +20,30 @@ MODEL_STAGES = {
     "autoif_sample", "autoif_supervise", "autoif_train", "autoif_evaluate",
 }  # fmt: skip
 _script = os.path.normpath(sys.argv[0] or "").split(os.sep)[-2:]
+
+if len(_script) == 2 and _script[0] == "stages":
+    import atexit
+
+    def _record_imports() -> None:
+        import json
+
+        package = sys.modules.get("spinflow")
+        if package is None:
+            return
+        root = os.path.dirname(package.__file__)  # the package's files, named as dvc.yaml does
+        files = sorted(
+            "src/spinflow/" + os.path.relpath(m.__file__, root).replace(os.sep, "/")
+            for name, m in list(sys.modules.items())
+            if name.startswith("spinflow.") and getattr(m, "__file__", None)
+        )
+        files.append("src/spinflow/__init__.py")
+        folder = os.path.join(".spinflow", "test-imports")
+        os.makedirs(folder, exist_ok=True)
+        record = {"stage": " ".join(sys.argv[1:2]), "script": "/".join(_script), "files": files}
+        with open(os.path.join(folder, f"{os.getpid()}.json"), "w", encoding="utf-8") as f:
+            json.dump(record, f)
+
+    atexit.register(_record_imports)
 if len(_script) == 2 and _script[0] == "stages" and _script[1][:-3] in MODEL_STAGES:
     import json
     from pathlib import Path

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 from spinflow import graph as pipeline_graph
-from spinflow import harness
 from spinflow.config import Params
 from spinflow.graph import DATA_DIR
 from spinflow.io import atomic_path, read_jsonl, write_json, write_jsonl
@@ -99,8 +98,12 @@ def evaluate(params: Params, name: str) -> dict[str, Any]:
     from spinflow.engines import check_engine
 
     check_engine(params.generate.engine)
-    # unknown harness tasks or data that cannot be loaded stop here, before any model is loaded
-    benchmarks = harness.prepare(params.eval.lm_eval)
+    benchmarks = None
+    if params.eval.lm_eval.tasks:
+        from spinflow import harness
+
+        # unknown harness tasks or data that cannot be loaded stop here, before any model loads
+        benchmarks = harness.prepare(params.eval.lm_eval)
 
     graph = pipeline_graph.build(params)
     evaluation = graph.evaluation(name)
@@ -200,10 +203,3 @@ def evaluate_checkpoints(
             }
         )
     return results
-
-
-def report(params: Params) -> dict[str, Any]:
-    """Every evaluated model in one table, one DVC plot and one chart (reports/)."""
-    from spinflow.report import write_report
-
-    return write_report(pipeline_graph.build(params))

@@ -10,12 +10,12 @@ same rule).
 from __future__ import annotations
 
 import logging
-import math
 from importlib import metadata
 from typing import Any
 
 from spinflow.config import Params
 from spinflow.graph import ITERATION, Model
+from spinflow.report import choose_iteration
 from spinflow.tracking.lineage import context_tags, provenance_inputs, provenance_path
 from spinflow.tracking.store import (
     TAG_ITERATION,
@@ -29,23 +29,6 @@ log = logging.getLogger(__name__)
 
 CHAMPION = "champion"
 VALIDATION_PREFIX = "val/"  # evaluation metrics of the validation split, as logged
-
-
-def choose_iteration(values: dict[int, float | None], mode: str) -> int | None:
-    """The iteration a user keeps, from each iteration's value of the chosen metric on the
-    validation split: the best (``mode`` max or min), ties to the earlier iteration (less
-    training, same evidence); None when no iteration has a finite value."""
-    best: tuple[float, int] | None = None
-    for k, value in sorted(values.items()):
-        if value is None or not math.isfinite(value):
-            continue
-        if (
-            best is None
-            or (mode == "max" and value > best[0])
-            or (mode == "min" and value < best[0])
-        ):
-            best = (value, k)
-    return None if best is None else best[1]
 
 
 REQUIREMENTS = ("torch", "transformers", "accelerate", "safetensors", "tokenizers")

@@ -7,7 +7,6 @@ parent's stepped charts equal to the evaluation files on disk, and settles the r
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import math
@@ -33,7 +32,7 @@ from spinflow.graph import (
     Model,
     pairs_file,
 )
-from spinflow.io import read_json
+from spinflow.io import read_json, read_rows_csv
 from spinflow.provenance import tree_hash
 from spinflow.timings import read_timings
 from spinflow.tracking.lineage import (
@@ -215,23 +214,6 @@ def logged_metrics(client, run_id: str, prefixes: tuple[str, ...]) -> dict[tuple
             for metric in client.get_metric_history(run_id, key):
                 logged[(key, metric.step)] = metric.value
     return logged
-
-
-def steps_from_csv(path: Path | None) -> list[dict[str, float]]:
-    """The per-step training metrics a training stage wrote (numeric cells only)."""
-    if path is None or not path.is_file():
-        return []
-    rows = []
-    with open(path, newline="", encoding="utf-8") as f:
-        for row in csv.DictReader(f):
-            parsed = {}
-            for key, value in row.items():
-                try:
-                    parsed[key] = float(value)
-                except (TypeError, ValueError):
-                    continue
-            rows.append(parsed)
-    return rows
 
 
 def stored_size(text: str) -> int:
@@ -650,7 +632,7 @@ class Tracker:
     def _training_metrics(self, model: Model) -> list[tuple[str, float, int]]:
         """What a training stage's outputs put in its run: ``train/*`` per step, from its steps
         CSV, and ``train_summary/*`` at step 0, from its summary and timings."""
-        metrics = step_metrics(steps_from_csv(model.steps_csv))
+        metrics = step_metrics(read_rows_csv(model.steps_csv))
         summary = {}
         if model.train_metrics is not None and model.train_metrics.is_file():
             skip = {"iteration", "beta", "learning_rate"}
