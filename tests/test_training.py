@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from spinflow import training
 from spinflow.chat import prompt_ids
 from spinflow.config import LoraParams, OptimParams, PromptParams
 from spinflow.errors import TrainingError
+from spinflow.io import RowsCsvStream, read_rows_csv, write_rows_csv
 from spinflow.losses import masked_nll
 from spinflow.models import load_model, load_tokenizer
 
@@ -116,15 +118,24 @@ def test_no_examples_raises_training_error(tiny_tokenizer_session, tiny_model):
 
 
 def _sft_loop(
-    tok, model, optim, records=SFT_RECORDS, *, examples=None, accelerator=None, **loop_args
+    tok,
+    model,
+    optim,
+    records=SFT_RECORDS,
+    *,
+    examples=None,
+    accelerator=None,
+    loss_fn=training.sft_loss_fn,
+    **loop_args,
 ):
-    """``train_loop`` with the SFT loss on ``records`` (or ready ``examples``), seed 0."""
+    """``train_loop`` with the SFT loss (or ``loss_fn``) on ``records`` (or ready
+    ``examples``), seed 0."""
     return training.train_loop(
         accelerator or training.make_accelerator(optim),
         model,
         training.encode_sft(tok, records, PROMPT) if examples is None else examples,
         training.sft_collate(tok.pad_token_id),
-        training.sft_loss_fn,
+        loss_fn,
         optim,
         seed=0,
         **{"desc": "sft", **loop_args},
@@ -448,3 +459,103 @@ def test_bf16_autocasts_the_loss_the_loop_computes(tiny_tokenizer_session, tiny_
     )
     assert seen == [bf16]
     assert all(p.dtype == torch.float32 for p in tiny_model.parameters())
+
+
+# ---------------------------------------------------------------------------------------------
+# The steps CSV, written as training goes
+
+
+def _csv_bytes(tmp_path, rows) -> bytes:
+    """What the stage's one-piece write makes of ``rows``."""
+    path = tmp_path / "one-piece.csv"
+    write_rows_csv(path, rows)
+    return path.read_bytes()
+
+
+def test_each_step_is_in_the_steps_csv_as_it_ends(tiny_tokenizer_session, tiny_model, tmp_path):
+    """After every step the file holds the bytes write_rows_csv writes for the history so far
+    (floats to 8 digits; a column first seen at step 3 widens the header), and the stage's final
+    one-piece write leaves it as it is; an earlier run's file is gone from the first step."""
+    tok = tiny_tokenizer_session
+    path = tmp_path / "plots" / "sft_steps.csv"
+    path.parent.mkdir()
+    path.write_text("loss,step\r\n9,1\r\n9,2\r\n9,3\r\n9,4\r\n9,5\r\n", encoding="utf-8")
+    seen: list[bytes] = []
+
+    def loss_fn(model, batch):
+        loss, metrics = training.sft_loss_fn(model, batch)
+        metrics["loss_scaled"] = loss.item() / 3e7  # digits beyond the 8 the file keeps
+        if len(seen) >= 2:
+            metrics["late"] = 1 / 3
+        return loss, metrics
+
+    def on_step(row):
+        seen.append(path.read_bytes())
+
+    optim = make_optim(batch_size=2, max_grad_norm=1.0)
+    result = _sft_loop(tok, tiny_model, optim, loss_fn=loss_fn, on_step=on_step, steps_csv=path)
+    history = result.history
+    assert len(history) == len(seen) == 4
+    for step, streamed in enumerate(seen, start=1):
+        assert streamed == _csv_bytes(tmp_path, history[:step]), step
+    header = [text.splitlines()[0] for text in (seen[1], seen[2])]
+    assert header == [
+        b"loss,loss_scaled,step,epoch,learning_rate,grad_norm",
+        b"loss,loss_scaled,step,epoch,learning_rate,grad_norm,late",
+    ]
+    assert "e-" in seen[0].decode().splitlines()[1].split(",")[1]  # 8 digits of ~1e-7
+    assert path.read_bytes() == seen[-1]
+    write_rows_csv(path, history)  # the stage's own write at its end
+    assert path.read_bytes() == seen[-1]
+
+
+def test_a_resumed_training_writes_the_steps_csv_again_from_its_state(
+    tiny_tokenizer_session, tiny_checkpoint_session, tmp_path, monkeypatch
+):
+    """A training stopped after step 3 (state saved at step 2) leaves its 3 steps; resumed, the
+    file is written again from the 2 restored steps, then gains steps 3 and 4."""
+    monkeypatch.chdir(tmp_path)
+    tok = tiny_tokenizer_session
+    path = tmp_path / "steps.csv"
+    resume = training.Resume(tmp_path / "resume", 2, "f" * 64)
+    optim = make_optim(batch_size=2)
+    seen: dict[int, bytes] = {}
+
+    def run(on_step):
+        return _sft_loop(
+            tok,
+            load_model(tiny_checkpoint_session),
+            optim,
+            resume=resume,
+            steps_csv=path,
+            on_step=on_step,
+        )
+
+    def stop_at_3(row):
+        if row["step"] == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run(stop_at_3)
+    interrupted = path.read_bytes()
+    assert len(interrupted.splitlines()) == 1 + 3
+
+    result = run(lambda row: seen.setdefault(row["step"], path.read_bytes()))
+    assert sorted(seen) == [3, 4]
+    assert [row["step"] for row in result.history] == [1, 2, 3, 4]
+    assert seen[3] == _csv_bytes(tmp_path, result.history[:3])
+    assert path.read_bytes() == _csv_bytes(tmp_path, result.history)
+    assert path.read_bytes().startswith(interrupted.splitlines(keepends=True)[0])
+
+
+def test_the_committed_steps_files_come_out_the_same_streamed(tmp_path):
+    """The default pipeline's steps files (hashed by DVC), their rows streamed one at a time,
+    are written byte for byte as they are."""
+    committed = sorted((Path(__file__).resolve().parents[1] / "plots").glob("*_steps.csv"))
+    assert committed
+    for source in committed:
+        path = tmp_path / source.name
+        with RowsCsvStream(path) as stream:
+            for row in read_rows_csv(source):
+                stream.append(row)
+        assert path.read_bytes() == source.read_bytes(), source.name

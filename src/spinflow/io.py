@@ -2,11 +2,12 @@
 
 Every stage output is first written next to its final place (``.<name>.tmp-<pid>-<random>``)
 and renamed into it at the end, so an interrupted stage never leaves an output that looks
-complete. A temporary sibling left by a process that was killed (``kill -9``, power loss) is
-removed the next time that output is written. Outputs get the permissions the umask gives (not
-the 0600/0700 of :mod:`tempfile` or of safetensors), so teammates sharing a cache or a
-directory can read them. A
-full disk, a read-only file system or a permission problem stops with one line naming the output
+complete (a training's steps CSV also grows in its place while training runs,
+:class:`RowsCsvStream`, before the stage writes it so). A temporary sibling left by a process
+that was killed (``kill -9``, power loss) is removed the next time that output is written.
+Outputs get the permissions the umask gives (not the 0600/0700 of :mod:`tempfile` or of
+safetensors), so teammates sharing a cache or a directory can read them. A full disk, a
+read-only file system or a permission problem stops with one line naming the output
 (:class:`~spinflow.errors.OutputError`), with the partial copy removed.
 """
 
@@ -243,18 +244,83 @@ def _json_kind(value: Any) -> str:
     return {bool: "a boolean", list: "an array", dict: "an object"}.get(type(value), "a number")
 
 
-def write_rows_csv(path: str | os.PathLike, rows: list[dict[str, Any]]) -> None:
-    """Rows as CSV atomically; columns in order of first appearance, floats to 8 digits."""
+def _columns(rows: Iterable[dict[str, Any]]) -> list[str]:
     keys: list[str] = []
     for row in rows:
         keys.extend(k for k in row if k not in keys)
+    return keys
+
+
+def _cells(row: dict[str, Any]) -> dict[str, Any]:
+    return {k: (f"{v:.8g}" if isinstance(v, float) else v) for k, v in row.items()}
+
+
+def write_rows_csv(path: str | os.PathLike, rows: list[dict[str, Any]]) -> None:
+    """Rows as CSV atomically; columns in order of first appearance, floats to 8 digits."""
     with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=keys)
+        writer = csv.DictWriter(f, fieldnames=_columns(rows))
         writer.writeheader()
         for row in rows:
-            writer.writerow(
-                {k: (f"{v:.8g}" if isinstance(v, float) else v) for k, v in row.items()}
-            )
+            writer.writerow(_cells(row))
+
+
+class RowsCsvStream:
+    """A CSV that gains its rows one at a time, each flushed as it comes, holding at every row
+    the bytes :func:`write_rows_csv` writes for the rows so far.
+
+    Made with ``rows`` (those restored by a resumed training), the file is written anew from
+    them; made with none, a file left at ``path`` by an earlier run is removed and the first row
+    writes the header. A row is appended under the header when its columns are known; a row
+    bringing a column not seen before makes the file written again, atomically, under the wider
+    header (a reader following the file then sees a new file and reads it from its start).
+    """
+
+    def __init__(self, path: str | os.PathLike, rows: Iterable[dict[str, Any]] = ()):
+        self.path = Path(path)
+        self._rows = list(rows)
+        self._columns = _columns(self._rows)
+        self._file = None
+        self._writer: csv.DictWriter | None = None
+        if self._rows:
+            self._rewrite()
+        else:
+            try:
+                self.path.unlink(missing_ok=True)
+            except OSError as exc:
+                raise cannot_write(self.path, exc) or exc from None
+
+    def append(self, row: dict[str, Any]) -> None:
+        self._rows.append(row)
+        new = [k for k in row if k not in self._columns]
+        if self._writer is None or new:
+            self._columns.extend(new)
+            self._rewrite()
+            return
+        try:
+            self._writer.writerow(_cells(row))
+            self._file.flush()
+        except OSError as exc:
+            raise cannot_write(self.path, exc) or exc from None
+
+    def _rewrite(self) -> None:
+        self.close()
+        write_rows_csv(self.path, self._rows)
+        try:
+            self._file = open(self.path, "a", newline="", encoding="utf-8")  # noqa: SIM115
+        except OSError as exc:
+            raise cannot_write(self.path, exc) or exc from None
+        self._writer = csv.DictWriter(self._file, fieldnames=self._columns)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+        self._file = self._writer = None
+
+    def __enter__(self) -> RowsCsvStream:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
 
 
 def read_rows_csv(path: str | os.PathLike | None) -> list[dict[str, float]]:

@@ -28,6 +28,7 @@ from spinflow.chat import Encoded, collate, encode_example
 from spinflow.config import OptimParams, PromptParams
 from spinflow.devices import runs_on_cpu
 from spinflow.errors import TrainingError
+from spinflow.io import RowsCsvStream
 from spinflow.logprobs import mean_nll, segment_logps
 
 log = logging.getLogger(__name__)
@@ -597,6 +598,7 @@ def train_loop(
     items: Callable[[dict], int] | None = None,
     on_epoch: Callable[[int, torch.nn.Module], bool] | None = None,
     resume: Resume | None = None,
+    steps_csv: Path | None = None,
 ) -> TrainResult:
     """Optimise ``model`` on ``examples``; ``max_steps`` (if set) replaces ``optim.epochs``.
 
@@ -617,6 +619,17 @@ def train_loop(
     drawn again (the same seeded order) but not trained on, so the steps after it are the ones
     the uninterrupted run takes. ``on_epoch`` may have ``state_dict``/``load_state_dict`` to be
     saved with it.
+
+    With ``steps_csv`` (the stage's per-step CSV, a DVC output), the main process writes each
+    step's row of the history there as the step ends, flushed, so the file can be followed while
+    training runs (MLflow's live metrics read it): after every step it holds the bytes that
+    :func:`spinflow.io.write_rows_csv` writes for the history so far. A resumed run writes it
+    anew from the restored history, a fresh run first removes a file an earlier run left. Until
+    the stage ends it is a partial file in the output's place: the stage writes the final one
+    with ``write_rows_csv`` after saving its checkpoint (atomically, replacing the streamed file
+    with the same bytes). A training that fails or is killed leaves the steps it made there,
+    for a follower's last read, beside no checkpoint; DVC records a stage's outputs only when
+    it ends well, and the next run of the stage replaces that file.
     """
     from transformers import get_scheduler
 
@@ -651,6 +664,9 @@ def train_loop(
         log.info("%s: resumed from %s (step %d of %d)", desc, found, resumed_at, total_steps)
     elif resume is not None and accelerator.is_main_process:
         resume.clear()  # states of other inputs or settings
+    stream = None
+    if steps_csv is not None and accelerator.is_main_process:
+        stream = RowsCsvStream(steps_csv, result.history)
     bar = tqdm(
         total=total_steps,
         initial=resumed_at,
@@ -687,6 +703,8 @@ def train_loop(
                 if grad_norm is not None:
                     row["grad_norm"] = float(grad_norm)
                 result.history.append(row)
+                if stream is not None:
+                    stream.append(row)
                 if on_step is not None:
                     on_step(row)
                 bar.update(1)
@@ -707,6 +725,8 @@ def train_loop(
                 break
     finally:
         accelerator.sync_gradients = True  # leave accelerate's shared state as a fresh loop expects
+        if stream is not None:
+            stream.close()
     bar.close()
     result.seconds = time.perf_counter() - started
     return result

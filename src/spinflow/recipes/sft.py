@@ -109,6 +109,7 @@ def supervised(
         items=answer_tokens,
         on_epoch=watch,
         resume=resume,
+        steps_csv=target.steps_csv,
     )
     if watch is not None:
         watch.restore_best(model)
@@ -126,7 +127,7 @@ def supervised(
     }
     if accelerator.is_main_process:
         write_json(target.train_metrics, summary)
-        write_rows_csv(target.steps_csv, result.history)
+        write_rows_csv(target.steps_csv, result.history)  # the streamed file, in one piece
         write_timings(target.timings, target.path, result.timings())
     return {**summary, **result.timings()}
 

@@ -282,9 +282,11 @@ def spin_iteration(
     seed: int,
     desc: str,
     resume=None,
+    steps_csv: Path | None = None,
 ):
     """One SPIN training run: θk's reference pass over every pair, then the updates (resumed
-    from ``resume``'s saved state where there is one, see :func:`spinflow.training.train_loop`).
+    from ``resume``'s saved state where there is one, each step's row written to ``steps_csv``
+    as it is made, see :func:`spinflow.training.train_loop`).
 
     Returns (trained model, TrainResult, seconds of the reference pass, ``examples`` with
     their reference log-probs).
@@ -306,6 +308,7 @@ def spin_iteration(
         seed=seed,
         desc=desc,
         resume=resume,
+        steps_csv=steps_csv,
     )
     return model, result, reference_seconds, examples
 
@@ -440,6 +443,7 @@ def train_on_pairs(
         seed=seed,
         desc=target.stage,
         resume=resume,
+        steps_csv=target.steps_csv,
     )
     save_checkpoint(
         accelerator, model, tokenizer, target.path, {PROVENANCE_FILE: made_by} if made_by else None
@@ -450,7 +454,8 @@ def train_on_pairs(
 
 
 def write_training_outputs(target: pipeline_graph.Model, summary: dict, trained: PairTraining):
-    """The training summary, per-step CSV and timings of ``target`` (main process only)."""
+    """The training summary, per-step CSV (the one training streamed, written again in one
+    piece) and timings of ``target`` (main process only)."""
     if trained.accelerator.is_main_process:
         write_json(target.train_metrics, summary)
         write_rows_csv(target.steps_csv, trained.result.history)
