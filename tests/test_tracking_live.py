@@ -5,6 +5,8 @@ sync, re-runs log no step twice.
 The stage here is a stand-in for a training stage: it writes the ``sft`` stage's steps CSV a row a
 step (as training does), waits for the test where told to, then writes its outputs (the CSV again
 in one piece, a checkpoint, the summary), so the tracking code sees what a training stage leaves.
+One test runs the real thing instead: the tiny model fine-tuned by the SFT recipe, whose training
+writes the steps file itself.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import pytest
 from spinflow import tracking
 from spinflow.config import default_params_dict, validate_params
 from spinflow.graph import build
-from spinflow.io import write_rows_csv
+from spinflow.io import read_rows_csv, write_rows_csv
 from spinflow.runner import execute
 from spinflow.tracking import live
 from spinflow.tracking.live import StepsTail
@@ -248,6 +250,71 @@ def test_steps_that_differ_from_the_file_are_replaced_not_mixed(project):
         (m.step, m.value) for m in client.get_metric_history(run.info.run_id, "train/loss")
     )
     assert values == [(1, 2.5), (2, 2.0), (3, 1.5)]
+
+
+def test_a_real_trainings_steps_reach_mlflow_before_it_ends(
+    project, tiny_checkpoint_session, monkeypatch, torch_single_thread
+):
+    """The tiny model fine-tuned by the SFT recipe through the runner, held after its step 2:
+    the run holds steps 1 and 2 while training has not ended (no checkpoint yet); when it ends,
+    every step once, with the values of the steps file."""
+    from spinflow import training
+    from spinflow.recipes.sft import supervised
+
+    _, client, experiment = project
+    raw = default_params_dict()
+    raw["tracking"].update(experiment=experiment, registered_model=experiment, retry_seconds=2)
+    raw["sft"].update(batch_size=2, epochs=1, bf16=False, group_by_length=False)
+    raw["resume"]["every_steps"] = None
+    params = validate_params(raw)
+    records = [{"prompt": f"Say {w}.", "answer": f"{w} {w}"} for w in "abcdefgh"]
+    paused, proceed = threading.Event(), threading.Event()
+    loop = training.train_loop
+
+    def held_after_step_2(*args, **kwargs):
+        def on_step(row):
+            if row["step"] == 2:
+                paused.set()
+                assert proceed.wait(TIMEOUT_S), "the test never let training go on"
+
+        return loop(*args, on_step=on_step, **kwargs)
+
+    monkeypatch.setattr(training, "train_loop", held_after_step_2)
+    model = build(params).model("theta_0")
+
+    def stage(params):
+        return supervised(
+            params,
+            model,
+            source=tiny_checkpoint_session,
+            records=records,
+            max_steps=None,
+            extra_inputs={},
+        )
+
+    thread, outcome = in_thread(lambda: execute(params, STAGE, stage))
+    try:
+        assert paused.wait(TIMEOUT_S), outcome
+
+        def live_run():
+            found = runs(client, experiment)
+            return found[0] if found and steps(client, found[0].info.run_id) == [1, 2] else None
+
+        run = wait_for(live_run, "the real training's first steps in MLflow")
+        assert thread.is_alive() and not model.path.exists()
+        assert run.info.status == "RUNNING"
+    finally:
+        proceed.set()
+        thread.join(TIMEOUT_S)
+    assert not thread.is_alive() and not outcome, outcome
+    (done,) = runs(client, experiment)
+    assert done.info.run_id == run.info.run_id and done.info.status == "FINISHED"
+    file = sorted((int(r["step"]), r["loss"]) for r in read_rows_csv(model.steps_csv))
+    assert [step for step, _ in file] == [1, 2, 3, 4]
+    logged = sorted(
+        (m.step, m.value) for m in client.get_metric_history(run.info.run_id, "train/loss")
+    )
+    assert logged == file  # each step once, as the file has it
 
 
 KILLED_STAGE = """
