@@ -161,6 +161,12 @@ def test_unknown_key():
     assert "learning_rate" in message and "batch_size" in message
 
 
+def test_a_removed_key_says_so_and_why():
+    message = _error(_with("eval.num_samples", 16))
+    assert message.startswith("params.yaml: 'eval.num_samples' was removed: it changed nothing")
+    assert message.endswith("delete it") and "\n" not in message
+
+
 def test_unknown_top_level_section():
     message = _error({"trainig": {}})
     assert "unknown key 'trainig'" in message

@@ -16,8 +16,9 @@ from spinflow import engines
 from spinflow.chat import prompt_ids
 from spinflow.config import GenerateParams, VllmParams
 from spinflow.engines.continuous import TOLERANCE, ContinuousEngine, _probe
+from spinflow.engines.torch import TorchEngine
 from spinflow.errors import SpinflowError
-from spinflow.generation import Request, SamplingParams, TorchEngine
+from spinflow.generation import Request, SamplingParams
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from spinflow.config import EvalParams, PromptParams
+from spinflow.engines.torch import TorchEngine
 from spinflow.evaluation import (
     answer_logps,
     evaluate,
@@ -17,7 +18,7 @@ from spinflow.tasks import generate_examples
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
 PROMPT = PromptParams()
-PARAMS = EvalParams(batch_size=4, max_new_tokens=6, num_samples=4)
+PARAMS = EvalParams(batch_size=4, max_new_tokens=6)
 BETA = 0.3
 RECORDS = generate_examples(6, seed=1)
 
@@ -26,7 +27,22 @@ RECORDS = generate_examples(6, seed=1)
 def own_evaluation(tiny_model_session, tiny_tokenizer_session):
     """The tiny model evaluated alone: (metrics, rows); its rows are the opponent below."""
     return evaluate(
-        tiny_model_session, tiny_tokenizer_session, RECORDS, prompt=PROMPT, params=PARAMS, seed=0
+        tiny_model_session,
+        tiny_tokenizer_session,
+        RECORDS,
+        prompt=PROMPT,
+        params=PARAMS,
+        seed=0,
+        engine=_engine(tiny_model_session, tiny_tokenizer_session),
+    )
+
+
+def _engine(model, tokenizer) -> TorchEngine:
+    return TorchEngine(
+        model,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        batch_size=PARAMS.batch_size,
     )
 
 
@@ -40,6 +56,7 @@ def _against(model, tokenizer, reference: list[dict]) -> dict:
         seed=0,
         reference=reference,
         beta=BETA,
+        engine=_engine(model, tokenizer),
     )
     return metrics
 

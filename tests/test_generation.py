@@ -9,12 +9,11 @@ import torch
 import torch.nn.functional as F
 
 from spinflow import chat, generation
+from spinflow.engines.torch import TorchEngine, generate_batch
 from spinflow.generation import (
     GenerationStats,
     SamplingParams,
-    TorchEngine,
     generate_answers,
-    generate_batch,
     next_tokens,
     top_p_filter,
 )

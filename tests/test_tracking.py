@@ -36,7 +36,7 @@ def tiny_params(model_source: Path, **overrides) -> Params:
         "generate": {"max_new_tokens": 8, "batch_size": 8},
         "spin": {"iterations": ITERATIONS, "train": {"batch_size": 4, "epochs": 1}},
         "sft_extra": {"enabled": True, "compute": False},
-        "eval": {"max_new_tokens": 8, "batch_size": 8, "num_samples": 4},
+        "eval": {"max_new_tokens": 8, "batch_size": 8},
         "tracking": {"experiment": "spinflow-test", "registered_model": MODEL_NAME},
     }
     for section, values in overrides.items():
@@ -362,7 +362,7 @@ def test_new_pipeline_key_backfills_from_disk(tracked, monkeypatch):
     monkeypatch.chdir(tracked.root)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", tracked.uri)
     changed = tracked.params.model_copy(
-        update={"eval": tracked.params.eval.model_copy(update={"num_samples": 5})}
+        update={"eval": tracked.params.eval.model_copy(update={"batch_size": 5})}
     )
     assert tracking.pipeline_key(changed) != tracking.pipeline_key(tracked.params)
     versions = len(client.search_model_versions(f"name = '{MODEL_NAME}'"))

@@ -1,7 +1,7 @@
 """spinflow's SPIN equals TRL's DPOTrainer set up as SPIN: log-probs, loss, one optimizer step.
 
 TRL is a dev dependency (pip install -e .[dev]); both are given the same token ids
-(:func:`spinflow.benchmark.trl_spin_trainer`), so any difference is in the computation.
+(:func:`spinflow.benchmark.trl_spin.trl_spin_trainer`), so any difference is in the computation.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from spinflow import training
-from spinflow.benchmark import trl_spin_trainer
+from spinflow.benchmark.trl_spin import trl_spin_trainer
 from spinflow.config import OptimParams, PromptParams
 from spinflow.losses import spin_loss
 from spinflow.models import load_model

@@ -595,7 +595,6 @@ class AutoifParams(Section):
 class EvalParams(Section):
     batch_size: PositiveInt = Field(16, description="Examples per evaluation batch")
     max_new_tokens: NewTokens = Field(32, description="Longest greedy answer, in tokens")
-    num_samples: NonNegativeInt = Field(16, description="Sample answers kept for inspection")
     lm_eval: LmEvalParams = Field(default_factory=LmEvalParams)
 
 
@@ -754,6 +753,12 @@ class Params(Section):
         return train, beta
 
 
+# keys that params files of earlier versions hold, and why they went
+REMOVED_KEYS = {
+    "eval.num_samples": "it changed nothing (the answers of every example are kept in eval/<model>/)",
+}
+
+
 def _describe_error(err: dict[str, Any], raw: Any) -> str:
     loc = tuple(err["loc"])
     path = ".".join(str(part) for part in loc)
@@ -774,6 +779,8 @@ def _describe_error(err: dict[str, Any], raw: Any) -> str:
                 break
             parent = annotation
         allowed = ", ".join(sorted(parent.model_fields)) if parent is not None else "see the schema"
+        if path in REMOVED_KEYS:
+            return f"'{path}' was removed: {REMOVED_KEYS[path]}; delete it"
         return f"unknown key '{path}' (allowed here: {allowed})"
     value = err.get("input")
     message = err["msg"]

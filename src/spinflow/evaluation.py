@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from spinflow import devices
 from spinflow.chat import collate, encode_example
 from spinflow.config import EvalParams, PromptParams
-from spinflow.generation import SamplingParams, TorchEngine, generate_answers
+from spinflow.generation import SamplingParams, generate_answers
 from spinflow.logprobs import segment_logps
 from spinflow.losses import spin_logits
 from spinflow.verifiers import exact_match, verify
@@ -114,12 +114,12 @@ def evaluate(
     seed: int,
     reference: Sequence[dict] | None = None,
     beta: float = 0.1,
-    engine=None,
+    engine,
 ) -> tuple[dict, list[dict]]:
     """Evaluate ``model`` on ``records``; returns (metrics, one row per record).
 
-    Greedy answers come from ``engine`` (a generation engine over ``model``; by default the
-    reference :class:`~spinflow.generation.TorchEngine`).
+    Greedy answers come from ``engine``, a generation engine over ``model``
+    (:func:`spinflow.engines.open_engine`).
 
     Each row holds the greedy answer and the model's log-probs of the real answer and of its own
     greedy answer, so the next evaluation can use it as the opponent (``reference``) without
@@ -156,13 +156,6 @@ def evaluate(
         ]
         metrics["reward_margin"] = sum(margins) / len(margins)
         metrics["reward_accuracy"] = sum(m > 0 for m in margins) / len(margins)
-    if engine is None:
-        engine = TorchEngine(
-            model,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-            batch_size=params.batch_size,
-        )
     answers = greedy_answers(engine, tokenizer, records, prompt, params, seed)
     own_logps, _ = answer_logps(
         model, tokenizer, records, answers, prompt, params.batch_size, desc="own answers"

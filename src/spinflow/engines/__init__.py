@@ -4,7 +4,7 @@ An engine has a ``name`` and ``complete(requests, sampling, desc=...) -> complet
 (:class:`spinflow.generation.Request` in, :class:`spinflow.generation.Completion` out, in the
 same order). ``generate.engine`` picks one:
 
-- ``torch`` (:class:`spinflow.generation.TorchEngine`): the reference. HF forward passes, any
+- ``torch`` (:mod:`spinflow.engines.torch`): the reference. HF forward passes, any
   model, batches of prompts sorted by length.
 - ``continuous`` (:mod:`spinflow.engines.continuous`): a static KV cache and continuous batching
   in plain torch, for llama-style models; the default on CPUs.
@@ -62,7 +62,7 @@ def open_engine(generate, model, tokenizer, *, model_dir: Path, batch_size: int 
     slots = batch_size or generate.batch_size
     ends = end_token_ids(tokenizer, model if model is not None else model_dir)
     if generate.engine == "torch":
-        from spinflow.generation import TorchEngine
+        from spinflow.engines.torch import TorchEngine
 
         return TorchEngine(
             model, eos_token_id=ends, pad_token_id=tokenizer.pad_token_id, batch_size=slots
