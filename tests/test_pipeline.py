@@ -488,3 +488,23 @@ def test_code_dependencies_follow_what_the_params_switch_on(monkeypatch):
     assert "src/spinflow/engines/vllm.py" in vllm["generate_iter_0"]["deps"]
     assert continuous not in vllm["generate_iter_0"]["deps"]
     assert "src/spinflow/engines/vllm.py" not in vllm["train_iter_0"]["deps"]
+
+
+def test_an_edit_re_runs_only_the_stages_that_run_the_edited_code(tiny_dvc_repo, tmp_path):
+    """On the tiny pipeline (default engine, AutoIF off): editing tracking or the vllm engine
+    leaves `dvc status` clean; editing the continuous engine changes exactly the stages that
+    generate."""
+    repo = tiny_dvc_repo.copy(tmp_path / "repo")
+
+    def touch(module: str) -> None:
+        with open(repo.root / "src" / "spinflow" / module, "a", encoding="utf-8") as f:
+            f.write("# edited\n")
+
+    def changed() -> set[str]:
+        return set(json.loads(repo.run("dvc", "status", "--json") or "{}"))
+
+    for module in ("tracking/__init__.py", "tracking/runs.py", "engines/vllm.py", "sandbox.py"):
+        touch(module)
+    assert changed() == set()
+    touch("engines/continuous.py")
+    assert changed() == {"eval_sft", "generate_iter_0", "eval_iter_0"}
