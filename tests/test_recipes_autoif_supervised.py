@@ -325,7 +325,19 @@ def test_model_written_functions_from_supervision_to_training(
     params = run_params(autoif_supervisor)
 
     # ---- autoif_supervise: the supervisor's eight instructions and seven parseable answers
+    from spinflow import models
+
+    loads: list[str] = []
+    load_model = models.load_model
+
+    def counting_load(path, **kwargs):
+        loads.append(str(path))
+        return load_model(path, **kwargs)
+
+    monkeypatch.setattr(models, "load_model", counting_load)
     written = autoif.autoif_supervise(params)
+    monkeypatch.setattr(models, "load_model", load_model)
+    assert len(loads) == 1  # one load of the supervisor for both rounds of questions
     assert written["instructions_written"] == len(WRITTEN) == written["function_answers"]
     assert written["functions_parsed"] == len(WRITTEN) - 1
     assert written["dropped"] == {"unparseable_supervisor_output": 1}

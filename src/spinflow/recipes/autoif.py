@@ -305,6 +305,22 @@ def function_requests(instructions: list[str], attempts: int) -> list[dict]:
     ]
 
 
+def _new_instructions(a, seeds, rounds: list[dict], answers: list[str], drops: list[Drop]):
+    """The instructions the self-instruct answers propose that no seed (or earlier answer) has,
+    at most ``autoif.supervisor_instructions``; an answer with no "- " line is dropped."""
+    known = {i.text.lower() for i in seeds}
+    new: list[str] = []
+    for record, text in zip(rounds, answers, strict=True):
+        lines = parse_instruction_lines(text)
+        if not lines:
+            drops.append(Drop(record["id"], UNPARSEABLE, 'no line starting with "- "'))
+        for line in lines:
+            if line.lower() not in known and len(new) < a.supervisor_instructions:
+                known.add(line.lower())
+                new.append(line)
+    return new
+
+
 def autoif_supervise(params: Params) -> dict[str, Any]:
     """New instructions, functions and cases written by ``autoif.supervisor``: self-instruct
     from the seeds, then a function with cases per new instruction, as the paper prompts.
@@ -320,20 +336,13 @@ def autoif_supervise(params: Params) -> dict[str, Any]:
         raise DataError(f"{stage}: no usable seed instruction in {seeds_path(params)}")
     rounds = self_instruct_requests(params, seeds)
     sampling = {"temperature": a.temperature, "max_new_tokens": a.supervisor_max_new_tokens}
-    answers, stats = _answer(params, model_dir, rounds, stage=stage, **sampling)
     drops: list[Drop] = []
-    known = {i.text.lower() for i in seeds}
-    new: list[str] = []
-    for record, text in zip(rounds, answers, strict=True):
-        lines = parse_instruction_lines(text)
-        if not lines:
-            drops.append(Drop(record["id"], UNPARSEABLE, 'no line starting with "- "'))
-        for line in lines:
-            if line.lower() not in known and len(new) < a.supervisor_instructions:
-                known.add(line.lower())
-                new.append(line)
-    requests = function_requests(new, a.supervisor_attempts)
-    written = _answer(params, model_dir, requests, stage=stage, **sampling)[0] if requests else []
+    # one load of the supervisor for both rounds of questions
+    with _Answering(params, model_dir, greedy=a.temperature == 0) as answer:
+        answers, stats = answer(rounds, stage=stage, **sampling)
+        new = _new_instructions(a, seeds, rounds, answers, drops)
+        requests = function_requests(new, a.supervisor_attempts)
+        written = answer(requests, stage=stage, **sampling)[0] if requests else []
     items = [
         {"id": f"sup_{i:04d}", "group": f"sup_{i:04d}", "instruction": text}
         | {"functions": [], "cases": []}
@@ -650,34 +659,54 @@ def make_pairs(scored: list[dict], chosen_min: float, limit: int) -> list[dict]:
     return pairs
 
 
-def _answer(
-    params: Params,
-    model_dir: Path,
-    records: list[dict],
-    *,
-    temperature: float,
-    stage: str,
-    max_new_tokens: int | None = None,
-):
-    """Answers of the model at ``model_dir`` to ``records`` with the generate engine
-    (``autoif.max_new_tokens`` unless given)."""
-    from spinflow.devices import stage_device
-    from spinflow.engines import check_engine, open_engine
-    from spinflow.generation import GenerationStats, SamplingParams, generate_answers
-    from spinflow.models import load_model, load_tokenizer
+class _Answering:
+    """The model at ``model_dir`` and one generation engine over it, loaded once for every
+    answer call of a stage and released when the ``with`` block ends (before another model
+    loads). ``greedy``: the engine's batch is ``eval.batch_size``, else ``generate.batch_size``."""
 
-    check_engine(params.generate.engine)
-    tokenizer = load_tokenizer(model_dir)
-    device = stage_device(params.device)
-    model = load_model(model_dir, device=device) if params.generate.engine != "vllm" else None
-    batch_size = params.eval.batch_size if temperature == 0 else None
-    stats = GenerationStats()
-    with open_engine(
-        params.generate, model, tokenizer, model_dir=model_dir, batch_size=batch_size
-    ) as engine:
+    def __init__(self, params: Params, model_dir: Path, *, greedy: bool):
+        self.params, self.model_dir, self.greedy = params, model_dir, greedy
+
+    def __enter__(self):
+        from spinflow.devices import stage_device
+        from spinflow.engines import check_engine, open_engine
+        from spinflow.models import load_model, load_tokenizer
+
+        params = self.params
+        check_engine(params.generate.engine)
+        self.tokenizer = load_tokenizer(self.model_dir)
+        device = stage_device(params.device)
+        model = (
+            load_model(self.model_dir, device=device) if params.generate.engine != "vllm" else None
+        )
+        self.engine = open_engine(
+            params.generate,
+            model,
+            self.tokenizer,
+            model_dir=self.model_dir,
+            batch_size=params.eval.batch_size if self.greedy else None,
+        )
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.engine.close()
+
+    def __call__(
+        self,
+        records: list[dict],
+        *,
+        temperature: float,
+        stage: str,
+        max_new_tokens: int | None = None,
+    ):
+        """Answers to ``records`` (``autoif.max_new_tokens`` unless given) and their stats."""
+        from spinflow.generation import GenerationStats, SamplingParams, generate_answers
+
+        params = self.params
+        stats = GenerationStats()
         completions = generate_answers(
-            engine,
-            tokenizer,
+            self.engine,
+            self.tokenizer,
             records,
             sampling=SamplingParams(
                 temperature, params.autoif.top_p, max_new_tokens or params.autoif.max_new_tokens
@@ -688,7 +717,21 @@ def _answer(
             desc=stage,
             stats=stats,
         )
-    return [c.text for c in completions], stats
+        return [c.text for c in completions], stats
+
+
+def _answer(
+    params: Params,
+    model_dir: Path,
+    records: list[dict],
+    *,
+    temperature: float,
+    stage: str,
+    max_new_tokens: int | None = None,
+):
+    """Answers of the model at ``model_dir`` to ``records``, in one load of it."""
+    with _Answering(params, model_dir, greedy=temperature == 0) as answer:
+        return answer(records, temperature=temperature, stage=stage, max_new_tokens=max_new_tokens)
 
 
 def _model_k(graph, k: int):
