@@ -14,25 +14,69 @@ from pathlib import Path
 import pytest
 import yaml
 
+# Test files that take longest, longest first (measured on 2 cores): pytest-xdist hands them
+# out before the others, so the many short files fill the end of the run on every worker instead
+# of one long file keeping a worker busy while the others have nothing left to do.
+LONGEST_FIRST = (
+    "test_e2e_dvc.py",
+    "test_recipes_autoif.py",
+    "test_e2e_hardening.py",
+    "test_recipes_autoif_supervised.py",
+    "test_tracking_faults.py",
+    "test_experiments.py",
+    "test_distributed.py",
+    "test_mlflow_server.py",
+    "test_resume.py",
+    "test_remote.py",
+    "test_harness.py",
+    "test_machines.py",
+    "test_tracking.py",
+    "test_tracking_store.py",
+    "test_engines.py",
+    "test_pipeline.py",
+    "test_doctor.py",
+    "test_cli.py",
+)
+
 
 def pytest_configure(config) -> None:
     """With several pytest-xdist workers, each worker's torch gets its share of the cores
-    (stage processes the tests start use one thread: see pipeline_env)."""
+    (stage processes the tests start use one thread: see pipeline_env). Files are handed to
+    workers in the order of LONGEST_FIRST, not pytest-xdist's (most tests first)."""
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     if workers > 1:
         import torch
 
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """The files of LONGEST_FIRST first, in its order; the others after them as collected."""
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+
+
+def shared_path(tmp_path_factory, name: str) -> Path:
+    """``name`` in the temporary folder of this test session that all its pytest-xdist workers
+    share (the session's own folder without xdist)."""
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent
+    return base / name
 
 
 @pytest.fixture(scope="session", autouse=True)
 def precision_cache(tmp_path_factory) -> Path:
     """bf16: auto keeps its decisions in a cache of this test session, never in the home
     directory; stage processes started by tests inherit it (tests that need their own cache set
-    SPINFLOW_CACHE_DIR to their tmp_path)."""
+    SPINFLOW_CACHE_DIR to their tmp_path). One cache for all pytest-xdist workers, as for the
+    tiny pipeline they share: a stage re-run in a copy of it decides as its first run did."""
     from spinflow.precision import CACHE_ENV
 
-    path = tmp_path_factory.mktemp("spinflow-cache")
+    path = shared_path(tmp_path_factory, "spinflow-cache")
+    path.mkdir(exist_ok=True)
     before = os.environ.get(CACHE_ENV)
     os.environ[CACHE_ENV] = str(path)
     yield path
@@ -223,11 +267,24 @@ class DvcRepo:
 @pytest.fixture(scope="session")
 def tiny_dvc_repo(tmp_path_factory) -> DvcRepo:
     """The project's stages and params (with the tiny model and one SPIN iteration), run once
-    with ``dvc repro`` and committed with its dvc.lock. Read-only: copy() or clone() it."""
+    with ``dvc repro`` and committed with its dvc.lock: built by the first pytest-xdist worker
+    that needs it, the others wait for it and share it. Read-only: copy() or clone() it."""
     if shutil.which("git") is None:
         pytest.skip("git is not installed")
-    repo = DvcRepo(tmp_path_factory.mktemp("tiny-pipeline") / "repo")
-    repo.root.mkdir()
+    from filelock import FileLock
+
+    folder = shared_path(tmp_path_factory, "tiny-pipeline")
+    built = folder / "built"
+    with FileLock(f"{folder}.lock"):
+        if not built.exists():
+            shutil.rmtree(folder, ignore_errors=True)  # what a failed build left
+            _build_tiny_pipeline(DvcRepo(folder / "repo"))
+            built.touch()
+    return DvcRepo(folder / "repo")
+
+
+def _build_tiny_pipeline(repo: DvcRepo) -> None:
+    repo.root.mkdir(parents=True)
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
     shutil.copytree(PROJECT_ROOT / "stages", repo.root / "stages", ignore=ignore)
     shutil.copytree(
@@ -246,7 +303,6 @@ def tiny_dvc_repo(tmp_path_factory) -> DvcRepo:
     repo.run("dvc", "repro", timeout=600)
     repo.run("git", "add", "-A")
     repo.run("git", "commit", "-q", "-m", "dvc repro")
-    return repo
 
 
 def make_optim(**changes):
