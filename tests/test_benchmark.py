@@ -7,10 +7,10 @@ import time
 
 import pytest
 
+from spinflow import pair_training
 from spinflow.benchmark import run_benchmark
 from spinflow.config import Params
 from spinflow.engines import torch as torch_engine
-from spinflow.recipes import spin
 
 PAIRS = 4
 
@@ -22,7 +22,10 @@ def test_benchmark_figures_are_the_counts_over_the_measured_seconds(
     recorded here, independently of the statistics the benchmark keeps."""
     calls = []  # the answers' lengths, per call
     runs = []
-    real_generate_batch, real_spin_iteration = torch_engine.generate_batch, spin.spin_iteration
+    real_generate_batch, real_spin_iteration = (
+        torch_engine.generate_batch,
+        pair_training.spin_iteration,
+    )
 
     def counting_generate_batch(*args, **kwargs):
         answers = real_generate_batch(*args, **kwargs)
@@ -35,7 +38,7 @@ def test_benchmark_figures_are_the_counts_over_the_measured_seconds(
         return out
 
     monkeypatch.setattr(torch_engine, "generate_batch", counting_generate_batch)
-    monkeypatch.setattr(spin, "spin_iteration", recording_spin_iteration)
+    monkeypatch.setattr(pair_training, "spin_iteration", recording_spin_iteration)
     params = Params()
     params.generate.engine = "torch"  # the engine whose batches are counted here
     params.generate.max_new_tokens = 4

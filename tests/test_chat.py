@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from spinflow import chat, evaluation, training
+from spinflow import chat, evaluation, pair_training, training
 from spinflow.chat import Encoded, answer_ids, collate, encode_example, prompt_ids, render_prompt
-from spinflow.recipes import spin
 
 ASSISTANT_PREFIX = "<|im_start|>assistant\n"
 
@@ -40,7 +39,7 @@ def test_every_stage_encodes_through_chat():
     assert generation.prompt_ids is chat.prompt_ids
     assert training.encode_example is chat.encode_example
     assert evaluation.encode_example is chat.encode_example
-    assert spin.encode_example is chat.encode_example
+    assert pair_training.encode_example is chat.encode_example
 
 
 def test_prompt_truncation_keeps_the_end(tiny_tokenizer_session):

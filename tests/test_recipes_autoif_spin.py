@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from spinflow import graph as pipeline_graph
-from spinflow import pipeline
+from spinflow import pair_training, pipeline
 from spinflow.chat import Encoded
 from spinflow.config import default_params_dict, validate_params
 from spinflow.errors import ConfigError, DataError
@@ -153,8 +153,8 @@ def test_an_instruction_the_verified_library_lacks_is_one_line(tmp_path, monkeyp
     assert "generated_passes" not in pairs[0]
 
 
-def _encoded(n: int) -> list[spin.PairExample]:
-    return [spin.PairExample(i, Encoded([1, 2], 1), Encoded([1, 3], 1)) for i in range(n)]
+def _encoded(n: int) -> list[pair_training.PairExample]:
+    return [pair_training.PairExample(i, Encoded([1, 2], 1), Encoded([1, 3], 1)) for i in range(n)]
 
 
 SPIN_PAIRS = [

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import make_optim
-from spinflow import training
+from spinflow import pair_training, training
 from spinflow.chat import answer_ids, prompt_ids
 from spinflow.config import PromptParams
 from spinflow.recipes import generate, spin
@@ -24,12 +24,12 @@ PAIRS = [
 
 
 def _pair_examples(tokenizer, accelerator, model, pairs=PAIRS):
-    examples = spin.encode_pairs(tokenizer, pairs, PROMPT)
-    return spin.reference_logps(accelerator, model, examples, 4, tokenizer.pad_token_id)
+    examples = pair_training.encode_pairs(tokenizer, pairs, PROMPT)
+    return pair_training.reference_logps(accelerator, model, examples, 4, tokenizer.pad_token_id)
 
 
 def _policy_logps(model, tokenizer, examples) -> tuple[list[float], list[float]]:
-    batch = spin.pair_collate(tokenizer.pad_token_id)(examples)
+    batch = pair_training.pair_collate(tokenizer.pad_token_id)(examples)
     model.eval()
     with torch.no_grad():
         logps = training.forward_logps(model, batch)
@@ -39,7 +39,7 @@ def _policy_logps(model, tokenizer, examples) -> tuple[list[float], list[float]]
 
 def test_encode_pairs_share_the_prompt(tiny_tokenizer_session):
     tok = tiny_tokenizer_session
-    (example,) = spin.encode_pairs(tok, PAIRS[:1], PROMPT)
+    (example,) = pair_training.encode_pairs(tok, PAIRS[:1], PROMPT)
     expected_prompt = prompt_ids(tok, PAIRS[0]["prompt"], None, 128)
     for encoded, text in ((example.real, PAIRS[0]["real"]), (example.generated, "zq xx")):
         assert encoded.prompt_length == len(expected_prompt)
@@ -74,8 +74,8 @@ def test_one_spin_step_raises_real_over_generated(tiny_tokenizer_session, tiny_m
         accelerator,
         tiny_model,
         examples,
-        spin.pair_collate(tok.pad_token_id),
-        spin.spin_loss_fn(0.1, kind),
+        pair_training.pair_collate(tok.pad_token_id),
+        pair_training.spin_loss_fn(0.1, kind),
         optim,
         seed=0,
         desc="spin",
@@ -102,8 +102,8 @@ def test_spin_training_rewards_grow_over_steps(tiny_tokenizer_session, tiny_mode
         accelerator,
         tiny_model,
         examples,
-        spin.pair_collate(tok.pad_token_id),
-        spin.spin_loss_fn(0.1, "sigmoid"),
+        pair_training.pair_collate(tok.pad_token_id),
+        pair_training.spin_loss_fn(0.1, "sigmoid"),
         optim,
         seed=0,
         desc="spin",
@@ -203,7 +203,7 @@ VERIFIED = [
 
 
 def test_feedback_filter_drops_or_keeps_only_the_real_term(tiny_tokenizer_session):
-    examples = spin.encode_pairs(tiny_tokenizer_session, VERIFIED, PROMPT)
+    examples = pair_training.encode_pairs(tiny_tokenizer_session, VERIFIED, PROMPT)
     assert [spin.generated_passes(p) for p in VERIFIED] == [False, True, False]
 
     kept, counts = spin.feedback_filter(examples, VERIFIED, "keep")
@@ -229,24 +229,24 @@ def test_a_real_only_pair_has_no_generated_term(tiny_tokenizer_session, tiny_mod
         )
         for e in examples
     ]
-    batch = spin.pair_collate(tok.pad_token_id)(shifted)
+    batch = pair_training.pair_collate(tok.pad_token_id)(shifted)
     tiny_model.train()
-    loss, _ = spin.spin_loss_fn(0.1, "sigmoid")(tiny_model, batch)
+    loss, _ = pair_training.spin_loss_fn(0.1, "sigmoid")(tiny_model, batch)
     real_term = torch.nn.functional.logsigmoid(torch.tensor(0.1 * 0.5))
     both_terms = torch.nn.functional.logsigmoid(torch.tensor(0.1 * (0.5 + 0.7)))
     assert loss.item() == pytest.approx(-(real_term + both_terms).item() / 2, abs=1e-4)
 
-    without = spin.pair_collate(tok.pad_token_id)(
+    without = pair_training.pair_collate(tok.pad_token_id)(
         [spin.dataclasses.replace(e, contrast=True) for e in shifted]
     )
     assert "contrast" not in without
-    full, _ = spin.spin_loss_fn(0.1, "sigmoid")(tiny_model, without)
+    full, _ = pair_training.spin_loss_fn(0.1, "sigmoid")(tiny_model, without)
     assert full.item() == pytest.approx(-both_terms.item(), abs=1e-4)
 
 
 def test_iteration_compute_counts_generation_of_this_iteration_only(tiny_tokenizer_session):
     pairs = [{**PAIRS[0], "iteration": 0}, {**PAIRS[1], "iteration": 1}]
-    examples = spin.encode_pairs(tiny_tokenizer_session, pairs, PROMPT)
+    examples = pair_training.encode_pairs(tiny_tokenizer_session, pairs, PROMPT)
     cost = spin.iteration_compute(examples, pairs, examples[1:], epochs=2, k=1)
     generated = len(examples[1].generated.input_ids)
     row = examples[1].length  # the prompt once and both answers
@@ -268,7 +268,7 @@ def test_generated_logp_agreement_compares_this_iterations_answers_with_the_refe
         pair["generated_logp"] = example.reference_generated_logps + off
     pairs[5].update(iteration=0, generated_logp=-1e3)  # an earlier opponent's answer: left out
     pairs.append(dict(pairs[0], iteration=1, generated_ended=False))  # cut short: left out
-    examples.append(spin.PairExample(6, examples[0].real, examples[0].generated))
+    examples.append(pair_training.PairExample(6, examples[0].real, examples[0].generated))
     figures = spin.generated_logp_agreement(1, pairs, examples)
     assert figures["generated_logp_difference_median"] == pytest.approx(0.2, abs=1e-3)
     assert figures["generated_logp_difference_max"] == pytest.approx(2.0, abs=1e-3)
@@ -282,8 +282,8 @@ def test_spin_iteration_returns_the_pairs_with_their_reference_log_probs(
     tok = tiny_tokenizer_session
     accelerator = training.make_accelerator(make_optim())
     expected = _pair_examples(tok, accelerator, tiny_model, PAIRS[:4])
-    encoded = spin.encode_pairs(tok, PAIRS[:4], PROMPT)
-    *_, scored = spin.spin_iteration(
+    encoded = pair_training.encode_pairs(tok, PAIRS[:4], PROMPT)
+    *_, scored = pair_training.spin_iteration(
         accelerator,
         tiny_model,
         tok,

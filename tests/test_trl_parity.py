@@ -9,12 +9,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from spinflow import training
+from spinflow import pair_training, training
 from spinflow.benchmark.trl_spin import trl_spin_trainer
 from spinflow.config import OptimParams, PromptParams
 from spinflow.losses import spin_loss
 from spinflow.models import load_model
-from spinflow.recipes import spin
 
 pytest.importorskip("trl")
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
@@ -64,11 +63,11 @@ def test_logps_loss_and_one_step_equal_trl(
     tok = tiny_tokenizer_session
     reference, policy = _models(tiny_checkpoint_session)
     accelerator = training.make_accelerator(OPTIM)
-    examples = spin.encode_pairs(tok, PAIRS, PROMPT)
-    examples = spin.reference_logps(accelerator, reference, examples, 2, tok.pad_token_id)
+    examples = pair_training.encode_pairs(tok, PAIRS, PROMPT)
+    examples = pair_training.reference_logps(accelerator, reference, examples, 2, tok.pad_token_id)
     policy_before = {n: p.detach().clone() for n, p in policy.named_parameters()}
 
-    batch = spin.pair_collate(tok.pad_token_id)(examples)
+    batch = pair_training.pair_collate(tok.pad_token_id)(examples)
     with torch.no_grad():
         logps = training.forward_logps(policy, batch)
     n = len(PAIRS)
@@ -114,8 +113,8 @@ def test_logps_loss_and_one_step_equal_trl(
         accelerator,
         policy,
         examples,
-        spin.pair_collate(tok.pad_token_id),
-        spin.spin_loss_fn(BETA, kind),
+        pair_training.pair_collate(tok.pad_token_id),
+        pair_training.spin_loss_fn(BETA, kind),
         OPTIM,
         seed=0,
         desc="spin",

@@ -465,8 +465,8 @@ def check_training(params: Params, device: torch.device, smoke: Smoke, completio
     training stage takes it (precision chosen as ``bf16`` says, the stages' loop)."""
     from spinflow.losses import spin_loss
     from spinflow.models import load_model
+    from spinflow.pair_training import encode_pairs, resolve_optim, spin_iteration
     from spinflow.precision import TOLERANCE as BF16_TOLERANCE
-    from spinflow.recipes.spin import encode_pairs, resolve_optim, spin_iteration
     from spinflow.training import make_accelerator, merge_lora, seed_everything
 
     name = f"train {device}"

@@ -186,7 +186,7 @@ def run_benchmark(
 
     from spinflow.io import read_jsonl
     from spinflow.models import build_tiny_model, load_model, load_tokenizer
-    from spinflow.recipes.spin import encode_pairs, pair_collate, resolve_optim, spin_iteration
+    from spinflow.pair_training import encode_pairs, pair_collate, resolve_optim, spin_iteration
     from spinflow.training import make_accelerator, peak_memory_mb, seed_everything
 
     if model_dir is None:

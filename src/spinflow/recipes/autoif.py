@@ -842,7 +842,7 @@ def autoif_sample(params: Params, k: int) -> dict[str, Any]:
 
 def autoif_train(params: Params, k: int) -> dict[str, Any]:
     """The AutoIF θk+1: DPO on iteration k's pairs against θk, with SPIN's trainer and loss."""
-    from spinflow.recipes.spin import train_on_pairs, write_training_outputs
+    from spinflow.pair_training import train_on_pairs, write_training_outputs
 
     graph = pipeline_graph.build(params)
     target = graph.model(f"{pipeline_graph.AUTOIF}_theta_{k + 1}")
