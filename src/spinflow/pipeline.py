@@ -17,6 +17,7 @@ re-runs that stage, and editing code it does not run re-runs nothing.
 from __future__ import annotations
 
 import ast
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +64,15 @@ def _with_packages(module: str) -> list[str]:
 
 def _imported_modules(path: Path, module: str | None, source_root: Path) -> set[str]:
     """Package modules that ``path`` imports anywhere in its body (functions included)."""
+    stat = path.stat()
+    return set(_parsed_imports(path.resolve(), module, source_root.resolve(), stat.st_mtime_ns))
+
+
+@functools.lru_cache(maxsize=1024)
+def _parsed_imports(
+    path: Path, module: str | None, source_root: Path, mtime_ns: int
+) -> frozenset[str]:
+    """:func:`_imported_modules` of one version of a file (``mtime_ns`` names the version)."""
     try:
         tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
     except SyntaxError as exc:
@@ -90,7 +100,7 @@ def _imported_modules(path: Path, module: str | None, source_root: Path) -> set[
         for name in names:
             if name == PACKAGE or name.startswith(PACKAGE + "."):
                 found.update(m for m in _with_packages(name) if _module_file(m, source_root))
-    return found
+    return frozenset(found)
 
 
 def _inside(module: str, packages: frozenset[str]) -> bool:
