@@ -1,6 +1,6 @@
 """DVC stage autoif_instructions: the instruction library, its unusable items dropped (AutoIF)."""
 
-from spinflow.recipes.autoif import autoif_instructions
+from spinflow.methods.autoif.stages import autoif_instructions
 from spinflow.runner import run_stage
 
 if __name__ == "__main__":

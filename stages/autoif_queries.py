@@ -1,6 +1,6 @@
 """DVC stage autoif_queries: instructions attached to SFT and test prompts, held-out instructions set aside (AutoIF)."""
 
-from spinflow.recipes.autoif import autoif_queries
+from spinflow.methods.autoif.stages import autoif_queries
 from spinflow.runner import run_stage
 
 if __name__ == "__main__":

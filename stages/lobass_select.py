@@ -1,6 +1,6 @@
 """DVC stage lobass_select: the most learnable SFT examples, and a random control of equal size."""
 
-from spinflow.recipes.lobass import lobass_select
+from spinflow.methods.lobass.stages import lobass_select
 from spinflow.runner import run_stage
 
 if __name__ == "__main__":

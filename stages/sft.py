@@ -1,6 +1,6 @@
 """DVC stage sft: θ0, the base model fine-tuned on the SFT split."""
 
-from spinflow.recipes.sft import sft
+from spinflow.methods.sft.stages import sft
 from spinflow.runner import run_stage
 
 if __name__ == "__main__":

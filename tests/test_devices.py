@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from spinflow import devices
+from spinflow import devices, precision
 from spinflow.errors import ConfigError
 
 
@@ -58,6 +58,6 @@ def test_the_decision(monkeypatch):
 
 
 def test_inference_stays_float32_on_cpus():
-    assert devices.inference_dtype(torch.device("cpu")) == torch.float32
-    with devices.autocast(torch.device("cpu")):
+    assert precision.inference_dtype(torch.device("cpu")) == torch.float32
+    with precision.autocast(torch.device("cpu")):
         assert not torch.is_autocast_enabled("cpu")

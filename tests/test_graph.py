@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from spinflow import graph as pipeline_graph
 from spinflow.config import default_params_dict, validate_params
 from spinflow.errors import SpinflowError
-from spinflow.graph import BASELINE, EVALUATION, ITERATION, REPORT, SFT_EXTRA, TRAINING
+from spinflow.graph import build
+from spinflow.nodes import BASELINE, EVALUATION, ITERATION, REPORT, SFT_EXTRA, TRAINING
 
 
 def _graph(iterations=3, sft=True, sft_extra=True, mix_previous=1, per_iteration=None):
@@ -19,7 +19,7 @@ def _graph(iterations=3, sft=True, sft_extra=True, mix_previous=1, per_iteration
     raw["spin"].update(
         iterations=iterations, mix_previous=mix_previous, per_iteration=per_iteration or {}
     )
-    return pipeline_graph.build(validate_params(raw))
+    return build(validate_params(raw))
 
 
 def test_chain_of_models_and_their_opponents():
@@ -126,7 +126,7 @@ def _lobass_graph(start="sft"):
     raw["lobass"]["enabled"] = True
     raw["sft_extra"]["compute"] = True
     raw["spin"].update(iterations=2, start=start)
-    return pipeline_graph.build(validate_params(raw))
+    return build(validate_params(raw))
 
 
 def test_lobass_stages_and_models_beside_theta_0():

@@ -148,7 +148,7 @@ def test_shared_prompt_padding_rows_are_never_empty():
 
 
 def test_lora_wrapped_model_equals_full_logits(tiny_tokenizer_session, tiny_model):
-    from spinflow.config import LoraParams, OptimParams
+    from spinflow.schema import LoraParams, OptimParams
     from spinflow.training import apply_lora
 
     model = apply_lora(

@@ -142,11 +142,11 @@ def test_stages_list_only_what_they_read():
     assert "eval" not in stages["sft"]["params"]
     # switches that remove rows are listed: DVC does not re-run a stage whose deps only shrank
     assert stages["report"]["params"] == [
+        "sft.enabled",
+        "lobass",
         "spin.iterations",
         "spin.start",
-        "sft.enabled",
         "sft_extra",
-        "lobass",
         "autoif.enabled",
         "autoif.iterations",
         # the rule that chooses the iteration a user keeps, on the validation split
@@ -362,9 +362,11 @@ def test_every_stage_lists_its_scripts_import_closure(monkeypatch):
     for name, stage in stages.items():
         script = next(part for part in stage["cmd"].split() if part.startswith("stages/"))
         code = [d for d in stage["deps"] if d.startswith("src/")]
-        off = pipeline.switched_off(params, graph.stage(name))
-        assert code == pipeline.import_closure(script, skip=off), name
-        assert set(code) <= set(pipeline.import_closure(script)), name
+        stage_node = graph.stage(name)
+        off = pipeline.switched_off(params, stage_node)
+        loaded = stage_node.code
+        assert code == pipeline.import_closure(script, skip=off, loaded=loaded), name
+        assert set(code) <= set(pipeline.import_closure(script, loaded=loaded)), name
         assert stage["deps"][0] == script
 
 
@@ -377,11 +379,11 @@ def test_code_dependencies_include_the_modules_the_issue_found_missing(monkeypat
             assert f"src/spinflow/{module}.py" in stage["deps"], (name, module)
     for module in ("losses", "chat", "evaluation", "recipes/evaluate", "provenance"):
         assert f"src/spinflow/{module}.py" in stages["eval_iter_0"]["deps"], module
-    for module in ("recipes/spin", "training", "losses", "chat"):
+    for module in ("methods/spin/train", "pair_training", "training", "losses", "chat"):
         assert f"src/spinflow/{module}.py" in stages["train_iter_0"]["deps"], module
     # a method's stages do not depend on another method's recipe
-    assert "src/spinflow/recipes/spin.py" not in stages["sft"]["deps"]
-    assert "src/spinflow/recipes/sft.py" not in stages["train_iter_0"]["deps"]
+    assert "src/spinflow/methods/spin/train.py" not in stages["sft"]["deps"]
+    assert "src/spinflow/methods/sft/stages.py" not in stages["train_iter_0"]["deps"]
 
 
 def test_every_stage_runs_through_the_script_the_graph_names():
@@ -471,7 +473,14 @@ def test_code_dependencies_follow_what_the_params_switch_on(monkeypatch):
     stages = pipeline.render(_params(spin={"iterations": 2}))["stages"]
     every = {d for stage in stages.values() for d in stage["deps"]}
     assert not {d for d in every if d.startswith("src/spinflow/tracking/")}
-    for module in ("engines/vllm", "sandbox", "sandbox_worker", "recipes/autoif", "harness"):
+    for module in (
+        "engines/vllm",
+        "sandbox",
+        "sandbox_worker",
+        "methods/autoif/stages",
+        "methods/autoif/instructions",
+        "harness",
+    ):
         assert f"src/spinflow/{module}.py" not in every, module
     continuous = "src/spinflow/engines/continuous.py"
     generating = {name for name, stage in stages.items() if continuous in stage["deps"]}

@@ -11,9 +11,9 @@ import yaml
 
 from spinflow.config import default_params_dict, validate_params
 from spinflow.errors import SpinflowError
-from spinflow.instructions import Case, Instruction
 from spinflow.io import read_jsonl, write_jsonl
-from spinflow.recipes import autoif
+from spinflow.methods.autoif import stages as autoif
+from spinflow.methods.autoif.instructions import Case, Instruction
 from test_devices import assert_on_decided_device, device_records
 
 
@@ -373,17 +373,18 @@ REPORT_METRICS = {
 
 
 def test_the_report_section_shows_accuracy_intervals_and_every_filter(tmp_path, monkeypatch):
-    from spinflow import graph as pipeline_graph
+    from spinflow.graph import build
     from spinflow.io import write_json
-    from spinflow.report import autoif_section
+    from spinflow.methods.autoif.report import autoif_section
+    from spinflow.nodes import train_metrics
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "supervisor").mkdir()
     params = _params(tmp_path, supervisor="supervisor", iterations=1)
-    graph = pipeline_graph.build(params)
+    graph = build(params)
     metrics = REPORT_METRICS
     for stage, values in metrics.items():
-        write_json(pipeline_graph.train_metrics(stage), values)
+        write_json(train_metrics(stage), values)
     followed = {
         "autoif_theta_0": [[True, False], [False], [True], [False, False]],
         "autoif_iter_0": [[True, True], [True], [True], [False, True]],

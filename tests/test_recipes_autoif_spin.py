@@ -8,13 +8,17 @@ from pathlib import Path
 
 import pytest
 
-from spinflow import graph as pipeline_graph
 from spinflow import pair_training, pipeline
 from spinflow.chat import Encoded
 from spinflow.config import default_params_dict, validate_params
 from spinflow.errors import ConfigError, DataError
+from spinflow.graph import build
 from spinflow.io import write_json, write_jsonl
-from spinflow.recipes import autoif, generate, spin
+from spinflow.methods.autoif import stages as autoif
+from spinflow.methods.autoif.graph import AUTOIF, AUTOIF_VERIFIED, autoif_samples_dir
+from spinflow.methods.spin import generate
+from spinflow.methods.spin import train as spin
+from spinflow.nodes import train_metrics
 from test_recipes_autoif import REPORT_METRICS
 
 
@@ -26,7 +30,7 @@ def _raw(**autoif_changes):
 
 
 def _graph(raw=None):
-    return pipeline_graph.build(validate_params(raw or _raw()))
+    return build(validate_params(raw or _raw()))
 
 
 @pytest.mark.parametrize(
@@ -62,7 +66,7 @@ def test_the_autoif_chain_is_the_spin_chain():
     sampling = sorted(s for s in g.stages if s.startswith("autoif_sample_iter_"))
     assert sampling == ["autoif_sample_iter_0", "autoif_sample_iter_1"]  # spin.iterations
     assert not [s for s in g.stages if s.startswith("autoif_train")]
-    assert not [m for m in g.models.values() if m.role == pipeline_graph.AUTOIF]
+    assert not [m for m in g.models.values() if m.role == AUTOIF]
     for k in range(2):
         assert g.stage(f"autoif_sample_iter_{k}").inputs[0] == f"models/theta_{k}"
         assert g.evaluation(f"autoif_iter_{k}").model == f"theta_{k + 1}"
@@ -92,7 +96,7 @@ def test_switching_the_combination_off_changes_the_commands_dvc_compares():
     rendered = {}
     for with_spin in (True, False):
         params = validate_params(_raw(with_spin=with_spin))
-        g = pipeline_graph.build(params)
+        g = build(params)
         rendered[with_spin] = {
             name: pipeline.render_stage(g.stage(name), params, code)
             for name in ("generate_iter_1", "train_iter_0")
@@ -116,7 +120,7 @@ def _sft_records():
 
 def test_the_pool_takes_one_verified_answer_per_query_in_file_order(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    write_jsonl(pipeline_graph.autoif_samples_dir(0) / autoif.SFT_DATA, _sft_records())
+    write_jsonl(autoif_samples_dir(0) / autoif.SFT_DATA, _sft_records())
     records = autoif.spin_pool_records(_graph())
     assert records == [
         {
@@ -143,7 +147,7 @@ def test_the_pool_takes_one_verified_answer_per_query_in_file_order(tmp_path, mo
 
 def test_an_instruction_the_verified_library_lacks_is_one_line(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    write_jsonl(pipeline_graph.AUTOIF_VERIFIED / autoif.INSTRUCTIONS_FILE, [])
+    write_jsonl(AUTOIF_VERIFIED / autoif.INSTRUCTIONS_FILE, [])
     params = validate_params(_raw())
     pairs = [{"id": "autoif/q1", "instruction": "even", "generated": "abc"}]
     with pytest.raises(
@@ -200,10 +204,10 @@ def test_spin_pairs_are_filtered_and_autoif_pairs_join_unfiltered(mode):
 def test_autoif_pairs_in_spin_layout_with_prefixed_ids_and_their_compute(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     write_jsonl(
-        pipeline_graph.autoif_samples_dir(1) / autoif.PAIRS,
+        autoif_samples_dir(1) / autoif.PAIRS,
         [{"id": "q1/0-2", "prompt": "P", "chosen": "ab", "rejected": "abc", "chosen_score": 1.0}],
     )
-    write_json(pipeline_graph.train_metrics("autoif_sample_iter_1"), {"answer_tokens": 37})
+    write_json(train_metrics("autoif_sample_iter_1"), {"answer_tokens": 37})
     pairs, tokens = autoif.spin_training_pairs(_graph(), 1)
     assert pairs == [
         {
@@ -224,7 +228,7 @@ def test_autoif_pairs_in_spin_layout_with_prefixed_ids_and_their_compute(tmp_pat
 
 
 def test_the_report_shows_each_spin_model_and_the_pairs_it_trained_on(tmp_path, monkeypatch):
-    from spinflow.report import autoif_section
+    from spinflow.methods.autoif.report import autoif_section
 
     monkeypatch.chdir(tmp_path)
     raw = _raw()
@@ -241,7 +245,7 @@ def test_the_report_shows_each_spin_model_and_the_pairs_it_trained_on(tmp_path, 
         },
     }
     for stage, values in metrics.items():
-        write_json(pipeline_graph.train_metrics(stage), values)
+        write_json(train_metrics(stage), values)
     for name, followed in (("autoif_theta_0", [[False], [True]]), ("autoif_iter_0", [[True]] * 2)):
         write_jsonl(
             g.evaluation(name).generations,

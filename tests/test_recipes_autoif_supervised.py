@@ -18,9 +18,9 @@ import pytest
 import yaml
 
 from spinflow.config import Params, default_params_dict, validate_params
-from spinflow.instructions import Instruction
 from spinflow.io import read_jsonl, write_jsonl
-from spinflow.recipes import autoif
+from spinflow.methods.autoif import stages as autoif
+from spinflow.methods.autoif.instructions import Instruction
 
 ESCAPE_FILE = Path("/tmp/spinflow-autoif-escape.txt")  # what the writing function aims at
 
@@ -173,7 +173,7 @@ def run_params(supervisor: Path) -> Params:
 def supervision(root: Path, supervisor: Path) -> list[dict]:
     """What the supervisor must answer, for the exact prompts the stages send it (built by the
     stages' own functions from the run's params and seed library)."""
-    from spinflow.instructions import load_library
+    from spinflow.methods.autoif.instructions import load_library
 
     params = run_params(supervisor)
     seeds = load_library(root / RUN["seeds"], min_cases=params.autoif.min_cases).instructions
@@ -253,9 +253,9 @@ def autoif_supervisor(tmp_path_factory) -> Path:
     :data:`SFT_PROMPTS` say; built once, its next-token margins checked before use."""
     import torch
 
-    from spinflow.graph import Model
     from spinflow.models import build_tiny_model
-    from spinflow.recipes.sft import supervised
+    from spinflow.nodes import Model
+    from spinflow.sft_training import supervised
 
     root = tmp_path_factory.mktemp("autoif-supervisor")
     write_inputs(root)

@@ -1,4 +1,4 @@
-"""Tests for spinflow.recipes.lobass: learnability scores, the selection, their errors."""
+"""Tests for spinflow.methods.lobass.stages: learnability scores, the selection, their errors."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 from spinflow.config import PromptParams, default_params_dict, validate_params
 from spinflow.errors import ConfigError, DataError, SpinflowError
 from spinflow.io import read_jsonl, write_jsonl
-from spinflow.recipes import lobass
+from spinflow.methods.lobass import stages as lobass
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 

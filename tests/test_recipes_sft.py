@@ -1,14 +1,16 @@
-"""Tests for spinflow.recipes.sft: θ0 and the SFT-extra baseline's step budget."""
+"""Tests for θ0 (spinflow.methods.sft), the SFT training it shares and the SFT-extra baseline's step budget."""
 
 from __future__ import annotations
 
 import pytest
 
+from spinflow import sft_training
 from spinflow.config import default_params_dict, validate_params
 from spinflow.errors import SpinflowError
-from spinflow.graph import spin_steps
 from spinflow.io import write_json, write_jsonl
-from spinflow.recipes import sft
+from spinflow.methods.sft import stages as sft_stages
+from spinflow.methods.spin import baselines
+from spinflow.methods.spin.graph import spin_steps
 
 
 def _params(iterations=3):
@@ -21,31 +23,31 @@ def test_sft_extra_budget_is_the_sum_of_every_iterations_steps(tmp_path, monkeyp
     monkeypatch.chdir(tmp_path)
     for k, steps in enumerate((4, 7, 2)):
         write_json(spin_steps(k), {"optimizer_steps": steps})
-    assert sft.spin_optimizer_steps(_params(3)) == 13
+    assert baselines.spin_optimizer_steps(_params(3)) == 13
 
 
 def test_sft_extra_budget_names_the_missing_iteration(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     write_json(spin_steps(0), {"optimizer_steps": 4})
     with pytest.raises(SpinflowError, match=r"spin_steps_iter_1.json: missing.*'train_iter_1'"):
-        sft.spin_optimizer_steps(_params(2))
+        baselines.spin_optimizer_steps(_params(2))
 
 
 def test_sft_refuses_an_empty_sft_split(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     write_jsonl(tmp_path / "data/prepared/sft.jsonl", [])
     with pytest.raises(SpinflowError, match="sft.jsonl is empty: raise data.num_sft"):
-        sft.sft(_params(1))
+        sft_stages.sft(_params(1))
 
 
 def test_sft_extra_compute_budget_sums_every_iterations_token_passes(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     for k, compute in enumerate((1000, 2500, 10)):
         write_json(spin_steps(k), {"optimizer_steps": 1, "compute_tokens": compute})
-    assert sft.spin_compute(_params(3)) == 3510
+    assert baselines.spin_compute(_params(3)) == 3510
     write_json(spin_steps(2), {"optimizer_steps": 1})
     with pytest.raises(SpinflowError, match=r"spin_steps_iter_2.json: no 'compute_tokens'"):
-        sft.spin_compute(_params(3))
+        baselines.spin_compute(_params(3))
 
 
 def test_steps_for_compute_pays_three_passes_per_trained_token(tiny_tokenizer_session):
@@ -55,14 +57,14 @@ def test_steps_for_compute_pays_three_passes_per_trained_token(tiny_tokenizer_se
     records = [{"prompt": f"Say {i}.", "answer": f"{i} " * (i + 1)} for i in range(16)]
     tokens = sum(e.length for e in encode_sft(tiny_tokenizer_session, records, params.prompt))
     one_epoch = 3 * tokens  # two optimizer steps of 8 examples
-    steps = sft.steps_for_compute
+    steps = baselines.steps_for_compute
     assert steps(params, tiny_tokenizer_session, records, one_epoch) == 2
     assert steps(params, tiny_tokenizer_session, records, 3 * one_epoch) == 6
     assert steps(params, tiny_tokenizer_session, records, one_epoch + 1) == 3  # rounded up
     assert steps(params, tiny_tokenizer_session, records, 1) == 1
 
 
-class _Scripted(sft._Validation):
+class _Scripted(sft_training._Validation):
     """The early-stopping rule on a scripted validation curve."""
 
     def __init__(self, losses, patience):

@@ -1,4 +1,4 @@
-"""Tests for spinflow.recipes.spin: pairs, mixing, the reference pass and the loss wiring."""
+"""Tests for spinflow.methods.spin.train: pairs, mixing, the reference pass and the loss wiring."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from conftest import make_optim
 from spinflow import pair_training, training
 from spinflow.chat import answer_ids, prompt_ids
 from spinflow.config import PromptParams
-from spinflow.recipes import generate, spin
+from spinflow.methods.spin import generate
+from spinflow.methods.spin import train as spin
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
@@ -131,8 +132,8 @@ def _params(iterations=3, mix_previous=1):
 
 
 def _write_pairs(k: int, count: int = 2) -> None:
-    from spinflow.graph import pairs_file
     from spinflow.io import write_jsonl
+    from spinflow.methods.spin.graph import pairs_file
 
     pool = [
         {"id": f"p{i}", "task": "t", "prompt": f"q{i}", "answer": f"a{i}"} for i in range(count)
@@ -177,7 +178,7 @@ def test_training_pairs_name_the_stage_that_makes_missing_pairs(tmp_path, monkey
 def test_training_pairs_call_an_empty_pairs_file_empty(tmp_path, monkeypatch, mix_previous):
     """Not blamed on spin.feedback_filter, and not trained on the earlier iteration's alone."""
     from spinflow.errors import DataError
-    from spinflow.graph import pairs_file
+    from spinflow.methods.spin.graph import pairs_file
 
     monkeypatch.chdir(tmp_path)
     _write_pairs(0)

@@ -8,20 +8,20 @@ import json
 import pytest
 
 from spinflow.config import validate_params
-from spinflow.graph import COMPARISONS, DIAGNOSTICS, REPORT_DIR, build, pairs_file
+from spinflow.graph import build
 from spinflow.io import read_json, write_json, write_jsonl
-from spinflow.report import (
+from spinflow.methods.spin.graph import COMPARISONS, DIAGNOSTICS, pairs_file
+from spinflow.methods.spin.report import (
     DISTINGUISHABLE,
     INDISTINGUISHABLE,
     REVERSED,
     TRAINING_ONLY,
-    bootstrap_interval,
-    collect,
     paired_interval,
     status,
     verdict,
-    write_report,
 )
+from spinflow.nodes import REPORT_DIR
+from spinflow.report import bootstrap_interval, collect, write_report
 
 TEST = [
     {

@@ -1097,8 +1097,8 @@ REFUSED_LANDLOCK = "Linux 5.10.0 has no Landlock (it needs 5.13 or later)"
 def verify_stage_params(tmp_path, monkeypatch, **changes):
     """An instruction file for autoif_verify in ``tmp_path`` (the working directory), and params."""
     from spinflow.config import default_params_dict, validate_params
-    from spinflow.instructions import Case, Instruction
     from spinflow.io import write_jsonl
+    from spinflow.methods.autoif.instructions import Case, Instruction
 
     monkeypatch.chdir(tmp_path)
     short = Instruction(
@@ -1116,13 +1116,13 @@ def verify_stage_params(tmp_path, monkeypatch, **changes):
 def test_autoif_stage_records_its_sandbox_layers(tmp_path, monkeypatch, caplog):
     """The log, the metrics, the provenance; MLflow gets the count (every numeric metric of an
     evaluation is logged into its run as eval/<key>)."""
-    from spinflow.instructions import SandboxCounter
     from spinflow.io import read_json
-    from spinflow.recipes import autoif
+    from spinflow.methods.autoif import stages as autoif
+    from spinflow.methods.autoif.instructions import SandboxCounter
     from spinflow.tracking.runs import eval_scalars
 
     params = verify_stage_params(tmp_path, monkeypatch)
-    with caplog.at_level(logging.INFO, logger="spinflow.recipes.autoif"):
+    with caplog.at_level(logging.INFO, logger="spinflow.methods.autoif.stages"):
         autoif.autoif_verify(params)
     active = [layer.name for layer in active_layers() if layer.active]
     metrics = read_json(tmp_path / "metrics/autoif_verify.json")
@@ -1138,7 +1138,7 @@ def test_autoif_stage_records_its_sandbox_layers(tmp_path, monkeypatch, caplog):
 def test_autoif_stage_refuses_a_weak_sandbox_in_one_line(tmp_path, monkeypatch, caplog):
     from spinflow.errors import SpinflowError
     from spinflow.io import read_json
-    from spinflow.recipes import autoif
+    from spinflow.methods.autoif import stages as autoif
 
     monkeypatch.setattr(sandbox_module, "landlock_abi", lambda: (0, REFUSED_LANDLOCK))
     monkeypatch.setattr(sandbox_module.shutil, "which", lambda name: None)  # no bwrap
@@ -1154,7 +1154,7 @@ def test_autoif_stage_refuses_a_weak_sandbox_in_one_line(tmp_path, monkeypatch, 
 
     # said explicitly: it runs, warns, and records the layers it had
     params = verify_stage_params(tmp_path, monkeypatch, allow_weak_sandbox=True)
-    with caplog.at_level(logging.INFO, logger="spinflow.recipes.autoif"):
+    with caplog.at_level(logging.INFO, logger="spinflow.methods.autoif.stages"):
         autoif.autoif_verify(params)
     assert "weak sandbox (autoif.allow_weak_sandbox)" in caplog.text
     layers = read_json(tmp_path / "metrics/autoif_verify.json")["sandbox_layers"].split(",")

@@ -18,9 +18,13 @@ import pytest
 
 from spinflow import tracking
 from spinflow.config import Params, validate_params
-from spinflow.graph import build, pairs_file
+from spinflow.graph import build
+from spinflow.methods.sft import stages as sft
+from spinflow.methods.spin import baselines, generate
+from spinflow.methods.spin import train as spin
+from spinflow.methods.spin.graph import pairs_file
 from spinflow.provenance import tree_hash
-from spinflow.recipes import evaluate, generate, prepare, sft, spin
+from spinflow.recipes import evaluate, prepare
 from spinflow.report import report as report_stage
 from spinflow.runner import execute
 
@@ -56,10 +60,10 @@ def run_tiny_pipeline(params: Params, *, prepare: bool = True) -> None:
         execute(params, f"train_iter_{k}", spin.train)
         execute(params, f"eval_iter_{k}", evaluate.evaluate)
     if params.sft_extra.enabled:
-        execute(params, "sft_extra", sft.sft_extra)
+        execute(params, "sft_extra", baselines.sft_extra)
         execute(params, "eval_sft_extra", evaluate.evaluate)
     if params.sft_extra.enabled and params.sft_extra.compute:
-        execute(params, "sft_extra_compute", sft.sft_extra)
+        execute(params, "sft_extra_compute", baselines.sft_extra)
         execute(params, "eval_sft_extra_compute", evaluate.evaluate)
     execute(params, "report", report_stage)
 

@@ -26,7 +26,9 @@ import yaml
 
 from spinflow import tracking
 from spinflow.graph import build
-from spinflow.recipes import evaluate, generate, spin
+from spinflow.methods.spin import generate
+from spinflow.methods.spin import train as spin
+from spinflow.recipes import evaluate
 from spinflow.report import report as report_stage
 from spinflow.runner import execute
 from spinflow.tracking import pending

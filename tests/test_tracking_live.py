@@ -259,7 +259,7 @@ def test_a_real_trainings_steps_reach_mlflow_before_it_ends(
     the run holds steps 1 and 2 while training has not ended (no checkpoint yet); when it ends,
     every step once, with the values of the steps file."""
     from spinflow import training
-    from spinflow.recipes.sft import supervised
+    from spinflow.sft_training import supervised
 
     _, client, experiment = project
     raw = default_params_dict()

@@ -11,11 +11,11 @@ import torch
 from conftest import make_optim
 from spinflow import training
 from spinflow.chat import prompt_ids
-from spinflow.config import LoraParams, OptimParams, PromptParams
 from spinflow.errors import TrainingError
 from spinflow.io import RowsCsvStream, read_rows_csv, write_rows_csv
 from spinflow.losses import masked_nll
 from spinflow.models import load_model, load_tokenizer
+from spinflow.schema import LoraParams, OptimParams, PromptParams
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 

@@ -18,61 +18,29 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import (
     BaseModel,
-    BeforeValidator,
-    ConfigDict,
     Field,
-    Strict,
     ValidationError,
     field_validator,
     model_validator,
 )
 
 from spinflow.errors import ConfigError
+from spinflow.methods.autoif.params import AutoifParams
+from spinflow.methods.lobass.params import LobassParams
+from spinflow.methods.sft.params import SftParams
+from spinflow.methods.spin.params import SftExtraParams, SpinParams
+from spinflow.schema import (
+    NewTokens,
+    NonNegativeInt,
+    OptimParams,
+    PositiveInt,
+    PromptParams,
+    Section,
+    Seed,
+)
 
 PARAMS_FILE = "params.yaml"
-ITERATION_KEY = re.compile(r"^iter_(\d+)$")
 
-
-class Section(BaseModel):
-    """Base for every params section: unknown keys are errors, values are validated on assignment."""
-
-    # allow_inf_nan: `.inf` or `.nan` is never a sensible learning rate, β or probability
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
-
-
-PositiveInt = Annotated[int, Strict(), Field(gt=0)]
-NonNegativeInt = Annotated[int, Strict(), Field(ge=0)]
-Probability = Annotated[float, Field(ge=0.0, le=1.0)]
-
-# torch seeds its generators with 64-bit integers: a larger seed overflows when a stage starts
-MAX_SEED = 2**63 - 1
-
-
-def _within_seeds(value: Any) -> Any:
-    if isinstance(value, int) and not isinstance(value, bool) and not 0 <= value <= MAX_SEED:
-        raise ValueError(f"must be in 0..{MAX_SEED} (2**63 - 1): torch takes 64-bit seeds")
-    return value
-
-
-Seed = Annotated[int, Field(ge=0, le=MAX_SEED), BeforeValidator(_within_seeds)]
-
-# The continuous engine allocates every decoding slot's key-value cache for the prompt plus this
-# many new tokens before it starts; no model the pipeline runs reads further
-MAX_NEW_TOKENS = 32768
-
-
-def _within_new_tokens(value: Any) -> Any:
-    if isinstance(value, int) and not isinstance(value, bool) and value > MAX_NEW_TOKENS:
-        raise ValueError(
-            f"at most {MAX_NEW_TOKENS} tokens: the continuous engine allocates every decoding "
-            "slot's key-value cache for the prompt plus this many tokens before it starts"
-        )
-    return value
-
-
-NewTokens = Annotated[
-    int, Strict(), Field(gt=0, le=MAX_NEW_TOKENS), BeforeValidator(_within_new_tokens)
-]
 
 # The built-in tasks' unique prompts, generated in seconds; beyond, most task families have run
 # out of new prompts (each is dropped after 1000 draws without one) and the rest take minutes
@@ -156,121 +124,6 @@ class DataParams(Section):
         return self
 
 
-class LoraParams(Section):
-    enabled: bool = Field(
-        False, description="Train LoRA adapters (merged at the end) instead of all weights"
-    )
-    r: PositiveInt = Field(16, description="LoRA rank")
-    alpha: PositiveInt = Field(32, description="LoRA alpha")
-    dropout: Probability = Field(0.0, description="LoRA dropout")
-    target_modules: list[str] = Field(
-        default_factory=lambda: [
-            "q_proj",
-            "k_proj",
-            "v_proj",
-            "o_proj",
-            "gate_proj",
-            "up_proj",
-            "down_proj",
-        ],
-        description="Module names that get adapters",
-    )
-
-    @field_validator("target_modules")
-    @classmethod
-    def _names_modules(cls, value: list[str]) -> list[str]:
-        if not value or not all(name.strip() for name in value):
-            raise ValueError(
-                "must name the modules that get adapters (for example [q_proj, v_proj]); with "
-                "none LoRA trains nothing: set lora.enabled: false to train all weights"
-            )
-        return value
-
-
-class OptimParams(Section):
-    """Optimisation settings shared by SFT and SPIN training."""
-
-    learning_rate: Annotated[float, Field(gt=0.0)] = Field(5e-6, description="Peak learning rate")
-    epochs: PositiveInt = Field(1, description="Passes over the training examples")
-    batch_size: PositiveInt = Field(8, description="Examples per device per micro-batch")
-    gradient_accumulation_steps: PositiveInt = Field(
-        1, description="Micro-batches per optimizer step"
-    )
-    optimizer: Literal["adamw", "rmsprop", "sgd"] = Field(
-        "rmsprop", description="Optimizer (the paper uses RMSprop)"
-    )
-    weight_decay: Annotated[float, Field(ge=0.0)] = Field(0.0, description="Weight decay")
-    scheduler: Literal["linear", "cosine", "constant"] = Field(
-        "linear", description="Learning-rate schedule"
-    )
-    warmup_ratio: Probability = Field(0.1, description="Fraction of steps for linear warmup")
-    max_grad_norm: Annotated[float, Field(gt=0.0)] | None = Field(
-        1.0, description="Gradient clipping (null: off)"
-    )
-    bf16: bool | Literal["auto"] = Field(
-        "auto",
-        description="bfloat16 autocast over float32 weights: true, false, or auto (bf16 only where "
-        "the device computes it natively and a probe measures it faster and as exact; "
-        "see spinflow.precision)",
-    )
-    gradient_checkpointing: bool = Field(False, description="Trade compute for memory")
-    group_by_length: bool = Field(
-        True,
-        description="Batch examples of similar length together (less padding; order still seeded)",
-    )
-    lora: LoraParams = Field(default_factory=LoraParams)
-
-    @field_validator("bf16", mode="before")
-    @classmethod
-    def _bf16_setting(cls, value: Any) -> Any:
-        if isinstance(value, bool) or value == "auto":
-            return value
-        raise ValueError("must be auto, true or false")
-
-
-class PromptParams(Section):
-    system_prompt: str | None = Field(
-        None, description="System message put before every prompt (null: none)"
-    )
-    max_prompt_length: PositiveInt = Field(
-        128, description="Prompt tokens kept (truncated keeping the end)"
-    )
-    max_length: PositiveInt = Field(256, description="Prompt + answer tokens kept")
-
-    @model_validator(mode="after")
-    def _prompt_fits(self) -> PromptParams:
-        if self.max_prompt_length >= self.max_length:
-            raise ValueError(
-                f"prompt.max_prompt_length ({self.max_prompt_length}) must be smaller than "
-                f"prompt.max_length ({self.max_length})"
-            )
-        return self
-
-
-class SftParams(OptimParams):
-    enabled: bool = Field(
-        True, description="Fine-tune the base model on the SFT split (off: θ0 = base)"
-    )
-    learning_rate: Annotated[float, Field(gt=0.0)] = Field(2e-5, description="Peak learning rate")
-    optimizer: Literal["adamw", "rmsprop", "sgd"] = Field("adamw", description="Optimizer")
-    epochs: PositiveInt = Field(
-        6, description="Passes over the SFT split (the most, when sft.patience stops it earlier)"
-    )
-    patience: PositiveInt | None = Field(
-        1,
-        description=(
-            "θ0: stop after this many epochs without a lower validation loss and keep the best "
-            "epoch's weights (null: train all sft.epochs; needs data.num_val > 0)"
-        ),
-    )
-
-
-class SpinTrainParams(OptimParams):
-    """SPIN's optimisation defaults (RMSprop as in the paper; lr sized for the embedded model)."""
-
-    learning_rate: Annotated[float, Field(gt=0.0)] = Field(2e-6, description="Peak learning rate")
-
-
 # Temperatures vLLM 0.33 takes (SamplingParams._verify_args refuses more than 2; __post_init__
 # raises a positive temperature under 0.01 to 0.01)
 VLLM_TEMPERATURES = (0.01, 2.0)
@@ -317,93 +170,6 @@ class GenerateParams(Section):
         "each answers a shard of the pool and the file is written once, in pool order",
     )
     vllm: VllmParams = Field(default_factory=lambda: VllmParams())
-
-
-class TrainOverride(Section):
-    """Per-iteration changes to ``spin.train`` (the paper lowers the learning rate later)."""
-
-    learning_rate: Annotated[float, Field(gt=0.0)] | None = None
-    epochs: PositiveInt | None = None
-    beta: Annotated[float, Field(gt=0.0)] | None = None
-
-
-class SpinParams(Section):
-    start: Literal["sft", "lobass"] = Field(
-        "sft",
-        description="θ0 of the SPIN chain: the SFT model, or the model fine-tuned on the LoBaSS selection",
-    )
-    iterations: PositiveInt = Field(3, description="Number of SPIN iterations N (θ1 … θN)")
-    beta: Annotated[float, Field(gt=0.0)] = Field(0.1, description="β of the SPIN loss")
-    loss: Literal["sigmoid", "hinge"] = Field(
-        "sigmoid", description="Logistic (paper) or hinge loss"
-    )
-    mix_previous: NonNegativeInt = Field(
-        1, description="Also train on the pairs of this many previous iterations (paper: 1)"
-    )
-    feedback_filter: Literal["keep", "drop", "real_only"] = Field(
-        "real_only",
-        description=(
-            "Pairs whose generated answer passes the task's verifier (it is not wrong): keep "
-            "them, drop them, or real_only: keep only the real answer's term of the loss"
-        ),
-    )
-    accelerate_config: str | None = Field(
-        None, description="accelerate config file for multi-GPU runs (null: single process)"
-    )
-    train: SpinTrainParams = Field(default_factory=SpinTrainParams)
-    per_iteration: dict[str, TrainOverride] = Field(
-        default_factory=dict, description="Overrides of spin.train keyed iter_<k>"
-    )
-
-    @field_validator("per_iteration")
-    @classmethod
-    def _iteration_keys(cls, value: dict[str, TrainOverride]) -> dict[str, TrainOverride]:
-        for key in value:
-            if not ITERATION_KEY.match(key):
-                raise ValueError(f"key {key!r} must look like iter_<k> (for example iter_2)")
-        return value
-
-    @model_validator(mode="after")
-    def _iterations_exist(self) -> SpinParams:
-        for key in self.per_iteration:
-            k = int(ITERATION_KEY.match(key).group(1))
-            if k >= self.iterations:
-                raise ValueError(
-                    f"per_iteration.{key} names iteration {k}, but spin.iterations is "
-                    f"{self.iterations} (iterations 0..{self.iterations - 1})"
-                )
-        return self
-
-
-class SftExtraParams(Section):
-    enabled: bool = Field(
-        True,
-        description=(
-            "Baseline: train θ0 further with plain SFT on the SFT split, for as many optimizer "
-            "steps as all SPIN iterations took"
-        ),
-    )
-    compute: bool = Field(
-        False,
-        description=(
-            "Second baseline (sft_extra_compute): the same, for as much training compute as "
-            "SPIN used (token passes of generation, reference passes and training); off in "
-            "the default, which it would take past 10 minutes on 2 cores"
-        ),
-    )
-
-
-class LobassParams(Section):
-    """LoBaSS (arXiv 2310.13008): fine-tune on the SFT examples the model learns most from."""
-
-    enabled: bool = Field(
-        False,
-        description="Score SFT examples by learnability, fine-tune the base model on the top ones",
-    )
-    fraction: Annotated[float, Field(gt=0.0, le=1.0)] = Field(
-        0.06, description="Share of the SFT split kept, by score (paper: 6%)"
-    )
-    min_examples: PositiveInt = Field(8, description="Keep at least this many examples")
 
 
 class LmEvalParams(Section):
@@ -489,107 +255,6 @@ class LmEvalParams(Section):
                         f"({', '.join(self.tasks) or 'empty'})"
                     )
         return self
-
-
-class AutoifParams(Section):
-    """AutoIF (arXiv 2406.13542): instructions checked by code, execution feedback, online DPO."""
-
-    enabled: bool = Field(
-        False,
-        description="Verifiable instructions attached to SFT prompts; θk's samples scored by "
-        "their functions in the sandbox; DPO on passing vs failing samples (autoif_* stages)",
-    )
-    seeds: str = Field(
-        "builtin",
-        description='Instruction library: "builtin" (the seed library shipped with spinflow) '
-        "or a YAML file of the same shape",
-    )
-    iterations: PositiveInt = Field(
-        2, description="AutoIF iterations (online DPO rounds); not read with autoif.with_spin"
-    )
-    with_spin: bool = Field(
-        False,
-        description="Combine with SPIN: the AutoIF chain is the SPIN chain (θk of SPIN samples, "
-        "no AutoIF models, one AutoIF iteration per SPIN iteration); SPIN also answers θ0's "
-        "verified AutoIF queries, a generated answer passing its instruction's functions is "
-        "filtered like one passing its verifier (spin.feedback_filter), and train_iter_k trains "
-        "on SPIN's and iteration k's AutoIF pairs together",
-    )
-    min_cases: PositiveInt = Field(3, description="Drop an instruction with fewer usable cases")
-    min_function_accuracy: Probability = Field(
-        0.8,
-        description="Keep a function whose accuracy on its cases reaches this (paper 0.5, code 0.8)",
-    )
-    min_functions: PositiveInt = Field(
-        1, description="Keep an instruction that keeps at least this many functions"
-    )
-    heldout: PositiveInt = Field(
-        12, description="Instructions held out for evaluation (never trained on)"
-    )
-    queries: PositiveInt = Field(
-        32, description="Training queries: an SFT prompt with one training instruction"
-    )
-    eval_queries: PositiveInt = Field(
-        32, description="Evaluation queries: a test prompt with held-out instructions"
-    )
-    eval_instructions_per_query: PositiveInt = Field(
-        2, description="Most held-out instructions given together in one evaluation query"
-    )
-    samples: PositiveInt = Field(4, description="Responses θk samples per query")
-    temperature: Annotated[float, Field(ge=0.0)] = Field(
-        0.8, description="Sampling temperature (paper: 0.8)"
-    )
-    top_p: Annotated[float, Field(gt=0.0, le=1.0)] = Field(1.0, description="Nucleus sampling mass")
-    max_new_tokens: NewTokens = Field(
-        64, description="Longest sampled and evaluated response, in tokens"
-    )
-    chosen_min: Probability = Field(
-        0.5, description="A sample passing at least this share of its functions may be chosen"
-    )
-    pairs_per_query: PositiveInt = Field(
-        4, description="Most (chosen, rejected) pairs per query (paper: 2×2)"
-    )
-    beta: Annotated[float, Field(gt=0.0)] = Field(0.1, description="β of the DPO loss")
-    sandbox_workers: PositiveInt = Field(2, description="Sandbox calls run side by side")
-    call_timeout: Annotated[float, Field(gt=0.0, le=60.0)] = Field(
-        2.0, description="Seconds one function call may take in the sandbox"
-    )
-    allow_weak_sandbox: bool = Field(
-        False,
-        description="Run model-written functions even where no sandbox layer keeps them from "
-        "this user's files (neither Landlock, Linux 5.13+, nor bubblewrap works here); false: "
-        "such stages stop with one line naming the missing layer",
-    )
-    supervisor: str | None = Field(
-        None,
-        description="A local checkpoint directory that writes new instructions, functions and "
-        "cases from the seeds (autoif_supervise; null: the library alone)",
-    )
-    supervisor_rounds: PositiveInt = Field(
-        4, description="Self-instruct prompts to the supervisor, each with 8 seed examples"
-    )
-    supervisor_instructions: PositiveInt = Field(
-        16, description="Most new instructions kept from the supervisor"
-    )
-    supervisor_attempts: PositiveInt = Field(
-        3, description="Functions with cases the supervisor writes per new instruction"
-    )
-    supervisor_max_new_tokens: NewTokens = Field(
-        256, description="Longest supervisor answer, in tokens"
-    )
-    query_min_score: Annotated[int, Field(ge=1, le=10)] | None = Field(
-        8,
-        description="Keep a training query the supervisor rates at least this, from 1 to 10, as "
-        "answerable while following its instruction (paper: 8); read only with "
-        "autoif.supervisor (without one the queries are not scored); null: no scoring",
-    )
-    sft_first: bool = Field(
-        True,
-        description="Each AutoIF iteration first fine-tunes θk on the samples passing every "
-        "function (sft.jsonl, with the sft settings), then runs DPO from that model, as the "
-        "paper does; false: DPO only",
-    )
-    train: SpinTrainParams = Field(default_factory=SpinTrainParams)
 
 
 class EvalParams(Section):

@@ -45,21 +45,3 @@ def runs_on_cpu(device: torch.device | None) -> bool:
     """Whether ``device`` is the CPU; None (not decided by a stage) means the CPU where torch
     sees no GPU."""
     return device.type == "cpu" if device is not None else not torch.cuda.is_available()
-
-
-def inference_dtype(device: torch.device) -> torch.dtype:
-    """The dtype inference autocasts to on ``device``: bfloat16 on a GPU that computes it
-    natively, float32 elsewhere (on CPUs bf16 is chosen by measurement, see
-    :mod:`spinflow.precision`, never by default)."""
-    if device.type == "cuda":
-        from spinflow.precision import native_bf16
-
-        if native_bf16(device)[0]:
-            return torch.bfloat16
-    return torch.float32
-
-
-def autocast(device: torch.device):
-    """The autocast context of inference on ``device`` (a no-op where it stays float32)."""
-    dtype = inference_dtype(device)
-    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)

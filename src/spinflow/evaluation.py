@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from spinflow import devices
+from spinflow import precision
 from spinflow.chat import collate, encode_example
 from spinflow.config import EvalParams, PromptParams
 from spinflow.generation import SamplingParams, generate_answers
@@ -60,7 +60,7 @@ def answer_logps(
             k: v.to(device)
             for k, v in collate([encoded[i] for i in rows], tokenizer.pad_token_id).items()
         }
-        with devices.autocast(device):
+        with precision.autocast(device):
             values = segment_logps(model, batch).tolist()
         for i, value in zip(rows, values, strict=True):
             logps[i] = value

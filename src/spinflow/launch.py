@@ -24,9 +24,6 @@ import re
 import subprocess
 import sys
 from collections.abc import Sequence
-from pathlib import Path
-
-import yaml
 
 from spinflow.errors import ConfigError
 
@@ -42,16 +39,6 @@ _WAITING = re.compile(
     r"^(\[[EW]\d{4} .*(c10d|TCPStore|socket)|frame #\d+: |Exception raised from |<omitting python "
     r"frames>|\s*$)"
 )
-
-
-def machines(config: str | os.PathLike) -> int:
-    """``num_machines`` of an accelerate config (1 when absent or unreadable: validation says
-    why elsewhere)."""
-    try:
-        raw = yaml.safe_load(Path(config).read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError):
-        return 1
-    return int(raw.get("num_machines", 1) or 1) if isinstance(raw, dict) else 1
 
 
 def join_timeout() -> int:
@@ -114,7 +101,7 @@ def run(args: Sequence[str], stage: str, machine_rank: int | None = None) -> int
 def worker(params, stage_name: str, machine_rank: int) -> int:
     """Run ``stage_name`` on this machine as ``machine_rank`` (``spinflow worker``)."""
     from spinflow.graph import build
-    from spinflow.pipeline import stage_command
+    from spinflow.pipeline import machines, stage_command
 
     if machine_rank < 1:
         raise ConfigError("--machine-rank: the first machine (0) is the one DVC runs on")

@@ -1,9 +1,9 @@
 """Preference-pair training: a policy learns to prefer the ``real`` answer of each pair to the
 ``generated`` one, with the SPIN/DPO loss (:mod:`spinflow.losses`) against a frozen reference.
 
-SPIN trains on real answers against θk's (:mod:`spinflow.recipes.spin`), AutoIF's DPO on answers
+SPIN trains on real answers against θk's (:mod:`spinflow.methods.spin.train`), AutoIF's DPO on answers
 that pass their instruction's functions against answers that pass none
-(:mod:`spinflow.recipes.autoif`); both call :func:`train_on_pairs`. The reference's log-probs of
+(:mod:`spinflow.methods.autoif.stages`); both call :func:`train_on_pairs`. The reference's log-probs of
 every pair are computed once, by the policy before its first update (it equals the reference
 then), so no second model is held in memory.
 """
@@ -21,12 +21,13 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from spinflow import graph as pipeline_graph
 from spinflow.chat import Encoded, collate_shared, encode_example
-from spinflow.config import OptimParams, Params, PromptParams
+from spinflow.config import Params
 from spinflow.io import write_json, write_rows_csv
 from spinflow.losses import spin_loss
+from spinflow.nodes import Model
 from spinflow.provenance import PROVENANCE_FILE, provenance
+from spinflow.schema import OptimParams, PromptParams
 from spinflow.seeds import stage_seed
 from spinflow.timings import write_timings
 from spinflow.training import LossFn, apply_lora, forward_logps, train_loop
@@ -250,7 +251,7 @@ class PairTraining:
 
 def train_on_pairs(
     params: Params,
-    target: pipeline_graph.Model,
+    target: Model,
     source: Path,
     pairs: list[dict],
     optim: OptimParams,
@@ -312,7 +313,7 @@ def train_on_pairs(
     return PairTraining(encoded, examples, optim, precision, result, accelerator)
 
 
-def write_training_outputs(target: pipeline_graph.Model, summary: dict, trained: PairTraining):
+def write_training_outputs(target: Model, summary: dict, trained: PairTraining):
     """The training summary, per-step CSV (the one training streamed, written again in one
     piece) and timings of ``target`` (main process only)."""
     if trained.accelerator.is_main_process:

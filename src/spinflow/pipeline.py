@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ast
 import functools
+import os
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,8 @@ import yaml
 
 from spinflow.config import Params
 from spinflow.errors import SpinflowError
-from spinflow.graph import REPORT_DIR, Graph, Stage, build
+from spinflow.graph import Graph, build
+from spinflow.nodes import REPORT_DIR, Stage
 
 DVC_FILE = "dvc.yaml"
 PACKAGE = "spinflow"
@@ -108,12 +110,16 @@ def _inside(module: str, packages: frozenset[str]) -> bool:
 
 
 def import_closure(
-    script: str | Path, source_root: Path = SOURCE_ROOT, skip: frozenset[str] = frozenset()
+    script: str | Path,
+    source_root: Path = SOURCE_ROOT,
+    skip: frozenset[str] = frozenset(),
+    loaded: tuple[str, ...] = (),
 ) -> list[str]:
     """Files of the package that ``script`` runs when imported or called: its import closure.
 
     Every ``import`` statement counts, also those inside functions, so a lazily imported module
-    is a dependency too; the modules in ``skip`` (and those inside them) are neither listed nor
+    is a dependency too; so are the modules in ``loaded``, which the script imports by name
+    (``Stage.code``). The modules in ``skip`` (and those inside them) are neither listed nor
     followed. Returns sorted paths as they appear under ``source_root``.
     """
     if not (source_root / PACKAGE).is_dir():
@@ -122,6 +128,7 @@ def import_closure(
         )
     seen: set[str] = set()
     todo = sorted(_imported_modules(Path(script), None, source_root))
+    todo += [m for name in loaded for m in _with_packages(name) if _module_file(m, source_root)]
     while todo:
         module = todo.pop()
         if module in seen or _inside(module, skip):
@@ -143,8 +150,8 @@ ENGINE_MODULES = {
     "vllm": "spinflow.engines.vllm",
 }
 AUTOIF_MODULES = (
-    "spinflow.recipes.autoif",
-    "spinflow.instructions",
+    "spinflow.methods.autoif.stages",
+    "spinflow.methods.autoif.instructions",
     "spinflow.sandbox",
     "spinflow.sandbox_worker",
 )
@@ -171,12 +178,20 @@ def switched_off(params: Params, stage: Stage) -> frozenset[str]:
 # Rendering
 
 
+def machines(config: str | os.PathLike) -> int:
+    """``num_machines`` of an accelerate config (1 when absent or unreadable: validation says
+    why elsewhere)."""
+    try:
+        raw = yaml.safe_load(Path(config).read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return 1
+    return int(raw.get("num_machines", 1) or 1) if isinstance(raw, dict) else 1
+
+
 def stage_command(stage: Stage, params: Params) -> list[str]:
     """The command that runs ``stage``: python, accelerate launch with the stage's accelerate
     config, or ``spinflow launch`` where that config names several machines
     (:mod:`spinflow.launch`)."""
-    from spinflow.launch import machines
-
     accelerate_config = params.value(stage.accelerate) if stage.accelerate else None
     if not accelerate_config:
         launcher = ["python"]
@@ -199,11 +214,11 @@ def _cmd(stage: Stage, params: Params) -> str:
 def code_dependencies(stage: Stage, params: Params) -> list[str]:
     """The stage's script and the package files it runs with these params."""
     script = str(STAGES_DIR / f"{stage.script}.py")
-    return [script, *import_closure(script, skip=switched_off(params, stage))]
+    return [script, *import_closure(script, skip=switched_off(params, stage), loaded=stage.code)]
 
 
 def render_stage(stage: Stage, params: Params, code: dict[tuple, list[str]]) -> dict[str, Any]:
-    key = (stage.script, switched_off(params, stage))
+    key = (stage.script, switched_off(params, stage), stage.code)
     if key not in code:
         code[key] = code_dependencies(stage, params)
     entry: dict[str, Any] = {

@@ -42,6 +42,7 @@ from typing import Any
 
 import torch
 
+from spinflow.devices import runs_on_cpu
 from spinflow.logprobs import segment_logps
 
 log = logging.getLogger(__name__)
@@ -380,8 +381,6 @@ def resolve_precision(
     if optim.bf16 != "auto":
         precision = Precision(bool(optim.bf16), optim.bf16, "set in params")
         return optim, precision
-    from spinflow.devices import runs_on_cpu
-
     state = PartialState(cpu=runs_on_cpu(device))
     precision = None
     if state.is_main_process:
@@ -393,3 +392,18 @@ def resolve_precision(
     if state.is_main_process:
         log.info("%s", precision.describe(key))
     return optim.model_copy(update={"bf16": precision.bf16}), precision
+
+
+def inference_dtype(device: torch.device) -> torch.dtype:
+    """The dtype inference autocasts to on ``device``: bfloat16 on a GPU that computes it
+    natively, float32 elsewhere (on CPUs bf16 is chosen by measurement, see
+    :func:`resolve_precision`, never by default)."""
+    if device.type == "cuda" and native_bf16(device)[0]:
+        return torch.bfloat16
+    return torch.float32
+
+
+def autocast(device: torch.device):
+    """The autocast context of inference on ``device`` (a no-op where it stays float32)."""
+    dtype = inference_dtype(device)
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)

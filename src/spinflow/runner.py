@@ -21,7 +21,8 @@ from typing import Any
 
 from spinflow.config import PARAMS_FILE, Params, load_params
 from spinflow.errors import ConfigError, OutputError, SpinflowError, cannot_write
-from spinflow.graph import VALIDATE_STAGE, Graph, build
+from spinflow.graph import Graph, build
+from spinflow.nodes import VALIDATE_STAGE
 
 StageFunction = Callable[..., Any]
 

@@ -25,11 +25,11 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from spinflow.chat import Encoded, collate, encode_example
-from spinflow.config import OptimParams, PromptParams
 from spinflow.devices import runs_on_cpu
 from spinflow.errors import TrainingError
 from spinflow.io import RowsCsvStream
 from spinflow.logprobs import mean_nll, segment_logps
+from spinflow.schema import OptimParams, PromptParams
 
 log = logging.getLogger(__name__)
 

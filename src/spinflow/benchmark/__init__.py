@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from spinflow.config import Params
-from spinflow.graph import BASE_MODEL
+from spinflow.nodes import BASE_MODEL
 
 
 def _records(params: Params, count: int) -> list[dict]:

@@ -16,15 +16,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from spinflow import graph as pipeline_graph
 from spinflow.config import Params
-from spinflow.graph import DATA_DIR
+from spinflow.graph import build
 from spinflow.io import atomic_path, read_jsonl, write_json, write_jsonl
+from spinflow.nodes import DATA_DIR, Model
 from spinflow.provenance import PROVENANCE_FILE, provenance
 from spinflow.recipes.common import require
 
 
-def _beta(params: Params, model: pipeline_graph.Model) -> float:
+def _beta(params: Params, model: Model) -> float:
     """β of the SPIN iteration that made ``model``; ``spin.beta`` for any other model."""
     if model.iteration is not None:
         return params.train_for(model.iteration)[1]
@@ -105,7 +105,7 @@ def evaluate(params: Params, name: str) -> dict[str, Any]:
         # unknown harness tasks or data that cannot be loaded stop here, before any model loads
         benchmarks = harness.prepare(params.eval.lm_eval)
 
-    graph = pipeline_graph.build(params)
+    graph = build(params)
     evaluation = graph.evaluation(name)
     model_node = graph.model(evaluation.model)
     source = require(graph, model_node.path)

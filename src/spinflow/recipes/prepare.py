@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from spinflow.config import Params
-from spinflow.graph import BASE_MODEL, DATA_DIR
+from spinflow.nodes import BASE_MODEL, DATA_DIR
 from spinflow.provenance import PROVENANCE_FILE, provenance
 
 

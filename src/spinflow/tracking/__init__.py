@@ -101,7 +101,8 @@ from typing import Any
 
 from spinflow.config import Params
 from spinflow.errors import SpinflowError
-from spinflow.graph import EVALUATION, REPORT, TRAINING, Graph, Stage, build
+from spinflow.graph import Graph, build
+from spinflow.nodes import EVALUATION, REPORT, TRAINING, Stage
 from spinflow.tracking import live, pending
 from spinflow.tracking.runs import Tracker
 from spinflow.tracking.store import (

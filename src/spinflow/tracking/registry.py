@@ -14,7 +14,7 @@ from importlib import metadata
 from typing import Any
 
 from spinflow.config import Params
-from spinflow.graph import ITERATION, Model
+from spinflow.nodes import ITERATION, Model
 from spinflow.report import choose_iteration
 from spinflow.tracking.lineage import context_tags, provenance_inputs, provenance_path
 from spinflow.tracking.store import (

@@ -18,21 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from spinflow.config import Params
-from spinflow.graph import (
-    BASE,
-    COMPARISONS,
-    DATA_DIR,
-    DIAGNOSTICS,
-    ITERATION,
-    REPORT,
-    REPORT_DIR,
-    REPORT_FILES,
-    Evaluation,
-    Graph,
-    Model,
-    pairs_file,
-)
+from spinflow.graph import Graph
 from spinflow.io import read_json, read_rows_csv
+from spinflow.nodes import BASE, DATA_DIR, ITERATION, REPORT, Evaluation, Model
 from spinflow.provenance import tree_hash
 from spinflow.timings import read_timings
 from spinflow.tracking.lineage import (
@@ -619,7 +607,7 @@ class Tracker:
             self.client.set_tag(run.info.run_id, marker, model_hash)
             run = self.client.get_run(run.info.run_id)
         if model.role == ITERATION:
-            pairs = pairs_file(model.iteration)
+            pairs = model.pairs[-1]  # its own iteration's (those mixed in come before)
             self._stage_tags(run, self.graph.producer(pairs), provenance_inputs(pairs.parent))
         self._stage_tags(run, stage, provenance_inputs(model.path))
         if model.role == ITERATION and self.params.tracking.log_models:
@@ -655,7 +643,7 @@ class Tracker:
         self._log_params(run, params)
         self._log_metrics(run_id, metrics)
         if model.role == ITERATION:
-            self._table(run_id, pairs_file(model.iteration), f"samples/{model.stage}.json")
+            self._table(run_id, model.pairs[-1], f"samples/{model.stage}.json")
         lora = self.registry.lora(model)
         if lora is not None:
             self.client.log_dict(run_id, lora, "lora/adapter_config.json")
@@ -716,9 +704,9 @@ class Tracker:
         """Replay anything missing, attach the report, tag the pipeline's own stages, finish."""
         self.sync_all()
         parent = self.parent_id()
-        for name in REPORT_FILES:
-            path = REPORT_DIR / name
-            if path.is_file():
+        report = self.graph.stage("report")
+        for path in (*report.uncached_outs, *(plot.path for plot in report.plots)):
+            if Path(path).is_file():
                 self.client.log_artifact(parent, str(path), "report")
         for stage in self._pipeline_stages():
             self._stage_tags(self.client.get_run(parent), stage, {})
@@ -729,9 +717,10 @@ class Tracker:
         """The report's verdict on the pipeline run: the iteration chosen on the validation
         split (``spinflow.chosen_model``) and one sentence per baseline
         (``spinflow.verdict.vs_<model>``)."""
-        if not COMPARISONS.is_file():
+        comparisons_file = self._report_metrics().get("comparisons")
+        if comparisons_file is None or not comparisons_file.is_file():
             return
-        comparisons = read_json(COMPARISONS)
+        comparisons = read_json(comparisons_file)
         tags = {"spinflow.chosen_model": str((comparisons.get("chosen") or {}).get("model"))}
         for versus, verdict in (comparisons.get("verdict") or {}).items():
             tags[f"spinflow.verdict.{versus}"] = str(verdict.get("sentence", ""))
@@ -769,9 +758,16 @@ class Tracker:
             prefix = model.chart
             for key, value in eval_scalars(read_json(evaluation.metrics)).items():
                 desired.setdefault(f"{prefix}/{key}", {})[step] = value
-        if upto is None and COMPARISONS.is_file() and DIAGNOSTICS.is_file():
-            desired.update(report_scalars(read_json(COMPARISONS), read_json(DIAGNOSTICS)))
+        report = self._report_metrics()
+        found = [report.get(name) for name in ("comparisons", "diagnostics")]
+        if upto is None and all(path is not None and path.is_file() for path in found):
+            desired.update(report_scalars(*(read_json(path) for path in found)))
         return desired
+
+    def _report_metrics(self) -> dict[str, Path]:
+        """The report stage's metric files by name (SPIN's report writes comparisons.json, the
+        paired differences and the verdict, and diagnostics.json)."""
+        return {Path(path).stem: Path(path) for path in self.graph.stage("report").metrics}
 
     def _sync_parent(self, upto: Model | None) -> None:
         desired = self._desired_parent_history(upto)

@@ -42,19 +42,20 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from spinflow import graph as pipeline_graph
 from spinflow.config import Params
 from spinflow.errors import DataError, SpinflowError
-from spinflow.graph import (
+from spinflow.graph import build
+from spinflow.io import atomic_path, read_json, read_jsonl, write_json, write_jsonl
+from spinflow.methods.autoif.graph import (
+    AUTOIF,
     AUTOIF_INSTRUCTIONS,
     AUTOIF_QUERIES,
     AUTOIF_SEED_LIBRARY,
     AUTOIF_SUPERVISED,
     AUTOIF_VERIFIED,
-    DATA_DIR,
     autoif_samples_dir,
 )
-from spinflow.instructions import (
+from spinflow.methods.autoif.instructions import (
     SEED_LIBRARY,
     Drop,
     Instruction,
@@ -64,7 +65,7 @@ from spinflow.instructions import (
     cross_validate,
     load_library,
 )
-from spinflow.io import atomic_path, read_json, read_jsonl, write_json, write_jsonl
+from spinflow.nodes import DATA_DIR, Model, train_metrics
 from spinflow.provenance import PROVENANCE_FILE, provenance
 from spinflow.recipes.common import require
 from spinflow.seeds import derive_seed, stage_seed
@@ -152,7 +153,7 @@ def autoif_instructions(params: Params) -> dict[str, Any]:
     library = load_library(source, min_cases=params.autoif.min_cases)
     inputs = {"seeds": source}
     if params.autoif.supervisor is not None:
-        graph = pipeline_graph.build(params)
+        graph = build(params)
         written = require(graph, AUTOIF_SUPERVISED / SUPERVISED_FILE)
         library = library.merge(load_library(written, min_cases=params.autoif.min_cases))
         inputs["supervised"] = written
@@ -173,13 +174,13 @@ def autoif_instructions(params: Params) -> dict[str, Any]:
     )
     _write_instruction_dir(AUTOIF_INSTRUCTIONS, library.instructions, library.drops, made_by)
     summary = library.summary()
-    write_json(pipeline_graph.train_metrics("autoif_instructions"), summary)
+    write_json(train_metrics("autoif_instructions"), summary)
     return summary
 
 
 def autoif_verify(params: Params) -> dict[str, Any]:
     """Functions cross-validated on their cases in the sandbox: autoif/verified/."""
-    graph = pipeline_graph.build(params)
+    graph = build(params)
     source = require(graph, AUTOIF_INSTRUCTIONS / INSTRUCTIONS_FILE)
     instructions = _read_instructions(source)
     a = params.autoif
@@ -215,7 +216,7 @@ def autoif_verify(params: Params) -> dict[str, Any]:
         "dropped": count_drops(drops),
         **counter.summary(),
     }
-    write_json(pipeline_graph.train_metrics("autoif_verify"), summary)
+    write_json(train_metrics("autoif_verify"), summary)
     return summary
 
 
@@ -391,7 +392,7 @@ def autoif_supervise(params: Params) -> dict[str, Any]:
         "dropped": count_drops(drops),
         "self_instruct_tokens": stats.new_tokens,
     }
-    write_json(pipeline_graph.train_metrics(stage), summary)
+    write_json(train_metrics(stage), summary)
     return summary
 
 
@@ -540,7 +541,7 @@ def autoif_queries(params: Params) -> dict[str, Any]:
     are dropped (autoif/queries/drops.jsonl)."""
     from spinflow.data import load_split
 
-    graph = pipeline_graph.build(params)
+    graph = build(params)
     source = require(graph, AUTOIF_VERIFIED / INSTRUCTIONS_FILE)
     a = params.autoif
     train_set, heldout = split_heldout(_read_instructions(source), a.heldout, params.seed)
@@ -616,7 +617,7 @@ def autoif_queries(params: Params) -> dict[str, Any]:
         "eval_queries": len(evaluation),
         "eval_instructions": sum(len(q["instructions"]) for q in evaluation),
     }
-    write_json(pipeline_graph.train_metrics("autoif_queries"), summary)
+    write_json(train_metrics("autoif_queries"), summary)
     return summary
 
 
@@ -739,12 +740,12 @@ def _model_k(graph, k: int):
     combined with SPIN)."""
     if k == 0 or graph.params.autoif.with_spin:
         return graph.theta(k)
-    return graph.model(f"{pipeline_graph.AUTOIF}_theta_{k}")
+    return graph.model(f"{AUTOIF}_theta_{k}")
 
 
 def autoif_sample(params: Params, k: int) -> dict[str, Any]:
     """θk's samples scored by execution feedback, the SFT data and the DPO pairs: autoif/iter_k/."""
-    graph = pipeline_graph.build(params)
+    graph = build(params)
     stage = f"autoif_sample_iter_{k}"
     a = params.autoif
     source = require(graph, _model_k(graph, k).path)
@@ -832,7 +833,7 @@ def autoif_sample(params: Params, k: int) -> dict[str, Any]:
         "tokens_per_second": round(stats.tokens_per_second, 2),
         **counter.summary(),
     }
-    write_json(pipeline_graph.train_metrics(stage), summary)
+    write_json(train_metrics(stage), summary)
     return summary
 
 
@@ -844,13 +845,13 @@ def autoif_train(params: Params, k: int) -> dict[str, Any]:
     """The AutoIF θk+1: DPO on iteration k's pairs against θk, with SPIN's trainer and loss."""
     from spinflow.pair_training import train_on_pairs, write_training_outputs
 
-    graph = pipeline_graph.build(params)
-    target = graph.model(f"{pipeline_graph.AUTOIF}_theta_{k + 1}")
+    graph = build(params)
+    target = graph.model(f"{AUTOIF}_theta_{k + 1}")
     source = require(graph, _model_k(graph, k).path)
     pairs_path = require(graph, autoif_samples_dir(k) / PAIRS)
     pairs = preference_pairs(pairs_path, k)
     if not pairs:
-        sampled = read_json(pipeline_graph.train_metrics(f"autoif_sample_iter_{k}"))
+        sampled = read_json(train_metrics(f"autoif_sample_iter_{k}"))
         raise SpinflowError(
             f"autoif_train_iter_{k}: no preference pair survived: of {sampled['samples']} "
             f"samples {sampled['samples_chosen_eligible']} pass ≥ {params.autoif.chosen_min:g} "
@@ -905,7 +906,7 @@ def _sft_step(
     """``autoif.sft_first``: θk fine-tuned on iteration k's samples that pass every function
     (``sft.jsonl``) with the project's SFT training and the ``sft`` settings, into ``folder``;
     (its counts, the model DPO starts from). No sample passing: θk itself, with a warning."""
-    from spinflow.recipes.sft import supervised
+    from spinflow.sft_training import supervised
 
     records = [
         {"id": r["id"], "prompt": r["prompt"], "answer": r["answer"]}
@@ -921,12 +922,12 @@ def _sft_step(
         )
         return {"sft_examples": 0, "sft_optimizer_steps": 0}, source
     stage = f"autoif_train_iter_{k}"
-    step = pipeline_graph.Model(
-        f"{pipeline_graph.AUTOIF}_sft_{k}",
+    step = Model(
+        f"{AUTOIF}_sft_{k}",
         folder / "model",
         f"{stage}_sft",
         f"θ{k} + SFT (AutoIF iter {k})",
-        pipeline_graph.AUTOIF,
+        AUTOIF,
         train_metrics=folder / "metrics.json",
         steps_csv=folder / "steps.csv",
         timings=folder / "timings.json",
@@ -948,7 +949,7 @@ def preference_pairs(path: Path, k: int, id_prefix: str = "") -> list[dict]:
         {
             "id": f"{id_prefix}{r['id']}",
             "iteration": k,
-            "task": pipeline_graph.AUTOIF,
+            "task": AUTOIF,
             "prompt": r["prompt"],
             "real": r["chosen"],
             "generated": r["rejected"],
@@ -974,7 +975,7 @@ def spin_pool_records(graph) -> list[dict]:
             r["query"],
             {
                 "id": f"{SPIN_ID_PREFIX}{r['query']}",
-                "task": pipeline_graph.AUTOIF,
+                "task": AUTOIF,
                 "prompt": r["prompt"],
                 "answer": r["answer"],
                 "instruction": r["instruction"],
@@ -1011,7 +1012,7 @@ def spin_training_pairs(graph, k: int) -> tuple[list[dict], int]:
     """Iteration k's AutoIF pairs for train_iter_k (ids prefixed so they cannot collide with
     SPIN's), and the answer tokens autoif_sample_iter_k generated (its compute)."""
     pairs = preference_pairs(require(graph, autoif_samples_dir(k) / PAIRS), k, SPIN_ID_PREFIX)
-    sampled = read_json(require(graph, pipeline_graph.train_metrics(f"autoif_sample_iter_{k}")))
+    sampled = read_json(require(graph, train_metrics(f"autoif_sample_iter_{k}")))
     return pairs, int(sampled["answer_tokens"])
 
 
@@ -1032,7 +1033,7 @@ def strict_accuracy(rows: list[dict]) -> dict[str, float]:
 def autoif_evaluate(params: Params, name: str) -> dict[str, Any]:
     """Greedy answers to the evaluation queries, checked by the held-out instructions'
     functions: eval/<name>/generations.jsonl and metrics/eval_<name>.json."""
-    graph = pipeline_graph.build(params)
+    graph = build(params)
     evaluation = graph.evaluation(name)
     source = require(graph, graph.model(evaluation.model).path)
     queries, instructions = _queries(graph, "eval")

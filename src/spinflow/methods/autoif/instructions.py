@@ -1,7 +1,7 @@
 """Verifiable instructions: an instruction, ``evaluate(response) -> bool`` functions that check it,
 and test cases with the expected verdict (AutoIF, arXiv 2406.13542).
 
-- :func:`load_library` reads a library file (the built-in seed library ``autoif_seeds.yaml``, or
+- :func:`load_library` reads a library file (the built-in seed library ``seeds.yaml``, or
   one of the same shape): an item that cannot be used is dropped with its id and the reason, and
   the rest go on: a function that does not parse, a case without a verdict, an instruction left
   with no function or too few cases, a malformed or duplicated item. Only a file that cannot be
@@ -27,7 +27,7 @@ from typing import Any
 
 from spinflow.errors import DataError
 
-SEED_LIBRARY = Path(__file__).with_name("autoif_seeds.yaml")
+SEED_LIBRARY = Path(__file__).with_name("seeds.yaml")
 ID_PATTERN = re.compile(r"^[A-Za-z0-9_.-]+$")
 ANY_GROUP = "*"
 

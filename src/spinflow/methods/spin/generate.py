@@ -1,8 +1,8 @@
 """SPIN's ``generate_iter_k``: θk answers every prompt of the SPIN pool, with the engine
 ``generate.engine`` names; each prompt's real answer and θk's generated one make a pair
-(generated/iter_k/pairs.jsonl). Training on the pairs is :mod:`spinflow.recipes.spin`.
+(generated/iter_k/pairs.jsonl). Training on the pairs is :mod:`spinflow.methods.spin.train`.
 
-With ``autoif.with_spin`` (:mod:`spinflow.recipes.autoif`) θ0's verified AutoIF queries join the
+With ``autoif.with_spin`` (:mod:`spinflow.methods.autoif.stages`) θ0's verified AutoIF queries join the
 pool, and their generated answers are checked by the instructions' functions in the sandbox.
 """
 
@@ -13,11 +13,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from spinflow import graph as pipeline_graph
 from spinflow.config import Params
 from spinflow.errors import SpinflowError
-from spinflow.graph import DATA_DIR
+from spinflow.graph import build
 from spinflow.io import atomic_path, write_json, write_jsonl
+from spinflow.methods.autoif.graph import AUTOIF_VERIFIED, autoif_samples_dir
+from spinflow.methods.spin.graph import generated_dir, pairs_file
+from spinflow.nodes import DATA_DIR
 from spinflow.provenance import PROVENANCE_FILE, provenance
 from spinflow.recipes.common import require
 from spinflow.seeds import stage_seed
@@ -69,14 +71,14 @@ def generate(params: Params, k: int) -> dict[str, Any] | None:
 
     g = params.generate
     check_engine(g.engine)
-    graph = pipeline_graph.build(params)
+    graph = build(params)
     stage = f"generate_iter_{k}"
     source = require(graph, graph.theta(k).path)
     pool = load_split(DATA_DIR, "pool")
     combined = params.autoif.with_spin
     instruction_pool: list[dict] = []
     if combined:
-        from spinflow.recipes.autoif import spin_pool_records
+        from spinflow.methods.autoif.stages import spin_pool_records
 
         instruction_pool = spin_pool_records(graph)
     clash = {r["id"] for r in pool} & {r["id"] for r in instruction_pool}
@@ -133,19 +135,19 @@ def generate(params: Params, k: int) -> dict[str, Any] | None:
     }
     inputs: dict[str, Path] = {"model": source, "pool": DATA_DIR / "pool.jsonl"}
     if combined:
-        from spinflow.instructions import SandboxCounter
-        from spinflow.recipes.autoif import INSTRUCTIONS_FILE, SFT_DATA, check_generated
+        from spinflow.methods.autoif.instructions import SandboxCounter
+        from spinflow.methods.autoif.stages import INSTRUCTIONS_FILE, SFT_DATA, check_generated
 
         counter = SandboxCounter()
         check_generated(params, graph, pairs, counter)
         settings["autoif"] = params.autoif.model_dump(
             include={"with_spin", "sandbox_workers", "call_timeout"}
         )
-        inputs["autoif_sft"] = pipeline_graph.autoif_samples_dir(0) / SFT_DATA
-        inputs["instructions"] = pipeline_graph.AUTOIF_VERIFIED / INSTRUCTIONS_FILE
-    out = pipeline_graph.generated_dir(k)
+        inputs["autoif_sft"] = autoif_samples_dir(0) / SFT_DATA
+        inputs["instructions"] = AUTOIF_VERIFIED / INSTRUCTIONS_FILE
+    out = generated_dir(k)
     with atomic_path(out, directory=True) as tmp:
-        write_jsonl(tmp / pipeline_graph.pairs_file(k).name, pairs)
+        write_jsonl(tmp / pairs_file(k).name, pairs)
         write_json(tmp / PROVENANCE_FILE, provenance(stage, settings, inputs))
     summary = {
         "engine": g.engine,

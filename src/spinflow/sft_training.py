@@ -1,26 +1,21 @@
-"""Supervised fine-tuning: θ0 (stage ``sft``) and the SFT-extra baselines.
+"""Supervised fine-tuning of one model on a list of records, with the ``sft`` settings: the
+training every method that fine-tunes on answers shares (θ0, the SFT-extra baselines, the
+LoBaSS selections, AutoIF's SFT step).
 
-θ0 is trained for at most ``sft.epochs`` epochs; with ``sft.patience`` it stops once its loss on
-the validation split has not improved for that many epochs and keeps the best epoch's weights.
-
-The baselines keep training θ0 with plain SFT on the same SFT split: ``sft_extra`` for as many
-optimizer steps as all SPIN iterations took together, ``sft_extra_compute`` for as much training
-compute (:func:`spin_compute`), so SPIN is compared at equal steps and at equal cost.
+With validation records the loss on them is measured after every epoch; with a patience,
+training stops once it has not improved for that many epochs and the best epoch's weights are
+kept.
 """
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
-from spinflow import graph as pipeline_graph
 from spinflow.config import Params
-from spinflow.errors import SpinflowError
-from spinflow.graph import DATA_DIR, Graph, Model
-from spinflow.io import read_json, write_json, write_rows_csv
+from spinflow.io import write_json, write_rows_csv
+from spinflow.nodes import Model
 from spinflow.provenance import PROVENANCE_FILE, provenance
-from spinflow.recipes.common import require
 from spinflow.seeds import stage_seed
 from spinflow.timings import write_timings
 
@@ -199,92 +194,3 @@ class _Validation:
             kept = self.best_epoch if self.patience is not None else self.curve[-1]["epoch"]
             out["val_loss"] = next(p["val_loss"] for p in self.curve if p["epoch"] == kept)
         return out
-
-
-def sft(params: Params) -> dict[str, Any]:
-    """θ0: the base model fine-tuned on the SFT split."""
-    from spinflow.data import load_split
-
-    graph = pipeline_graph.build(params)
-    records = load_split(DATA_DIR, "sft")
-    if not records:
-        raise SpinflowError(
-            "data/prepared/sft.jsonl is empty: raise data.num_sft or set sft.enabled: false"
-        )
-    return supervised(
-        params,
-        graph.model("theta_0"),  # θ0 of the chain unless spin.start picks another model
-        source=require(graph, graph.model("base").path),
-        records=records,
-        max_steps=None,
-        extra_inputs={"data": DATA_DIR / "sft.jsonl", "val": DATA_DIR / "val.jsonl"},
-        validation=load_split(DATA_DIR, "val"),
-        patience=params.sft.patience,
-    )
-
-
-def _spin_totals(params: Params, graph: Graph, key: str) -> int:
-    """The sum of ``key`` over every SPIN iteration's step file (train_iter_k writes them)."""
-    total = 0
-    for k in range(params.spin.iterations):
-        path = require(graph, pipeline_graph.spin_steps(k))
-        values = read_json(path)
-        if key not in values:
-            raise SpinflowError(f"{path}: no {key!r}; run `dvc repro train_iter_{k}` again")
-        total += int(values[key])
-    return total
-
-
-def spin_optimizer_steps(params: Params, graph: Graph | None = None) -> int:
-    """Optimizer steps that all SPIN iterations took, read from their training metrics."""
-    return _spin_totals(params, graph or pipeline_graph.build(params), "optimizer_steps")
-
-
-def spin_compute(params: Params, graph: Graph | None = None) -> int:
-    """Token passes that all SPIN iterations cost (see
-    :func:`spinflow.recipes.spin.iteration_compute`)."""
-    return _spin_totals(params, graph or pipeline_graph.build(params), "compute_tokens")
-
-
-def steps_for_compute(params: Params, tokenizer, records: list[dict], compute: int) -> int:
-    """Optimizer steps of plain SFT on ``records`` that cost ``compute`` token passes (forward
-    and backward, three a token), rounded up: a step costs the epoch's share of its tokens."""
-    from spinflow.training import encode_sft
-
-    tokens_per_epoch = sum(e.length for e in encode_sft(tokenizer, records, params.prompt))
-    optim = params.sft
-    steps_per_epoch = math.ceil(
-        math.ceil(len(records) / optim.batch_size) / optim.gradient_accumulation_steps
-    )
-    return max(1, math.ceil(compute / (3 * tokens_per_epoch) * steps_per_epoch))
-
-
-def sft_extra(params: Params, budget: str = "steps") -> dict[str, Any]:
-    """Baseline: θ0 trained further with plain SFT on the SFT split, for as many optimizer steps
-    as all SPIN iterations together (``budget="steps"``, stage sft_extra) or for as much compute,
-    generation and reference passes included (``"compute"``, stage sft_extra_compute)."""
-    from spinflow.data import load_split
-    from spinflow.models import load_tokenizer
-
-    graph = pipeline_graph.build(params)
-    source = require(graph, graph.theta(0).path)
-    records = load_split(DATA_DIR, "sft")
-    if budget == "steps":
-        name = "sft_extra"
-        steps = spin_optimizer_steps(params, graph)
-        spent = {"spin_optimizer_steps": steps}
-    else:
-        name = "sft_extra_compute"
-        compute = spin_compute(params, graph)
-        steps = steps_for_compute(params, load_tokenizer(source), records, compute)
-        spent = {"spin_compute_tokens": compute}
-    return supervised(
-        params,
-        graph.model(name),
-        source=source,
-        records=records,
-        max_steps=steps,
-        extra_inputs={"data": DATA_DIR / "sft.jsonl", "val": DATA_DIR / "val.jsonl"},
-        validation=load_split(DATA_DIR, "val"),
-        budget=spent,
-    )

@@ -25,18 +25,12 @@ import random
 from collections.abc import Sequence
 from typing import Any
 
-from spinflow import graph as pipeline_graph
 from spinflow.config import Params, PromptParams
 from spinflow.errors import DataError, SpinflowError
-from spinflow.graph import (
-    BASE_MODEL,
-    DATA_DIR,
-    LOBASS,
-    LOBASS_SCORES,
-    LOBASS_SELECTION,
-    RANDOM_SELECTION,
-)
+from spinflow.graph import build
 from spinflow.io import atomic_path, read_jsonl, write_json, write_jsonl
+from spinflow.methods.lobass.graph import LOBASS, LOBASS_SCORES, LOBASS_SELECTION, RANDOM_SELECTION
+from spinflow.nodes import BASE_MODEL, DATA_DIR, train_metrics
 from spinflow.provenance import PROVENANCE_FILE, provenance
 from spinflow.recipes.common import require
 from spinflow.seeds import derive_seed
@@ -113,7 +107,7 @@ def lobass_score(params: Params) -> dict[str, Any]:
     from spinflow.devices import stage_device
     from spinflow.models import load_model, load_tokenizer
 
-    graph = pipeline_graph.build(params)
+    graph = build(params)
     before_dir = require(graph, BASE_MODEL)
     after_dir = require(graph, graph.model("theta_0").path)
     records = load_split(DATA_DIR, "sft")
@@ -150,7 +144,7 @@ def lobass_score(params: Params) -> dict[str, Any]:
         "mean_score": sum(scores) / len(scores),
         "negative_scores": sum(s < 0 for s in scores),
     }
-    write_json(pipeline_graph.train_metrics("lobass_score"), summary)
+    write_json(train_metrics("lobass_score"), summary)
     return summary
 
 
@@ -177,7 +171,7 @@ def lobass_select(params: Params) -> dict[str, Any]:
     """The LoBaSS selection and the random control of the same size, as SFT records."""
     from spinflow.data import load_split
 
-    graph = pipeline_graph.build(params)
+    graph = build(params)
     rows = read_jsonl(require(graph, SCORES))
     records = load_split(DATA_DIR, "sft")
     by_id = {r["id"]: r for r in records}
@@ -219,7 +213,7 @@ def lobass_select(params: Params) -> dict[str, Any]:
         "mean_score_random": sum(score[i] for i in chosen[RANDOM_SELECTION]) / size,
         "overlap_with_random": len(chosen[LOBASS] & chosen[RANDOM_SELECTION]),
     }
-    write_json(pipeline_graph.train_metrics("lobass_select"), summary)
+    write_json(train_metrics("lobass_select"), summary)
     return summary
 
 
@@ -229,9 +223,9 @@ def lobass_select(params: Params) -> dict[str, Any]:
 
 def sft_selection(params: Params, role: str) -> dict[str, Any]:
     """The base model fine-tuned on one selection (``lobass`` or the random control)."""
-    from spinflow.recipes.sft import supervised
+    from spinflow.sft_training import supervised
 
-    graph = pipeline_graph.build(params)
+    graph = build(params)
     target = next(m for m in graph.models.values() if m.role == role)
     selection = require(graph, SELECTIONS[role])
     return supervised(

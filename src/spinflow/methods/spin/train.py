@@ -2,7 +2,7 @@
 
 Iteration k:
 
-- ``generate_iter_k`` (:mod:`spinflow.recipes.generate`): θk answers every prompt of the SPIN
+- ``generate_iter_k`` (:mod:`spinflow.methods.spin.generate`): θk answers every prompt of the SPIN
   pool; each prompt's real answer and θk's generated one make a pair
   (generated/iter_k/pairs.jsonl);
 - ``train_iter_k``: the policy starts from θk and learns to tell real answers from θk's, with the
@@ -15,7 +15,7 @@ Iteration k:
 Evaluation of θk+1 against θk (``eval_iter_k``) is the shared evaluate stage; the reward margin it
 reports is :func:`spinflow.losses.spin_logits` on the test answers.
 
-With ``autoif.with_spin`` (:mod:`spinflow.recipes.autoif`), generate_iter_k also answers θ0's
+With ``autoif.with_spin`` (:mod:`spinflow.methods.autoif.stages`), generate_iter_k also answers θ0's
 verified AutoIF queries, whose generated answers the instructions' functions check in the
 sandbox (a passing one is treated by ``spin.feedback_filter`` like one passing its verifier),
 and train_iter_k also trains on iteration k's AutoIF pairs: one loss, one optimizer.
@@ -30,11 +30,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from spinflow import graph as pipeline_graph
 from spinflow.config import Params
 from spinflow.errors import DataError, SpinflowError
-from spinflow.graph import Graph
+from spinflow.graph import Graph, build
 from spinflow.io import read_jsonl, write_json
+from spinflow.methods.autoif.graph import autoif_samples_dir
+from spinflow.methods.spin.graph import spin_steps
 from spinflow.pair_training import (
     PAIR_KEYS,
     PairExample,
@@ -52,7 +53,7 @@ log = logging.getLogger(__name__)
 
 def training_pairs(params: Params, k: int, graph: Graph | None = None) -> list[dict]:
     """This iteration's pairs plus those of ``spin.mix_previous`` earlier iterations (oldest first)."""
-    graph = graph or pipeline_graph.build(params)
+    graph = graph or build(params)
     pairs: list[dict] = []
     for path in graph.theta(k + 1).pairs:
         found = read_jsonl(require(graph, path), PAIR_KEYS)
@@ -176,7 +177,7 @@ def train(params: Params, k: int) -> dict[str, Any]:
 
     With ``autoif.with_spin`` iteration k's AutoIF pairs (chosen as real, rejected as generated)
     join the SPIN pairs after the feedback filter has judged those: one loss, one optimizer."""
-    graph = pipeline_graph.build(params)
+    graph = build(params)
     target = graph.theta(k + 1)
     optim, beta = params.train_for(k)
     source = require(graph, graph.theta(k).path)
@@ -188,10 +189,10 @@ def train(params: Params, k: int) -> dict[str, Any]:
     sampled_tokens = 0
     settings: dict[str, Any] = {}
     if params.autoif.with_spin:
-        from spinflow.recipes.autoif import spin_training_pairs
+        from spinflow.methods.autoif.stages import spin_training_pairs
 
         autoif_pairs, sampled_tokens = spin_training_pairs(graph, k)
-        inputs["pairs_autoif"] = pipeline_graph.autoif_samples_dir(k) / "pairs.jsonl"
+        inputs["pairs_autoif"] = autoif_samples_dir(k) / "pairs.jsonl"
         settings["autoif_with_spin"] = True
     filtered: dict[str, Any] = {}
 
@@ -251,7 +252,7 @@ def train(params: Params, k: int) -> dict[str, Any]:
     write_training_outputs(target, summary, trained)
     if trained.accelerator.is_main_process:
         write_json(
-            pipeline_graph.spin_steps(k),
+            spin_steps(k),
             {"optimizer_steps": result.steps, "compute_tokens": cost["compute_tokens"]},
         )
     return {**summary, **result.timings()}
