@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from spinflow import instructions as ins
+from spinflow.methods.autoif import instructions as ins
 from spinflow.errors import DataError
 from spinflow.sandbox import Sandbox
 

@@ -147,7 +147,10 @@ class _Validation:
         from spinflow.evaluation import answer_logps
 
         model = self.accelerator.unwrap_model(model)
-        with torch.no_grad(), self.accelerator.autocast():
+        # in the precision of every log-likelihood the pipeline scores (precision.autocast):
+        # float32 on a CPU, bfloat16 on a GPU that computes it natively; training's own bf16
+        # autocast does not carry over, so the curve is that of the weights as evaluated
+        with torch.no_grad():
             logps, counts = answer_logps(
                 model,
                 self.tokenizer,
