@@ -11,6 +11,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from spinflow.config import Params
 
 BASE_MODEL = Path("models/base")
 DATA_DIR = Path("data/prepared")
@@ -136,3 +140,26 @@ def timings_file(stage: str) -> Path:
     """Timings of a training stage: written beside the metrics but declared nowhere in dvc.yaml,
     so a re-run that computes the same bytes leaves dvc.lock as it was."""
     return TIMINGS_DIR / f"{stage}.json"
+
+
+class GraphBuilder(Protocol):
+    """What a method's ``declare(graph)`` is given (:class:`spinflow.graph.Graph` is one): the
+    params, the nodes declared so far, and the calls that add its own."""
+
+    params: Params
+    models: dict[str, Model]
+    evaluations: dict[str, Evaluation]
+    stages: dict[str, Stage]
+    report_inputs: list[str]  # files the report stage reads for the method's section
+    report_outs: list[str]  # files the report stage writes for it
+    report_metrics: list[str]  # metrics the report stage writes for it
+
+    def add(self, stage: Stage) -> None: ...
+
+    def add_evaluation(
+        self, name: str, model: str, opponent: str | None, params: tuple[str, ...]
+    ) -> None: ...
+
+    def theta(self, k: int) -> Model: ...
+
+    def evaluation_of(self, model: str) -> Evaluation | None: ...

@@ -15,7 +15,7 @@ from spinflow.methods.spin import graph as spin_graph
 
 if TYPE_CHECKING:
     from spinflow.config import Params
-    from spinflow.graph import Graph
+    from spinflow.nodes import GraphBuilder
 
 
 @dataclass(frozen=True)
@@ -23,7 +23,7 @@ class Method:
     """One registered method."""
 
     name: str  # its params section
-    declare: Callable[[Graph], None]  # adds its part of the pipeline graph
+    declare: Callable[[GraphBuilder], None]  # adds its part of the pipeline graph
     enabled: Callable[[Params], bool]  # whether these params run it
     # params keys whose values add or remove its rows in the report
     report_params: tuple[str, ...] = ()

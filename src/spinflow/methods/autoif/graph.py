@@ -23,7 +23,7 @@ from spinflow.nodes import (
 )
 
 if TYPE_CHECKING:
-    from spinflow.graph import Graph
+    from spinflow.nodes import GraphBuilder
 
 AUTOIF = "autoif"  # role of a model of the AutoIF chain, kind of its evaluations
 AUTOIF_DIR = Path("autoif")
@@ -40,7 +40,7 @@ def autoif_samples_dir(k: int) -> Path:
     return AUTOIF_DIR / f"iter_{k}"
 
 
-def declare(graph: Graph) -> None:
+def declare(graph: GraphBuilder) -> None:
     """AutoIF: instructions with verification functions (autoif_instructions), kept when the
     functions pass their cases in the sandbox (autoif_verify), attached to SFT prompts
     (autoif_queries); iteration k: θk samples responses scored by the functions
@@ -216,7 +216,9 @@ def declare(graph: Graph) -> None:
     ]
 
 
-def _evaluate_instructions(graph: Graph, name: str, model: str, params: tuple[str, ...]) -> None:
+def _evaluate_instructions(
+    graph: GraphBuilder, name: str, model: str, params: tuple[str, ...]
+) -> None:
     evaluation = Evaluation(name, model, f"eval_{name}", None, kind=AUTOIF)
     graph.evaluations[name] = evaluation
     graph.add(

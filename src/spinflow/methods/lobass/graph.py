@@ -21,7 +21,7 @@ from spinflow.nodes import (
 )
 
 if TYPE_CHECKING:
-    from spinflow.graph import Graph
+    from spinflow.nodes import GraphBuilder
 
 LOBASS, RANDOM_SELECTION = "lobass", "random_selection"  # roles of its two models
 LOBASS_DIR = Path("lobass")
@@ -30,7 +30,7 @@ LOBASS_SELECTION = LOBASS_DIR / "selection"  # lobass_select: selected.jsonl, ra
 SCORE_HISTOGRAM = REPORT_DIR / "lobass_scores.png"
 
 
-def declare(graph: Graph) -> None:
+def declare(graph: GraphBuilder) -> None:
     """LoBaSS: score every SFT example by learnability (base model vs θ0 trained on all of
     them), keep the top fraction, fine-tune the base model on it; the same on a random
     selection of the same size is the control."""

@@ -21,10 +21,10 @@ from spinflow.nodes import (
 )
 
 if TYPE_CHECKING:
-    from spinflow.graph import Graph
+    from spinflow.nodes import GraphBuilder
 
 
-def declare(graph: Graph) -> None:
+def declare(graph: GraphBuilder) -> None:
     """θ0: the base model fine-tuned on the SFT split, or the base model itself.
 
     With ``spin.start: lobass`` the SFT model stays (LoBaSS scores against it) but the SPIN

@@ -31,7 +31,7 @@ from spinflow.nodes import (
 
 if TYPE_CHECKING:
     from spinflow.config import Params
-    from spinflow.graph import Graph
+    from spinflow.nodes import GraphBuilder
 
 # the report's metrics: paired differences and the verdict; per-iteration diagnostics
 COMPARISONS = METRICS_DIR / "comparisons.json"
@@ -57,7 +57,7 @@ def mixed_iterations(params: Params, k: int) -> range:
     return range(max(0, k - params.spin.mix_previous), k + 1)
 
 
-def declare(graph: Graph) -> None:
+def declare(graph: GraphBuilder) -> None:
     """The SPIN iterations, then the baselines the verdict compares them with."""
     _iterations(graph)
     _baselines(graph)
@@ -66,7 +66,7 @@ def declare(graph: Graph) -> None:
     graph.report_outs.append(str(DIAGNOSTICS_CHART))
 
 
-def _iterations(graph: Graph) -> None:
+def _iterations(graph: GraphBuilder) -> None:
     """Iteration k: θk answers the pool (generate_iter_k), θk+1 learns to tell the real
     answers from θk's (train_iter_k), θk+1 is evaluated against θk (eval_iter_k).
 
@@ -152,7 +152,7 @@ def _iterations(graph: Graph) -> None:
         graph.report_inputs += [str(steps_csv(stage)), str(generated_dir(k))]
 
 
-def _baselines(graph: Graph) -> None:
+def _baselines(graph: GraphBuilder) -> None:
     """Baselines: θ0 trained further with plain SFT on the SFT split, for as many optimizer
     steps as all of SPIN (sft_extra) and for as much compute (sft_extra_compute)."""
     p = graph.params
